@@ -357,6 +357,9 @@ def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, 
     if guided and cfg.class_dropout_prob <= 0:
         raise ValueError("this model has no null class, so it cannot use classifier-free guidance")
     cond = torch.cat([labels, torch.full_like(labels, cfg.num_classes)]) if guided else labels
+    cache = model.layers[0].attention.kv_cache
+    if cache is None or cache.k_cache.shape[0] != cond.shape[0] or cache.k_cache.device != device:
+        model.setup_caches(cond.shape[0], device=device)  # sized once; reused while the batch size stays
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
     k = 0 if prefix is None else prefix.shape[1]
     if k:

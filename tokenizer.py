@@ -545,8 +545,9 @@ class Tokenizer(nn.Module):
 
     def load_weights(self, state_dict, source):
         """Strict load; only the training-only keys (usage buffer, REPA projector) may be present or absent."""
-        sd = {k: v for k, v in state_dict.items() if k != USAGE_BUFFER}
         repa = self.diff_decoder.net.repa_out
+        # the official model always has a REPA projector; ours only when REPA features exist (dd_depth > repa_layer)
+        sd = {k: v for k, v in state_dict.items() if k != USAGE_BUFFER and (repa or not k.startswith(REPA_PREFIX))}
         if repa is not None and not any(k.startswith(REPA_PREFIX) for k in sd):
             repa.to_empty(device="cpu")  # not in the file: a freshly initialised projector (only training uses it)
             for m in repa:

@@ -1,0 +1,163 @@
+"""Tests of model.py (the Llama AR model): python -m pytest -q tests/test_model.py"""
+import pytest
+import torch
+
+import model
+from model import GPT, GPTConfig, cfg_schedule, generate, sample_logits
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig.from_name("GPT-tiny", **kw))
+    with torch.no_grad():  # the official init zeroes the head; give it weights so logits differ per position
+        gpt.output.weight.normal_(std=0.5)
+    return gpt.eval()
+
+
+def uncached_greedy(gpt, labels, cfg_scale):
+    """Reference: re-run the full-sequence forward for every new token, guidance and argmax by hand."""
+    N, nc = gpt.config.block_size, gpt.config.num_classes
+    scales = cfg_schedule(cfg_scale, N)
+    tokens = torch.zeros(labels.shape[0], 0, dtype=torch.long)
+    for i in range(N):
+        logits = gpt(tokens, labels)[0][:, -1]
+        if scales[0] > 1:
+            uncond = gpt(tokens, torch.full_like(labels, nc))[0][:, -1]
+            logits = uncond + scales[i] * (logits - uncond)
+        tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+    return tokens
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.0, "1.5,6.0"])
+def test_cached_generation_equals_uncached_forward(cfg_scale):
+    gpt = tiny()
+    labels = torch.tensor([0, 3, 9])
+    B = len(labels)
+    gpt.setup_caches(2 * B)
+    with torch.no_grad():
+        want = uncached_greedy(gpt, labels, cfg_scale)
+        got = generate(gpt, labels, cfg_scale=cfg_scale, top_k=1)  # top-k 1 = greedy
+    assert torch.equal(got, want)
+
+
+def test_cached_logits_equal_full_forward():
+    gpt = tiny()
+    tokens, labels = torch.randint(0, 64, (2, 32)), torch.tensor([1, 2])
+    gpt.setup_caches(2)
+    with torch.no_grad():
+        full = gpt(tokens[:, :-1], labels)[0]
+        x = gpt._embed(tokens[:, :-1], labels)
+        cached = torch.cat([gpt.forward_cached(x[:, :5], torch.arange(5))] +
+                           [gpt.forward_cached(x[:, i:i + 1], torch.tensor([i])) for i in range(5, 32)], dim=1)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_cfg_schedule():
+    s = cfg_schedule("1.2,8.0", 256)
+    assert s[0].item() == pytest.approx(1.2) and s[-1].item() == pytest.approx(8.0)
+    assert s[1].item() == pytest.approx(1.2 + 6.8 / 255)
+    assert cfg_schedule("1.0,4.0", 4)[0].item() == pytest.approx(1.001)  # exact 1 is bumped so CFG stays on
+    assert torch.equal(cfg_schedule(4.0, 3), torch.full((3,), 4.0))
+    assert torch.equal(cfg_schedule("2.5", 3), torch.full((3,), 2.5))
+    with pytest.raises(ValueError):
+        cfg_schedule("1,2,3", 3)
+
+
+def test_top_k_and_top_p_filtering():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    top2 = sample_logits(logits, top_k=2, generator=g)
+    assert set(top2.tolist()) == {0, 1}
+    # top-p 0.7: cumulative (0.5, 0.8, ...) → tokens 0 and 1 survive (the one crossing the threshold is kept)
+    topp = sample_logits(logits, top_p=0.7, generator=g)
+    assert set(topp.tolist()) == {0, 1}
+    assert set(sample_logits(logits, top_p=0.4, generator=g).tolist()) == {0}  # the top token is always kept
+    counts = torch.bincount(sample_logits(logits, generator=g), minlength=4).float() / 2000
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04, rtol=0)
+
+
+def test_sampling_is_reproducible_from_a_generator():
+    gpt = tiny()
+    gpt.setup_caches(4)
+    labels = torch.tensor([1, 2])
+    a = generate(gpt, labels, cfg_scale=3.0, generator=torch.Generator().manual_seed(5))
+    b = generate(gpt, labels, cfg_scale=3.0, generator=torch.Generator().manual_seed(5))
+    c = generate(gpt, labels, cfg_scale=3.0, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_prefix_tokens_are_kept():
+    gpt = tiny()
+    gpt.setup_caches(4)
+    prefix = torch.randint(0, 64, (2, 8))
+    out = generate(gpt, torch.tensor([1, 2]), cfg_scale=2.0, prefix=prefix, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 32) and torch.equal(out[:, :8], prefix)
+
+
+def test_bad_labels_are_rejected():
+    gpt = tiny()
+    gpt.setup_caches(2)
+    with pytest.raises(ValueError, match="labels"):
+        generate(gpt, torch.tensor([10]))
+
+
+def test_loss_and_class_dropout():
+    gpt = tiny(class_dropout_prob=0.1)
+    gpt.train()
+    tokens, labels = torch.randint(0, 64, (4, 32)), torch.tensor([0, 1, 2, 3])
+    logits, loss = gpt(tokens[:, :-1], labels, tokens, drop=torch.tensor([True, False, False, False]))
+    assert logits.shape == (4, 32, 64) and loss.ndim == 0 and torch.isfinite(loss)
+    null = gpt(tokens[:1, :-1], torch.tensor([10]))[0]  # the null class row, index num_classes
+    torch.testing.assert_close(logits[:1], null)
+
+
+def test_presets_and_meta_construction():
+    for name, params in [("GPT-B", 110_888_448), ("GPT-L", 342_910_976), ("GPT-XL", 774_699_520),
+                         ("GPT-XXL", 1_410_972_672)]:
+        with torch.device("meta"):
+            gpt = GPT(GPTConfig.from_name(name))
+        assert gpt.output.weight.is_meta
+        assert sum(p.numel() for p in gpt.parameters()) == params
+    with pytest.raises(ValueError, match="unknown GPT preset"):
+        GPTConfig.from_name("GPT-Q")
+
+
+@pytest.mark.parametrize("wrap", ["raw", "model", "module", "state_dict", "compiled"])
+def test_official_gpt_files_load(tmp_path, wrap):
+    gpt = tiny()
+    sd = gpt.state_dict()
+    if wrap == "compiled":
+        obj = {"_orig_mod." + k: v for k, v in sd.items()}
+    else:
+        obj = sd if wrap == "raw" else {wrap: sd, "steps": 10}
+    torch.save(obj, tmp_path / "gpt.pt")
+    loaded = GPT.from_checkpoint(tmp_path / "gpt.pt", name="GPT-tiny")
+    tokens, labels = torch.randint(0, 64, (2, 31)), torch.tensor([1, 2])
+    torch.testing.assert_close(loaded(tokens, labels)[0], gpt(tokens, labels)[0])
+    with pytest.raises(ValueError, match="name the preset"):
+        GPT.from_checkpoint(tmp_path / "gpt.pt")
+
+
+def test_strict_load_names_wrong_keys(tmp_path):
+    sd = tiny().state_dict()
+    sd["layers.0.attention.wqkv.weightx"] = sd.pop("layers.0.attention.wqkv.weight")
+    sd["norm.weight"] = torch.ones(7)
+    torch.save(sd, tmp_path / "bad.pt")
+    with pytest.raises(ValueError) as e:
+        GPT.from_checkpoint(tmp_path / "bad.pt", name="GPT-tiny")
+    msg = str(e.value)
+    assert "layers.0.attention.wqkv.weightx" in msg and "layers.0.attention.wqkv.weight" in msg and "norm.weight" in msg
+
+
+def test_our_checkpoint_format_and_mismatch(tmp_path):
+    from dataclasses import asdict
+    gpt = tiny()
+    torch.save({"kind": "gpt", "config": asdict(gpt.config), "model": gpt.state_dict(), "ema": None},
+               tmp_path / "ours.pt")
+    loaded = GPT.from_checkpoint(tmp_path / "ours.pt")
+    assert loaded.config == gpt.config
+    with pytest.raises(ValueError, match="not the requested"):
+        GPT.from_checkpoint(tmp_path / "ours.pt", name="GPT-B")
+    torch.save({"kind": "tokenizer", "config": {}}, tmp_path / "tok.pt")
+    with pytest.raises(ValueError, match="tokenizer checkpoint"):
+        GPT.from_checkpoint(tmp_path / "tok.pt")

@@ -1,0 +1,209 @@
+"""Tests of tokenizer.py (the sequential diffusion tokenizer): python -m pytest -q tests/test_tokenizer.py
+
+Parity with the official outputs is checked by ../shared/golden/check_parity.py; these tests cover the rest."""
+import argparse
+import importlib
+import json
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+from tokenizer import Tokenizer, TokenizerConfig
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden")
+golden_missing = not os.path.exists(os.path.join(GOLDEN, "official_small.pt"))
+
+
+@pytest.fixture(scope="module")
+def golden():
+    if golden_missing:
+        pytest.skip("../shared/golden is not beside the project")
+    return torch.load(os.path.join(GOLDEN, "official_small.pt"), weights_only=False)
+
+
+def tiny_tokenizer(seed=0):
+    torch.manual_seed(seed)
+    tok = Tokenizer(TokenizerConfig.from_name("tiny"))
+    with torch.no_grad():  # the official init zeroes gates and adaLN: randomise so every path is exercised
+        for p in tok.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return tok.eval()
+
+
+def test_golden_training_loss_reaches_every_parameter(golden):
+    torch.manual_seed(0)
+    tok = Tokenizer.from_official(golden["tokenizer_config"], golden["tokenizer_state_dict"]).train()
+    images = golden["images"]
+    # one time in each of the first and last groups: together they touch every token position
+    out = tok.loss(images[:2].repeat(2, 1, 1, 1), t=torch.tensor([0.01, 0.3, 0.6, 0.99]))
+    total = out["fm"] + out["vq"] + out["commit"] + (out["x1_hat"] - images[:2].repeat(2, 1, 1, 1)).abs().mean()
+    assert all(torch.isfinite(out[k]) for k in ("fm", "vq", "commit"))
+    total.backward()
+    dead = [n for n, p in tok.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert dead == []
+
+
+def test_loss_masks_vq_terms_to_selected_groups():
+    tok = tiny_tokenizer().train()
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    early = tok.loss(images, t=torch.tensor([0.01]))  # group 0: tokens 0..3
+    late = tok.loss(images, t=torch.tensor([0.99]))  # last group: all tokens
+    z = tok.encode_latent(images)
+    zq = tok.quantize.codebook()[tok.encode(images)]
+    per_token = ((zq - z) ** 2).mean(-1)[0]  # (N,)
+    torch.testing.assert_close(early["vq"], per_token[:4].mean())
+    torch.testing.assert_close(late["vq"], per_token.mean())
+    torch.testing.assert_close(late["commit"], 0.25 * per_token.mean())
+
+
+def test_quantizer_straight_through_gradient():
+    tok = tiny_tokenizer()
+    z = torch.randn(2, 32, 8, requires_grad=True)
+    zn, codes, zq = tok.quantize(z)
+    st = zn + (zq - zn).detach()
+    torch.testing.assert_close(st, zq)  # forward value: the chosen code
+    w = torch.randn_like(st)
+    (st * w).sum().backward()
+    # backward: the gradient passes to the normalised latent unchanged, i.e. through the normalisation only
+    zr = z.detach().clone().requires_grad_(True)
+    (torch.nn.functional.normalize(zr, dim=-1) * w).sum().backward()
+    torch.testing.assert_close(z.grad, zr.grad)
+    assert codes.dtype == torch.int64 and codes.shape == (2, 32)
+
+
+def test_preview_and_decode_consistency():
+    tok = tiny_tokenizer()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    codes = tok.encode(images)
+    noise = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = tok.decode(codes, noise=noise)
+        assert torch.equal(tok.decode(codes, noise=noise, groups=8), full)
+        # codes after the first k groups cannot influence the preview after k groups (causal decoder)
+        other = codes.clone()
+        other[:, 12:] = torch.randint(0, 64, (2, 20))
+        torch.testing.assert_close(tok.decode(other, noise=noise, groups=3), tok.decode(codes, noise=noise, groups=3))
+        previews = [p for _, p in tok.denoise(noise, [tok.condition(codes)[:, s] for s in tok.group_slices(8)])]
+        for k, p in enumerate(previews, 1):
+            torch.testing.assert_close(p, tok.decode(codes, noise=noise, groups=k))
+    with pytest.raises(ValueError):
+        tok.decode(codes, groups=0)
+    with pytest.raises(ValueError):
+        tok.decode(codes, noise=noise, method="heun")
+
+
+def test_incremental_condition_equals_full():
+    tok = tiny_tokenizer()
+    codes = torch.randint(0, 64, (2, 32))
+    with torch.no_grad():
+        full = tok.condition(codes)
+        cache = tok.new_condition_cache()
+        parts = [tok.condition(codes[:, i:i + 4], cache) for i in range(0, 32, 4)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_draws_noise_from_generator():
+    tok = tiny_tokenizer()
+    codes = torch.randint(0, 64, (1, 32))
+    with torch.no_grad():
+        a = tok.decode(codes, generator=torch.Generator().manual_seed(1))
+        b = tok.decode(codes, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (1, 3, 32, 32) and torch.equal(a, b)
+
+
+def test_reconstruct_shapes_and_bad_size():
+    tok = tiny_tokenizer()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert tok.reconstruct(x, generator=torch.Generator().manual_seed(0)).shape == x.shape
+    with pytest.raises(ValueError, match="patch size"):
+        tok.encode(torch.zeros(1, 3, 30, 30))
+
+
+def test_official_config_conversion():
+    keys = json.load(open(os.path.join(GOLDEN, "official_keys.json"))) if not golden_missing else None
+    if keys:
+        assert TokenizerConfig.from_official(keys["tokenizer_v1_config"]) == TokenizerConfig.from_name("tokenizer_v1")
+    with pytest.raises(ValueError, match="unknown"):
+        TokenizerConfig.from_official({"encoder_dim": 768, "fancy": 1})
+    with pytest.raises(ValueError, match="num_all_queries"):
+        TokenizerConfig(num_all_queries=100)
+
+
+def test_full_size_tokenizer_on_meta_device():
+    with torch.device("meta"):
+        tok = Tokenizer(TokenizerConfig.from_name("tokenizer_v1"))
+    assert tok.patchify.weight.is_meta
+    assert sum(p.numel() for p in tok.parameters()) == 307_444_672  # SPEC.md §12.1, REPA projector included
+
+
+def official_style_state(tok):
+    sd = dict(tok.state_dict())
+    sd["quantize.codebook_used"] = torch.zeros(65536)  # the official trainer's usage buffer
+    return sd
+
+
+def test_official_tokenizer_file_loads_without_config_util(tmp_path):
+    tok = tiny_tokenizer()
+    # write a file the way the official trainer does, with its own config_util.Config class pickled inside
+    mod = types.ModuleType("config_util")
+
+    class Config:
+        def __init__(self, data):
+            self._data = data
+    Config.__module__, Config.__qualname__ = "config_util", "Config"
+    mod.Config = Config
+    sys.modules["config_util"] = mod
+    cfg = Config({"model": {"encoder_patch_size": 8, "num_encoder_layers": 2, "num_decoder_layers": 2,
+                            "query_low_rank": True, "encoder_dim": 128, "decoder_dim": 128, "vq_dim": 8,
+                            "vq_codebook_size": 64, "num_denoising_steps": 8, "num_query_groups": 8,
+                            "num_all_queries": 32, "queries_per_step": 4, "vq_enable": True,
+                            "sampling_resolution": 32,
+                            "diff_decoder": {"in_dim": 3, "out_dim": 3, "dim": 128, "cond_dim": 128,
+                                             "patch_size": 4, "depth": 2, "data_std": 0.6, "time_shift": 2.0,
+                                             "mlp_head": False, "share_time_encoding": False}},
+                  "train": {"lr": 1e-4}})
+    try:
+        torch.save({"model": official_style_state(tok), "ema": official_style_state(tok), "optimizer": {},
+                    "steps": 5, "args": argparse.Namespace(lr=1e-4), "config": cfg}, tmp_path / "official.pt")
+    finally:
+        del sys.modules["config_util"]
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("config_util")
+    loaded = Tokenizer.from_checkpoint(tmp_path / "official.pt")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(loaded.encode(x), tok.encode(x))
+    assert not loaded.training
+
+
+def test_strict_load_names_wrong_keys():
+    tok = tiny_tokenizer()
+    cfg = {"encoder_patch_size": 8, "num_encoder_layers": 2, "num_decoder_layers": 2, "encoder_dim": 128,
+           "decoder_dim": 128, "vq_codebook_size": 64, "num_all_queries": 32, "queries_per_step": 4,
+           "sampling_resolution": 32, "diff_decoder": {"dim": 128, "patch_size": 4, "depth": 2}}
+    sd = tok.state_dict()
+    sd["patchify.weigth"] = sd.pop("patchify.weight")
+    with pytest.raises(ValueError) as e:
+        Tokenizer.from_official(cfg, sd)
+    assert "patchify.weigth" in str(e.value) and "patchify.weight" in str(e.value)
+    sd = tok.state_dict()
+    sd["quant_in_conv.weight"] = torch.zeros(4, 128, 1, 1)
+    with pytest.raises(ValueError, match="quant_in_conv.weight"):
+        Tokenizer.from_official(cfg, sd)
+    # the training-only keys may be present or absent
+    assert Tokenizer.from_official(cfg, official_style_state(tok)) is not None
+
+
+def test_our_checkpoint_and_wrong_kind(tmp_path):
+    from dataclasses import asdict
+    tok = tiny_tokenizer()
+    torch.save({"kind": "tokenizer", "config": asdict(tok.config), "model": tok.state_dict(), "ema": None},
+               tmp_path / "ours.pt")
+    assert Tokenizer.from_checkpoint(tmp_path / "ours.pt").config == tok.config
+    torch.save({"kind": "gpt", "config": {}}, tmp_path / "gpt.pt")
+    with pytest.raises(ValueError, match="not a tokenizer"):
+        Tokenizer.from_checkpoint(tmp_path / "gpt.pt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Tokenizer.from_checkpoint(tmp_path / "missing.pt")
