@@ -12,6 +12,7 @@ Every numeric detail follows ../shared/SPEC.md; section numbers below refer to i
 
     python -c "import tokenizer; print(tokenizer.TokenizerConfig.from_name('tokenizer_v1'))"
 """
+import functools
 import math
 import pickle
 import types
@@ -120,10 +121,11 @@ PRESETS = {
     "tiny": dict(encoder_patch_size=8, num_encoder_layers=2, num_decoder_layers=2, encoder_dim=128, decoder_dim=128,
                  vq_codebook_size=64, num_all_queries=32, queries_per_step=4, sampling_resolution=32,
                  dd_dim=128, dd_patch_size=4, dd_depth=2, repa_layer=1, repa_hidden=256, repa_dim=64),
-    # the default model of this repository, trained on 32×32 Fashion-MNIST: 64 tokens in 8 groups of 8
-    "fmnist": dict(encoder_patch_size=4, num_encoder_layers=4, num_decoder_layers=4, encoder_dim=192, decoder_dim=192,
-                   vq_codebook_size=1024, num_all_queries=64, queries_per_step=8, sampling_resolution=32,
-                   dd_dim=192, dd_patch_size=2, dd_depth=6, repa_layer=6),
+    # the default model of this repository, trained on 32×32 Fashion-MNIST: 64 tokens in 8 groups of 8,
+    # 5.4M parameters so that it ships in the repository (no REPA: no offline DINOv2 weights)
+    "fmnist": dict(encoder_patch_size=4, num_encoder_layers=4, num_decoder_layers=4, encoder_dim=128, decoder_dim=128,
+                   vq_codebook_size=512, num_all_queries=64, queries_per_step=8, sampling_resolution=32,
+                   dd_dim=192, dd_patch_size=2, dd_depth=4, repa_layer=4),
 }
 
 USAGE_BUFFER = "quantize.codebook_used"  # usage statistics of the official trainer: accepted and dropped
@@ -133,14 +135,17 @@ REPA_PREFIX = "diff_decoder.net.repa_out."  # REPA projector: training only, may
 # ---------------------------------------------------------------------------------------------------------------
 # shared parts: 2-D RoPE, attention with QK-norm, MLP, gated block (§1)
 
-def rope_2d(h, w, base, head_dim=HEAD_DIM):
-    """(h·w, head_dim/2, 2) cos/sin for a row-major grid: first half of the pairs encode the row, second the column."""
+@functools.lru_cache(maxsize=32)
+@torch.inference_mode(False)  # a cached table must stay usable by autograd even if first built in inference mode
+def rope_2d(h, w, base, device=None, head_dim=HEAD_DIM):
+    """(h·w, head_dim/2, 2) cos/sin for a row-major grid: first half of the pairs encode the row, second the column.
+    Cached per grid and device: no host-to-device copy per call (which would also break CUDA-graph capture)."""
     quarter = head_dim // 4
     omega = base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (hd/4,)
     rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
                                 indexing="ij")
     angles = torch.cat([rows.reshape(-1, 1) * omega, cols.reshape(-1, 1) * omega], dim=1)  # (hw, hd/2)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float().to(device)
 
 
 def apply_rope(x, rope):
@@ -298,7 +303,7 @@ class DiffusionNet(nn.Module):
         """x (B, 3, H, W), t (B,) as given, cond (B, M, Dd) → velocity (B, 3, H, W), REPA features or None."""
         B, _, H, W = x.shape
         h, w = H // self.patch_size, W // self.patch_size
-        rope = rope_2d(h, w, self.rope_base).to(x.device)
+        rope = rope_2d(h, w, self.rope_base, x.device)
         cond = layer_norm(self.cond_mlp(cond))
         y = self.conv_in(F.pixel_unshuffle(x, self.patch_size)).flatten(2).transpose(1, 2)  # (B, h·w, D)
         temb = self.time_embed(t) if self.time_embed is not None else None
