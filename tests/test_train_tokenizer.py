@@ -1,0 +1,179 @@
+"""Tests of train_tokenizer.py (tiny tokenizer, CPU): python -m pytest -q tests/test_train_tokenizer.py"""
+import gzip
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_tokenizer as tt
+from tokenizer import Tokenizer, TokenizerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """8 smooth random images of mixed sizes: 6 in two class folders, 2 at the top (both layouts at once)."""
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        folder = tmp_path / "images" / ("" if i < 2 else f"class{i % 2}")
+        folder.mkdir(parents=True, exist_ok=True)
+        small = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((40 + 4 * i, 36), Image.BILINEAR).save(folder / f"{i}.png")
+    return tmp_path / "images"
+
+
+def train_args(data, out_dir, *extra):
+    return tt.get_args(["--preset", "tiny", "--data", str(data), "--out-dir", str(out_dir), "--device", "cpu",
+                        "--global-batch-size", "4", "--lpips-weight", "0", "--repa-weight", "0", "--num-workers",
+                        "0", "--warmup-steps", "2", "--log-every", "1", "--num-show", "2", *extra])
+
+
+def states(path):
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return ckpt["model"], ckpt["ema"], ckpt["optimizer"]["state"], ckpt["step"]
+
+
+def test_help_runs(capsys):
+    with pytest.raises(SystemExit) as e:
+        tt.get_args(["--help"])
+    assert e.value.code == 0 and "--lpips-weight" in capsys.readouterr().out
+
+
+def test_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    tok = Tokenizer(TokenizerConfig.from_name("tiny"))
+    objective = tt.Objective(tok, None, 0.0, None, 0.0).train()
+    images = torch.rand(4, 1, 4, 4).repeat(1, 3, 1, 1)
+    images = torch.nn.functional.interpolate(images, size=32, mode="bilinear") * 2 - 1  # (4, 3, 32, 32)
+    t, noise = torch.rand(4), torch.randn(4, 3, 32, 32)
+    opt = torch.optim.AdamW(tok.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    losses = []
+    for _ in range(15):
+        loss, terms, codes = objective(images, t, noise)
+        assert set(terms) == {"fm", "vq", "commit"} and codes.shape == (4, 32)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_resume_continues_exactly(image_folder, tmp_path):
+    tt.main(train_args(image_folder, tmp_path / "full", "--max-steps", "4"))
+    tt.main(train_args(image_folder, tmp_path / "split", "--max-steps", "2"))
+    tt.main(train_args(image_folder, tmp_path / "split", "--max-steps", "4", "--resume"))
+    full, split = states(tmp_path / "full" / "ckpt.pt"), states(tmp_path / "split" / "ckpt.pt")
+    assert full[3] == split[3] == 4
+    for a, b in zip(full[:2], split[:2]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(full[2][i]["exp_avg_sq"], split[2][i]["exp_avg_sq"]) for i in full[2])
+    assert not torch.equal(full[0]["patchify.weight"], full[1]["patchify.weight"])  # EMA lags the weights
+    tok = Tokenizer.from_checkpoint(tmp_path / "full" / "ckpt.pt")  # the EMA weights, config inside
+    assert torch.equal(tok.state_dict()["patchify.weight"], full[1]["patchify.weight"])
+    assert (tmp_path / "full" / "recon_0000004.png").exists()
+
+
+def test_killed_checkpoint_write_keeps_the_previous_one(tmp_path):
+    cfg = TokenizerConfig.from_name("tiny")
+    tok = Tokenizer(cfg)
+    path = tmp_path / "ckpt.pt"
+    tt.save_checkpoint(dict(kind="tokenizer", config=asdict(cfg), model=tok.state_dict(), ema=None, step=1), path)
+    pid = os.fork()
+    if pid == 0:  # child: the next write dies (SIGKILL) half way through
+        def dying_save(obj, f):
+            f.write(b"\x80\x02partial")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = dying_save
+        tt.save_checkpoint(dict(kind="tokenizer", step=2), path)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and (tmp_path / "ckpt.pt.tmp").exists()
+    loaded = Tokenizer.from_checkpoint(path, use_ema=False)
+    assert torch.equal(loaded.state_dict()["patchify.weight"], tok.state_dict()["patchify.weight"])
+
+
+def test_missing_data_and_weights_fail_clearly(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="not a folder of images"):
+        tt.main(train_args(tmp_path / "nowhere", tmp_path / "out"))
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
+        tt.main(train_args("fashion-mnist", tmp_path / "out"))
+    with pytest.raises(SystemExit, match=r"vgg16-397923af\.pth.*--lpips-weight 0"):
+        tt.build_lpips(str(tmp_path / "vgg.pth"))
+    with pytest.raises(SystemExit, match=r"dinov2_vitb14_pretrain\.pth.*--repa-weight 0"):
+        tt.build_dino(str(tmp_path / "dino.pth"))
+    with pytest.raises(SystemExit, match="--repa-weight 0"):  # the tiny REPA head is not 768-wide
+        tt.main(tt.get_args(["--preset", "tiny", "--data", str(tmp_path), "--lpips-weight", "0"]))
+
+
+def test_lpips_takes_the_torchvision_vgg16_layout(tmp_path):
+    torch.manual_seed(0)
+    convs = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256), (256, 512), (512, 512),
+             (512, 512), (512, 512), (512, 512), (512, 512)]
+    index = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # conv positions in torchvision's vgg16.features
+    sd = {}
+    for i, (cin, cout) in zip(index, convs):
+        sd[f"features.{i}.weight"] = torch.randn(cout, cin, 3, 3) * (2 / (9 * cin)) ** 0.5
+        sd[f"features.{i}.bias"] = torch.zeros(cout)
+    sd["classifier.0.weight"] = torch.zeros(1)  # the full torchvision file also holds the classifier: ignored
+    torch.save(sd, tmp_path / "vgg.pth")
+    net = tt.build_lpips(str(tmp_path / "vgg.pth")).eval()
+    assert torch.equal(getattr(net.net.slice3, "10").weight, sd["features.10.weight"])
+    assert torch.equal(getattr(net.net.slice5, "28").weight, sd["features.28.weight"])
+    assert not any(p.requires_grad for p in net.parameters())
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert net(x, x).abs().max() < 1e-6 < net(x, y).min()
+
+
+def test_fashion_mnist_from_idx_files(tmp_path, monkeypatch):
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    header = np.array([2051, 3, 28, 28], dtype=">u4").tobytes()
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(header + pixels.tobytes())
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
+    for data in ("fashion-mnist", str(tmp_path)):
+        ds = tt.make_dataset(data, 32)
+        x = ds[1]
+        assert len(ds) == 3 and x.shape == (3, 32, 32)
+        assert torch.equal(x[:, 2:30, 2:30], (torch.from_numpy(pixels[1]).float() / 127.5 - 1).expand(3, 28, 28))
+        assert (x[:, :2] == -1).all() and (x[:, :, 30:] == -1).all()
+    with pytest.raises(SystemExit, match="32x32"):
+        tt.make_dataset("fashion-mnist", 256)
+
+
+def test_samples_depend_only_on_their_stream_index(image_folder):
+    stream = tt.TrainStream(tt.make_dataset(image_folder, 32), seed=3)
+    one = list(zip(range(8), tt.stream_positions(1, 8, 1, 0)))
+    two = list(zip(range(4), tt.stream_positions(1, 8, 2, 0))) + list(zip(range(4), tt.stream_positions(1, 8, 2, 1)))
+    assert sorted(g for _, g in one) == sorted(g for _, g in two) == list(range(8, 16))
+    a, b = stream[13], tt.TrainStream(stream.images, seed=3)[13]  # a fresh stream (another worker) agrees
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(stream[13][2], stream[14][2])
+
+
+def test_two_process_ddp_matches_one_process(image_folder, tmp_path):
+    """torchrun with 2 gloo ranks x 1 micro-step vs. one process with 2 micro-steps of the same global batch.
+    (Not one micro-batch of 4: the masked VQ terms normalise per micro-batch, as in the official trainer.)"""
+    common = ["--max-steps", "2", "--warmup-steps", "0", "--num-show", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_tokenizer.py",
+           "--preset", "tiny", "--data", str(image_folder), "--out-dir", str(tmp_path / "ddp"), "--device", "cpu",
+           "--global-batch-size", "4", "--lpips-weight", "0", "--repa-weight", "0", "--num-workers", "0", *common]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "x 1 accumulation x 2 ranks" in proc.stdout
+    tt.main(train_args(image_folder, tmp_path / "single", "--grad-accum", "2", *common))
+    ddp, single = states(tmp_path / "ddp" / "ckpt.pt"), states(tmp_path / "single" / "ckpt.pt")
+    for k in ddp[0]:
+        torch.testing.assert_close(ddp[0][k], single[0][k], atol=1e-5, rtol=0)
+    torch.manual_seed(0)  # main's initial weights: the comparison above is between trained weights
+    assert not torch.equal(ddp[0]["patchify.weight"], Tokenizer(TokenizerConfig.from_name("tiny")).patchify.weight)
