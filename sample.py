@@ -109,6 +109,7 @@ class GraphedDecoder:
     eager calls, so the tokens equal those of the same code run eagerly (`graphs=False`) for the same seed.
     generate() calls the step for positions 1..N-1 in order; the host counter `pos` follows it."""
 
+    @torch.no_grad()
     def __init__(self, model, batch, guided, temperature, top_k, top_p, generator, window=32, graphs=True):
         cfg, device = model.config, model.tok_embeddings.weight.device
         self.model, self.N, self.graphs = model, cfg.block_size, graphs
