@@ -106,13 +106,15 @@ class FashionMNIST(torch.utils.data.Dataset):
 
 
 def make_dataset(data, size):
-    root = Path(FMNIST_DIR if data == "fashion-mnist" else data)
+    root = Path(os.environ.get("FASHION_MNIST_DIR", FMNIST_DIR) if data == "fashion-mnist" else data)
     if (root / "train-images-idx3-ubyte.gz").exists():
         return FashionMNIST(root, size)
+    if data == "fashion-mnist":
+        raise SystemExit(f"Fashion-MNIST not found in {root}: `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), "
+                         f"or point FASHION_MNIST_DIR (or --data) at a folder holding train-images-idx3-ubyte.gz")
     if root.is_dir():
         return ImageFolder(root, size)
-    raise SystemExit(f"--data {data}: not a folder of images or of the Fashion-MNIST .gz files "
-                     f"(for 'fashion-mnist': apt-get install dataset-fashion-mnist)")
+    raise SystemExit(f"--data {data}: not a folder of images or of the Fashion-MNIST .gz files")
 
 
 def write_json(path, obj):
@@ -183,6 +185,13 @@ def get_lr(step, args, warmup, decay_start, total):
     return args.lr + (args.min_lr - args.lr) * (step - decay_start + 1) / (total - decay_start)
 
 
+def epoch_order(seed, epoch, n, views):
+    """The rows of one epoch, the same on every rank: each image once, in a random one of its views (row v·n + i
+    is view v of image i), like the random crop/flip of the paper's on-the-fly recipe."""
+    rng = np.random.default_rng([seed, 0, epoch])
+    return rng.permutation(n) + n * rng.integers(0, views, n)
+
+
 def flops_per_token(model, cfg):
     """6 FLOPs per matmul weight per token (2 forward, 4 backward) plus attention: 12·n_layer·dim·T for the
     score and value products (PaLM appendix B, as nanoGPT; counts the full T×T map although causal attention
@@ -211,9 +220,10 @@ def train(args):
     if B % (world * args.grad_accum):
         raise SystemExit(f"--global-batch-size {B} is not divisible by {world} ranks x {args.grad_accum} micro-steps")
     micro = B // (world * args.grad_accum)
-    steps_per_epoch = len(codes) // B
+    n, views = meta["num_images"], meta["views"]  # an epoch sees every image once, in one of its views
+    steps_per_epoch = n // B
     if steps_per_epoch == 0:
-        raise SystemExit(f"{len(codes)} code rows are fewer than one global batch of {B}")
+        raise SystemExit(f"{n} images are fewer than one global batch of {B}")
     total = max(1, round(args.epochs * steps_per_epoch))
     warmup = round(args.warmup_epochs * steps_per_epoch)
     decay_start = max(warmup, total - round(args.decay_epochs * steps_per_epoch))
@@ -276,14 +286,14 @@ def train(args):
         barrier()
 
     if master:
-        print(f"{cfg}\n{sum(p.numel() for p in params) / 1e6:.1f}M parameters, {len(codes)} rows, "
+        print(f"{cfg}\n{sum(p.numel() for p in params) / 1e6:.1f}M parameters, {n} images x {views} views, "
               f"{steps_per_epoch} steps/epoch, steps {step} -> {end} of {total}, micro-batch {micro} x "
               f"{args.grad_accum} accumulation x {world} ranks")
     perm_epoch, perm, loss_sum, t0, t_step = -1, None, 0.0, time.time(), step
     while step < end:
         epoch, i = divmod(step, steps_per_epoch)
-        if epoch != perm_epoch:  # one shuffle of all rows per epoch, the same on every rank
-            perm, perm_epoch = np.random.default_rng([args.seed, 0, epoch]).permutation(len(codes)), epoch
+        if epoch != perm_epoch:
+            perm, perm_epoch = epoch_order(args.seed, epoch, n, views), epoch
         rows = perm[i * B:(i + 1) * B].reshape(world, args.grad_accum, micro)[rank]  # this rank's share
         drop = np.random.default_rng([args.seed, 1, step]).random(B) < args.class_dropout  # per global sample
         drop = drop.reshape(world, args.grad_accum, micro)[rank]

@@ -55,8 +55,9 @@ def make_codes(path, codes, labels, num_classes=3):
     path.mkdir(parents=True)
     np.save(path / "codes.npy", codes.astype(np.int16))
     np.save(path / "labels.npy", labels.astype(np.int64))
-    (path / "meta.json").write_text(json.dumps(dict(num_tokens=codes.shape[1], vocab_size=V, num_classes=num_classes,
-                                                    complete=True)))
+    meta = dict(num_images=len(codes), views=1, num_tokens=codes.shape[1], vocab_size=V, num_classes=num_classes,
+                complete=True)
+    (path / "meta.json").write_text(json.dumps(meta))
     return path
 
 
@@ -110,6 +111,10 @@ def test_extract_matches_encode_and_resumes(tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["complete"] and meta["num_classes"] == 2 and meta["vocab_size"] == V
 
+    run("train", "--codes", out, "--gpt-model", "GPT-tiny", "--out-dir", tmp_path / "run", "--device", "cpu",
+        "--global-batch-size", 7, "--epochs", 1)  # the training side reads this folder
+    assert load(tmp_path / "run")["config"]["num_classes"] == 2
+
     # resume: chunk 1 (images 3-5) lost, chunk 0 marked done but altered -> only chunk 1 is redone
     os.remove(out / "done" / "1")
     mm = np.lib.format.open_memmap(out / "codes.npy", "r+")
@@ -124,6 +129,14 @@ def test_extract_matches_encode_and_resumes(tmp_path):
     assert (codes[0] == -1).all()
     with pytest.raises(SystemExit, match="other settings"):
         run(*argv, "--chunk-size", 4)
+
+
+def test_epoch_order_takes_each_image_once_in_one_view():
+    n = 1000
+    rows = train_ar.epoch_order(0, 3, n, 2)
+    assert sorted(rows % n) == list(range(n)) and set(rows // n) == {0, 1}
+    assert np.array_equal(rows, train_ar.epoch_order(0, 3, n, 2)) and not np.array_equal(rows, train_ar.epoch_order(0, 4, n, 2))
+    assert (train_ar.epoch_order(0, 3, n, 1) < n).all()
 
 
 def test_fashion_mnist_reader(tmp_path):
