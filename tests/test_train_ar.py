@@ -135,7 +135,8 @@ def test_epoch_order_takes_each_image_once_in_one_view():
     n = 1000
     rows = train_ar.epoch_order(0, 3, n, 2)
     assert sorted(rows % n) == list(range(n)) and set(rows // n) == {0, 1}
-    assert np.array_equal(rows, train_ar.epoch_order(0, 3, n, 2)) and not np.array_equal(rows, train_ar.epoch_order(0, 4, n, 2))
+    assert np.array_equal(rows, train_ar.epoch_order(0, 3, n, 2))
+    assert not np.array_equal(rows, train_ar.epoch_order(0, 4, n, 2))
     assert (train_ar.epoch_order(0, 3, n, 1) < n).all()
 
 
@@ -199,14 +200,14 @@ def test_reverse_order_flips_the_sequence(tmp_path):
     assert GPT.from_checkpoint(tmp_path / "a" / "ckpt.pt").config.reverse_order  # samplers read it from here
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_torchrun_step_matches_one_process(tmp_path, mode):
+@pytest.mark.parametrize("flags", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_torchrun_step_matches_one_process(tmp_path, flags):
     cdir = make_codes(tmp_path / "codes", *learnable_codes(16))
     # class dropout stays on: its mask is drawn per global sample, so it must agree between the two runs
     common = ["--global-batch-size", 8, "--epochs", 1, "--max-steps", 1, "--class-dropout", 0.5]
     run(*train_args(cdir, tmp_path / "one", *common))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train_ar.py"),
-           *map(str, train_args(cdir, tmp_path / "two", *common, *(["--fsdp"] if mode == "fsdp" else [])))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_ar.py"), *map(str, train_args(cdir, tmp_path / "two", *common, *flags))]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     a, b = load(tmp_path / "one"), load(tmp_path / "two")
