@@ -9,9 +9,10 @@ are the n images, rows [n, 2n) their horizontal flips (--flip). It works in chun
 and a rerun skips the chunks already done. `train` memory-maps these files (no tokenizer in memory) and minimises
 the cross-entropy of the N image tokens after the class token: gpt(codes[:, :-1], labels, codes).
 
-Every random choice is a function of (--seed, step) or (--seed, epoch) — the data order, the class-dropout mask of
-each sample of the global batch, the dropout masks — so one process with the whole batch matches a torchrun group,
-and --resume continues exactly without saving RNG states.
+Every random choice is a function of the seed and the step: the data order (an epoch takes each image once, in a
+random view), the class-dropout mask of each sample of the global batch, and the dropout masks (per step and rank).
+So --resume continues exactly without saving RNG states, and with dropout off a torchrun group matches one process
+on the same global batch.
 """
 import argparse
 import gzip
@@ -379,7 +380,8 @@ def parse_args(argv=None):
     p.add_argument("--reverse-order", action="store_true", help="train on reversed sequences (fine-to-coarse)")
     p.add_argument("--ema", action="store_true", help="keep an EMA of the weights (saved as 'ema')")
     p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast dtype on CUDA")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                   help="bf16 autocast or fp32 (TF32 matmuls) on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (large presets)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
