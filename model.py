@@ -133,7 +133,9 @@ class Attention(nn.Module):
         k = apply_rope(k.view(B, S, self.n_kv_head, self.head_dim), rope).transpose(1, 2)
         v = v.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # attend over the whole cache; `mask` hides empty slots
+            k, v = self.kv_cache.update(input_pos, k, v)
+            # attend over the first mask.shape[-1] slots of the cache only; `mask` hides the empty ones among them
+            k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
         rep = self.n_head // self.n_kv_head
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -241,9 +243,12 @@ class GPT(nn.Module):
         if self.rope.shape[0] < seq:  # positions past the sequence are never written, but index_select needs rows
             self.rope = rope_table(seq, cfg.head_dim, cfg.rope_base).to(device)
 
-    def forward_cached(self, x, input_pos):
-        """x (B, S, C) embedded inputs at positions input_pos (S,) → logits (B, S, V), updating the caches."""
-        mask = self.causal_mask[None, None, input_pos]  # (1, 1, S, seq): only written slots are visible
+    def forward_cached(self, x, input_pos, kv_len=None):
+        """x (B, S, C) embedded inputs at positions input_pos (S,) → logits (B, S, V), updating the caches.
+
+        kv_len: attend over only the first kv_len cache slots (must exceed input_pos); None = the whole cache.
+        Decoding early tokens then reads a fraction of the cache, which is what bounds large-batch decoding."""
+        mask = self.causal_mask[None, None, input_pos, :kv_len]  # (1, 1, S, kv_len): only written slots are visible
         return self._trunk(x, self.rope[input_pos], input_pos, mask)
 
     @classmethod
@@ -326,11 +331,12 @@ def prefill(model, labels, cfg_scale, temperature=1.0, top_k=0, top_p=1.0, gener
     return sample_logits(logits, temperature, top_k, top_p, generator)
 
 
-def decode_one_token(model, token, input_pos, cfg_scale, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """token (B,), input_pos (1,) tensor → next token (B,). CFG doubles the batch inside."""
+def decode_one_token(model, token, input_pos, cfg_scale, temperature=1.0, top_k=0, top_p=1.0, generator=None,
+                     kv_len=None):
+    """token (B,), input_pos (1,) tensor → next token (B,). CFG doubles the batch inside. kv_len: see forward_cached."""
     if cfg_scale is not None:
         token = torch.cat([token, token])
-    logits = model.forward_cached(model.tok_embeddings(token)[:, None], input_pos)[:, -1]
+    logits = model.forward_cached(model.tok_embeddings(token)[:, None], input_pos, kv_len)[:, -1]
     if cfg_scale is not None:
         logits = guide(logits, cfg_scale)
     return sample_logits(logits, temperature, top_k, top_p, generator)
@@ -361,6 +367,7 @@ def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, 
     if cache is None or cache.k_cache.shape[0] != cond.shape[0] or cache.k_cache.device != device:
         model.setup_caches(cond.shape[0], device=device)  # sized once; reused while the batch size stays
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
+    positions = torch.arange(N + 1, device=device)  # made once: a new device tensor per token would sync the host
     k = 0 if prefix is None else prefix.shape[1]
     if k:
         tokens[:, :k] = prefix
@@ -371,8 +378,8 @@ def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, 
     next_tok = prefill(model, cond, scale(0), temperature, top_k, top_p, generator)
     for i in range(N):
         if i > 0:
-            input_pos = torch.tensor([i], device=device)
-            next_tok = decode_fn(model, tokens[:, i - 1], input_pos, scale(i), temperature, top_k, top_p, generator)
+            next_tok = decode_fn(model, tokens[:, i - 1], positions[i:i + 1], scale(i), temperature, top_k, top_p,
+                                 generator)
         if i >= k:
             tokens[:, i] = next_tok
         if on_token:
