@@ -306,29 +306,39 @@ def precision_recall(ref, sample, k=3, block=1000):
 
 
 def generation_metrics(ref, sample, device="cpu"):
-    """ref/sample: dicts with mu, sigma, mu_s, sigma_s, pool (None if only statistics) and logits (samples)."""
-    metrics = {"FID": frechet_distance(ref["mu"], ref["sigma"], sample["mu"], sample["sigma"]),
-               "sFID": frechet_distance(ref["mu_s"], ref["sigma_s"], sample["mu_s"], sample["sigma_s"]),
-               "Inception Score": None if sample["logits"] is None else inception_score(sample["logits"]),
-               "Precision": None, "Recall": None}
-    if ref["pool"] is not None:
-        pr = precision_recall(torch.from_numpy(ref["pool"]).to(device), torch.from_numpy(sample["pool"]).to(device))
-        metrics["Precision"], metrics["Recall"] = pr
-    return metrics
+    """ref, sample: dicts with pool features, mu, sigma, mu_s, sigma_s, and logits (None without a classifier)."""
+    precision, recall = precision_recall(*(torch.from_numpy(d["pool"]).to(device) for d in (ref, sample)))
+    return {"FID": frechet_distance(ref["mu"], ref["sigma"], sample["mu"], sample["sigma"]),
+            "sFID": frechet_distance(ref["mu_s"], ref["sigma_s"], sample["mu_s"], sample["sigma_s"]),
+            "Inception Score": None if sample["logits"] is None else inception_score(sample["logits"]),
+            "Precision": precision, "Recall": recall}
 
 
-def cached(cache_dir, name, sources, compute):
-    """Reference features are kept in cache_dir/<name>-<key>.npz, keyed by the source files' path, size and time."""
-    key = "|".join(f"{os.path.abspath(p)}:{os.path.getsize(p)}:{os.path.getmtime(p)}" for p in sources)
-    path = os.path.join(os.path.expanduser(cache_dir), f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz")
+def reference_features(args, net, weights):
+    """Pool features and statistics of the reference batch (or the Fashion-MNIST test split), computed once and
+    cached in --cache-dir; statistics stored in the reference file (mu, sigma, mu_s, sigma_s) win, as in ADM."""
+    if args.ref == "fmnist":
+        images = fmnist_rgb32(load_fashion_mnist("test", args.fmnist_dir)[0])
+        n, batches = len(images), (images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size))
+        source = os.path.join(args.fmnist_dir, "t10k-images-idx3-ubyte.gz")
+    else:
+        (n, batches), source = npz_images(args.ref, args.batch_size), args.ref
+    key = "|".join(f"{os.path.abspath(p)}:{os.path.getsize(p)}:{os.path.getmtime(p)}" for p in (source, weights))
+    path = os.path.join(os.path.expanduser(args.cache_dir), f"ref-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
     if os.path.isfile(path):
         with np.load(path) as f:
-            return dict(f, logits=None)
-    stats = compute()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path + ".tmp.npz", **{k: v for k, v in stats.items() if k not in ("spatial", "logits")})
-    os.replace(path + ".tmp.npz", path)
-    return dict(stats, logits=None)
+            ref = dict(f)
+    else:
+        ref = with_statistics(extract_features(net, batches, n, "reference"))
+        del ref["spatial"], ref["logits"]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.savez(path + ".tmp.npz", **ref)
+        os.replace(path + ".tmp.npz", path)
+    if args.ref != "fmnist":
+        with np.load(args.ref) as f:
+            if "mu" in f.files:
+                ref.update({k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s")})
+    return ref
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -474,6 +484,20 @@ def reconstruction_metrics(tok, paths, net, args, device):
 # -----------------------------------------------------------------------------------------------------------------
 
 
+def class_accuracy(args, n):
+    """Fraction of Fashion-MNIST samples the classifier puts in their class (labels under arr_1), None without labels."""
+    with np.load(args.samples) as f:
+        if "arr_1" not in f.files:
+            return None
+        labels = f["arr_1"]
+    if labels.shape != (n,) or not np.isin(labels, np.arange(10)).all():
+        raise ValueError(f"{args.samples}: arr_1 must hold {n} integer labels in 0..9")
+    clf = load_fmnist_classifier(args.fmnist_classifier, args.fmnist_dir)
+    _, batches = npz_images(args.samples, args.batch_size)
+    preds = torch.cat([clf.classify(torch.from_numpy(b).permute(0, 3, 1, 2).float() / 127.5 - 1) for b in batches])
+    return (preds.numpy() == labels).mean().item()
+
+
 def main(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else
                                           "mps" if torch.backends.mps.is_available() else "cpu"))
@@ -491,46 +515,17 @@ def main(args):
             raise SystemExit(f"no images found under {args.images}")
         tok = Tokenizer.from_checkpoint(args.tokenizer_ckpt).to(device)
         metrics = reconstruction_metrics(tok, paths, net, args, device)
+    elif args.ref and args.samples:
+        n, batches = npz_images(args.samples, args.batch_size)  # checks the samples before the reference is run
+        ref = reference_features(args, net, weights)
+        metrics = generation_metrics(ref, with_statistics(extract_features(net, batches, n, "samples")), device)
+        if args.ref == "fmnist":
+            metrics["Class accuracy"] = class_accuracy(args, n)
     else:
-        if not (args.ref and args.samples):
-            raise SystemExit("usage: evaluate.py REF.npz SAMPLES.npz (or fmnist SAMPLES.npz), see --help")
-        n, batches = npz_images(args.samples, args.batch_size)
-        sample = with_statistics(extract_features(net, batches, n, "samples"))
-        if args.ref == "fmnist":
-            test_images, test_labels = load_fashion_mnist("test", args.fmnist_dir)
-            images = fmnist_rgb32(test_images)
-            ref = cached(args.cache_dir, "fmnist-test", [os.path.join(args.fmnist_dir, "t10k-images-idx3-ubyte.gz"),
-                                                         weights], lambda: with_statistics(extract_features(
-                net, (images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)), len(images),
-                "reference")))
-        else:
-            with np.load(args.ref) as f:
-                precomputed = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in f.files}
-                has_images = "arr_0" in f.files
-            if len(precomputed) not in (0, 4):
-                raise ValueError(f"{args.ref} holds only some of mu, sigma, mu_s, sigma_s")
-            if has_images:
-                m, ref_batches = npz_images(args.ref, args.batch_size)
-                ref = cached(args.cache_dir, os.path.basename(args.ref).removesuffix(".npz"), [args.ref, weights],
-                             lambda: with_statistics(extract_features(net, ref_batches, m, "reference")))
-            elif not precomputed:
-                raise ValueError(f"{args.ref} has neither images (arr_0) nor statistics (mu, sigma, mu_s, sigma_s)")
-            ref = dict(ref if has_images else dict(pool=None), **precomputed)  # ADM: stored statistics take precedence
-        metrics = generation_metrics(ref, sample, device)
-        if args.ref == "fmnist":
-            with np.load(args.samples) as f:
-                labels = f["arr_1"].astype(np.int64) if "arr_1" in f.files else None
-            metrics["Class accuracy"] = None
-            if labels is not None:
-                if labels.shape != (n,) or labels.min() < 0 or labels.max() > 9:
-                    raise ValueError(f"{args.samples}: arr_1 must hold {n} labels in 0..9")
-                clf = load_fmnist_classifier(args.fmnist_classifier, args.fmnist_dir)
-                _, batches = npz_images(args.samples, args.batch_size)
-                pred = torch.cat([clf.classify(torch.from_numpy(b).permute(0, 3, 1, 2).float() / 127.5 - 1)
-                                  for b in batches])
-                metrics["Class accuracy"] = (pred.numpy() == labels).mean().item()
-    why = {"Inception Score": "the Inception weights have no classifier layer", "Precision": "no reference images",
-           "Recall": "no reference images", "LPIPS": "no VGG16 weights", "Class accuracy": "no labels under arr_1"}
+        raise SystemExit("usage: evaluate.py REF.npz SAMPLES.npz, evaluate.py fmnist SAMPLES.npz, or "
+                         "evaluate.py --tokenizer-ckpt CKPT --images FOLDER (see --help)")
+    why = {"Inception Score": "the Inception weights have no classifier layer", "LPIPS": "no VGG16 weights",
+           "Class accuracy": "no labels under arr_1"}
     for name, value in metrics.items():
         print(f"{name}: {value:.6g}" if value is not None else f"{name}: unavailable ({why[name]})")
     if args.json:
