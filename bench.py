@@ -14,11 +14,17 @@ import statistics
 from contextlib import nullcontext
 
 import torch
+from torch.nn.attention import SDPBackend
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import GPT, GPTConfig, generate
 from sample import GraphedDecoder, StreamingDecoder, parse_args as sample_args, sample_batch
 from tokenizer import Tokenizer, TokenizerConfig
+
+
+BACKENDS = dict(auto=None, cudnn=SDPBackend.CUDNN_ATTENTION, efficient=SDPBackend.EFFICIENT_ATTENTION,
+                math=SDPBackend.MATH)
 
 
 def randomise(module):
@@ -135,6 +141,7 @@ def main(args):
     if args.checks:
         checks(gpts[args.models[0]], tok, device, row)
     if args.compile:  # regional: each distinct block is compiled once and shared by its layers
+        torch._dynamo.config.recompile_limit = 64  # two model sizes and several batch sizes share the code
         for gpt in gpts.values():
             for layer in gpt.layers:
                 layer.compile()
@@ -149,14 +156,16 @@ def main(args):
             ms = median_ms(decode, args.repeats)
             row(f"pixel decoder {name}, batch {args.batch_size} (img/s; {flops / 1e12:.2f} TFLOP/img)",
                 args.batch_size / ms * 1e3, "img/s", peak / flops, better="higher")
+    if args.profile:
+        profile_decoder(tok, codes, noise, bf16, args.profile)
 
     # AR model, end to end, latency
     for name, gpt in gpts.items():
         for batch in (1, args.batch_size):
             g = torch.Generator(device).manual_seed(0)
-            step = GraphedDecoder(gpt, batch, True, 1.0, 0, 1.0, g)
             labels = torch.arange(batch, device=device) % gpt.config.num_classes
             N = gpt.config.block_size
+            step = GraphedDecoder(gpt, batch, True, 1.0, 0, 1.0, g, attention=BACKENDS[args.attention])
             ms = median_ms(lambda: generate(gpt, labels, cfg_scale=4.0, generator=g, decode_fn=step), args.repeats)
             bound = ar_bytes_per_token(gpt, 2 * batch, step.windows) / bw * 1e3
             row(f"{name} AR, batch {batch} with CFG", ms / N, "ms/token", bound)
@@ -186,30 +195,35 @@ def main(args):
                                                         keep_previews=False, autocast=bf16), args.repeats)
                 row(f"{name} end to end, batch {batch} (bf16 decoder, streamed)", batch / ms * 1e3, "img/s",
                     min(1 / (bound * N / 1e3 / batch), peak / flops), better="higher")
-                if args.profile:
-                    profile(gpt, tok, step, labels, g, codes, noise, bf16, args.profile, name)
+            if args.profile:
+                profile_ar(gpt, labels, g, args.profile, name)
             del step
 
 
-def profile(gpt, tok, step, labels, g, codes, noise, bf16, path, name):
-    """Top kernels of 16 AR steps (run eagerly: the kernels the graphs replay) and of one decoder step.
-    The eager decoder sets up fresh caches, so the graphs of `step` are stale afterwards."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+def profile_ar(gpt, labels, g, path, name):
+    """Top kernels of 16 AR steps, run eagerly: the kernels the graphs replay.
+    The eager decoder sets up fresh caches, so earlier CUDA graphs of `gpt` are stale afterwards."""
     eager = GraphedDecoder(gpt, labels.shape[0], True, 1.0, 0, 1.0, g, graphs=False)
     eager.pos = 128  # mid-sequence: a typical cache window
     scale = torch.tensor(4.0, device=labels.device)
-    with torch.no_grad(), torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(129, 145):
             eager(gpt, labels, torch.tensor([i], device=labels.device), scale, 1.0, 0, 1.0, g)
         torch.cuda.synchronize()
     with open(path, "a") as f:
         f.write(f"## {name}: 16 AR decode steps at batch {labels.shape[0]} with CFG (positions 129-144)\n")
         f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20) + "\n")
-    cond = tok.condition(codes)[:, :tok.config.queries_per_step]
+
+
+def profile_decoder(tok, codes, noise, bf16, path):
+    """Top kernels of one evaluation of the pixel network."""
     t = torch.full((codes.shape[0],), 0.5, device=codes.device)
-    with torch.no_grad(), bf16(), torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        tok.diff_decoder.net(noise, t, cond)
-        torch.cuda.synchronize()
+    with torch.no_grad(), bf16():
+        cond = tok.condition(codes)[:, :tok.config.queries_per_step]
+        tok.diff_decoder.net(noise, t, cond)  # compiles for these shapes outside the profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            tok.diff_decoder.net(noise, t, cond)
+            torch.cuda.synchronize()
     with open(path, "a") as f:
         f.write(f"## pixel-decoder network, one step at batch {codes.shape[0]}, bf16\n")
         f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20) + "\n")
@@ -223,6 +237,8 @@ if __name__ == "__main__":
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (as sample.py)")
     p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
                    help="graph vs eager tokens, bf16 vs fp32 decode")
+    p.add_argument("--attention", choices=sorted(BACKENDS), default="auto",
+                   help="SDPA backend of the AR decode step (with --compile fixed at the first trace)")
     p.add_argument("--profile", default=None, help="append torch.profiler tables to this file")
     p.add_argument("--hbm-tbps", type=float, default=3.35, help="memory bandwidth for the bounds (H100 SXM: 3.35)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for the bounds (H100 SXM: 989)")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
+from torch.nn.attention import sdpa_kernel
 from tqdm import tqdm
 
 from model import GPT, cfg_schedule, decode_one_token, generate
@@ -110,9 +111,11 @@ class GraphedDecoder:
     generate() calls the step for positions 1..N-1 in order; the host counter `pos` follows it."""
 
     @torch.no_grad()
-    def __init__(self, model, batch, guided, temperature, top_k, top_p, generator, window=32, graphs=True):
+    def __init__(self, model, batch, guided, temperature, top_k, top_p, generator, window=32, graphs=True,
+                 attention=None):
         cfg, device = model.config, model.tok_embeddings.weight.device
         self.model, self.N, self.graphs = model, cfg.block_size, graphs
+        self.attention = attention  # an SDPA backend to insist on (torch.nn.attention.SDPBackend), or None
         self.kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         model.setup_caches(2 * batch if guided else batch, device=device)  # generate() keeps caches of this size
         seq = model.layers[0].attention.kv_cache.k_cache.shape[2]
@@ -142,7 +145,8 @@ class GraphedDecoder:
             pool, self.cuda_graphs[w] = g.pool(), g
 
     def _step(self, window):
-        return decode_one_token(self.model, self.token, self.input_pos, self.scale, kv_len=window, **self.kwargs)
+        with nullcontext() if self.attention is None else sdpa_kernel([self.attention]):
+            return decode_one_token(self.model, self.token, self.input_pos, self.scale, kv_len=window, **self.kwargs)
 
     def __call__(self, model, token, input_pos, scale, temperature, top_k, top_p, generator):
         self.pos = self.pos % (self.N - 1) + 1  # positions 1..N-1, then around again for the next generate()
@@ -221,12 +225,19 @@ def sample_batch(gpt, tok, labels, args, generator, decode_fn=decode_one_token, 
               generator=generator, decode_fn=decode_fn)
     if prefix is not None:
         kw["prefix"] = prefix.expand(labels.shape[0], -1)
-    if gpt.config.reverse_order:  # fine-to-coarse: the first group only comes last, so decode afterwards
-        tokens = generate(gpt, labels, **kw).flip(1)
-        for i in range(tokens.shape[1]):
-            stream(i, tokens)
-    else:
-        tokens = generate(gpt, labels, on_token=stream, **kw)
+    # on CUDA the AR model runs on a high-priority stream: it is the critical path, the pixel steps fill the gaps
+    ar = torch.cuda.Stream(labels.device, priority=-1) if labels.device.type == "cuda" else None
+    if ar is not None:
+        ar.wait_stream(torch.cuda.current_stream(labels.device))
+    with nullcontext() if ar is None else torch.cuda.stream(ar):
+        if gpt.config.reverse_order:  # fine-to-coarse: the first group only comes last, so decode afterwards
+            tokens = generate(gpt, labels, **kw).flip(1)
+            for i in range(tokens.shape[1]):
+                stream(i, tokens)
+        else:
+            tokens = generate(gpt, labels, on_token=stream, **kw)
+    if ar is not None:
+        torch.cuda.current_stream(labels.device).wait_stream(ar)
     image, previews = stream.finish()
     return tokens, noise, image, previews
 
