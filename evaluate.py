@@ -448,11 +448,11 @@ def ssim(a, b):
 
 
 def load_lpips(device):
-    import lpips
     try:
+        import lpips
         return lpips.LPIPS(net="vgg", verbose=False).to(device).eval()
-    except OSError as e:  # torchvision fetches the VGG16 backbone on first use
-        print(f"LPIPS unavailable: the VGG16 weights could not be loaded ({e})")
+    except (ImportError, OSError) as e:  # the package, or the VGG16 backbone torchvision fetches on first use
+        print(f"LPIPS unavailable: {e}")
         return None
 
 
@@ -524,7 +524,7 @@ def main(args):
     else:
         raise SystemExit("usage: evaluate.py REF.npz SAMPLES.npz, evaluate.py fmnist SAMPLES.npz, or "
                          "evaluate.py --tokenizer-ckpt CKPT --images FOLDER (see --help)")
-    why = {"Inception Score": "the Inception weights have no classifier layer", "LPIPS": "no VGG16 weights",
+    why = {"Inception Score": "the Inception weights have no classifier layer", "LPIPS": "lpips or its VGG16 weights missing",
            "Class accuracy": "no labels under arr_1"}
     for name, value in metrics.items():
         print(f"{name}: {value:.6g}" if value is not None else f"{name}: unavailable ({why[name]})")
