@@ -23,8 +23,9 @@ Data: an image folder (class sub-folders or flat; short side resized, center cro
 center crop of the AR stage so that both stages see the same images.
 
 Every random choice is a function of the seed and either the global sample index (data order, flip, diffusion time,
-noise) or the step (LPIPS dropout), so --resume continues exactly without stored RNG states, and a torchrun group
-gives the same samples as one process with the whole batch.
+noise) or the micro-batch of the global step (LPIPS dropout). So --resume continues exactly without stored RNG
+states, and a torchrun group makes the same update as one process running the same micro-batches (a single batch
+of all of them differs slightly: the masked VQ terms are normalised per micro-batch, as in the official trainer).
 """
 import argparse
 import gzip
@@ -32,6 +33,7 @@ import itertools
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import asdict
@@ -169,7 +171,9 @@ def build_lpips(vgg_weights):
     import lpips  # optional dependency: only needed with LPIPS on
     sd = load_teacher_weights(vgg_weights, VGG16_URL, "VGG16 (torchvision, ImageNet)", "--vgg-weights",
                               "--lpips-weight")
-    net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)  # random backbone, replaced now
+    with warnings.catch_warnings():  # lpips asks torchvision for VGG16 with the deprecated `pretrained=False`
+        warnings.simplefilter("ignore", UserWarning)
+        net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)  # random backbone, replaced now
     # torchvision `features.i` → lpips `slice{k}.i`, the slices ending after relu1_2, 2_2, 3_3, 4_3, 5_3
     ends = [4, 9, 16, 23, 30]
     backbone = {}
@@ -338,11 +342,13 @@ def main(args):
     sums, used = {}, torch.zeros(cfg.vq_codebook_size, device=device)
     t0, t_step = time.time(), step
     while step < args.max_steps:
-        torch.manual_seed(int(np.random.SeedSequence([args.seed, 2, step, rank]).generate_state(1)[0]))  # dropout
         lr = args.lr * step / args.warmup_steps if step < args.warmup_steps else args.lr  # 0 at step 0, as official
         for group in opt.param_groups:
             group["lr"] = lr
         for m in range(A):
+            # LPIPS dropout: seeded per micro-batch of the global step, so a micro-batch draws the same masks
+            # whichever rank or micro-step runs it
+            torch.manual_seed(int(np.random.SeedSequence([args.seed, 2, step, rank * A + m]).generate_state(1)[0]))
             x, t, noise = (v.to(device, non_blocking=True) for v in next(batches))  # (b, 3, S, S), (b,), (b, 3, S, S)
             if world > 1:
                 model.require_backward_grad_sync = m == A - 1  # all-reduce only on the last micro-step

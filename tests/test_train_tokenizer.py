@@ -115,7 +115,9 @@ def test_missing_data_and_weights_fail_clearly(tmp_path, monkeypatch):
         tt.main(tt.get_args(["--preset", "tiny", "--data", str(tmp_path), "--lpips-weight", "0"]))
 
 
-def test_lpips_takes_the_torchvision_vgg16_layout(tmp_path):
+@pytest.fixture(scope="module")
+def vgg_file(tmp_path_factory):
+    """Random weights in the layout of torchvision's vgg16-397923af.pth (a stand-in for the real file)."""
     torch.manual_seed(0)
     convs = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256), (256, 512), (512, 512),
              (512, 512), (512, 512), (512, 512), (512, 512)]
@@ -125,8 +127,14 @@ def test_lpips_takes_the_torchvision_vgg16_layout(tmp_path):
         sd[f"features.{i}.weight"] = torch.randn(cout, cin, 3, 3) * (2 / (9 * cin)) ** 0.5
         sd[f"features.{i}.bias"] = torch.zeros(cout)
     sd["classifier.0.weight"] = torch.zeros(1)  # the full torchvision file also holds the classifier: ignored
-    torch.save(sd, tmp_path / "vgg.pth")
-    net = tt.build_lpips(str(tmp_path / "vgg.pth")).eval()
+    path = tmp_path_factory.mktemp("vgg") / "vgg.pth"
+    torch.save(sd, path)
+    return path
+
+
+def test_lpips_takes_the_torchvision_vgg16_layout(vgg_file):
+    sd = torch.load(vgg_file)
+    net = tt.build_lpips(str(vgg_file)).eval()
     assert torch.equal(getattr(net.net.slice3, "10").weight, sd["features.10.weight"])
     assert torch.equal(getattr(net.net.slice5, "28").weight, sd["features.28.weight"])
     assert not any(p.requires_grad for p in net.parameters())
@@ -160,10 +168,11 @@ def test_samples_depend_only_on_their_stream_index(image_folder):
     assert not torch.equal(stream[13][2], stream[14][2])
 
 
-def test_two_process_ddp_matches_one_process(image_folder, tmp_path):
-    """torchrun with 2 gloo ranks x 1 micro-step vs. one process with 2 micro-steps of the same global batch.
-    (Not one micro-batch of 4: the masked VQ terms normalise per micro-batch, as in the official trainer.)"""
-    common = ["--max-steps", "2", "--warmup-steps", "0", "--num-show", "1"]
+def test_two_process_ddp_matches_one_process(image_folder, vgg_file, tmp_path):
+    """torchrun with 2 gloo ranks x 1 micro-step vs. one process with 2 micro-steps of the same global batch, LPIPS
+    (with its dropout) on. Not one micro-batch of 4: the masked VQ terms normalise per micro-batch."""
+    common = ["--max-steps", "2", "--warmup-steps", "0", "--num-show", "1", "--lpips-weight", "0.5",
+              "--vgg-weights", str(vgg_file)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_tokenizer.py",
            "--preset", "tiny", "--data", str(image_folder), "--out-dir", str(tmp_path / "ddp"), "--device", "cpu",
