@@ -1,0 +1,59 @@
+"""Tests of the shipped default model (checkpoints/): python -m pytest -q tests/test_checkpoints.py
+
+The tokenizer and AR model trained on Fashion-MNIST with this repository's scripts must produce images that the
+small classifier of evaluate.py recognises as their class."""
+import os
+
+import pytest
+import torch
+
+from evaluate import load_fmnist_classifier
+from model import GPT, generate
+from tokenizer import Tokenizer
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "checkpoints")
+FILES = {name: os.path.join(ROOT, name) for name in ("tokenizer_fmnist.pt", "gpt_fmnist.pt", "fmnist_classifier.pt")}
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    missing = [p for p in FILES.values() if not os.path.isfile(p)]
+    if missing:
+        pytest.fail(f"shipped checkpoints missing: {missing}")
+    return Tokenizer.from_checkpoint(FILES["tokenizer_fmnist.pt"]), GPT.from_checkpoint(FILES["gpt_fmnist.pt"])
+
+
+def test_shipped_checkpoints_are_small():
+    assert sum(os.path.getsize(p) for p in FILES.values()) < 20e6
+    assert os.path.getsize(FILES["fmnist_classifier.pt"]) < 1e6
+
+
+def test_generated_samples_are_recognised(shipped):
+    tok, gpt = shipped
+    torch.manual_seed(0)
+    labels = torch.arange(10).repeat_interleave(10)  # 100 samples, 10 per class
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        images = torch.cat([tok.decode(generate(gpt, y, cfg_scale=3.0, generator=g), generator=g)
+                            for y in labels.split(50)])
+    assert images.shape == (100, 3, 32, 32)
+    predicted = load_fmnist_classifier(FILES["fmnist_classifier.pt"]).classify(images)
+    accuracy = (predicted == labels).float().mean().item()
+    assert accuracy >= 0.8, f"only {accuracy:.0%} of the samples are classified as their label"
+
+
+def test_reconstruction_keeps_the_class(shipped):
+    tok, _ = shipped
+    from evaluate import fmnist_tensor, load_fashion_mnist
+    try:
+        images, labels = load_fashion_mnist("test")
+    except SystemExit:
+        pytest.skip("dataset-fashion-mnist is not installed")
+    x = fmnist_tensor(images[:100]).repeat(1, 3, 1, 1)
+    with torch.no_grad():
+        rec = tok.reconstruct(x, generator=torch.Generator().manual_seed(0))
+    psnr = 10 * torch.log10(4 / ((rec.clamp(-1, 1) - x) ** 2).mean())  # peak-to-peak 2 in [-1, 1]
+    assert psnr > 16, f"reconstruction PSNR {psnr:.1f} dB"
+    clf = load_fmnist_classifier(FILES["fmnist_classifier.pt"])
+    accuracy = (clf.classify(rec) == torch.from_numpy(labels[:100])).float().mean().item()
+    assert accuracy >= 0.6, f"only {accuracy:.0%} of the reconstructions keep their class"  # measured: 69-77%
