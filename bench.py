@@ -11,6 +11,7 @@ First it checks that the CUDA-graph sampler reproduces the eager tokens and how 
 """
 import argparse
 import statistics
+import time
 from contextlib import nullcontext
 
 import torch
@@ -36,8 +37,11 @@ def randomise(module):
 
 
 def median_ms(fn, repeats):
-    """Median wall time of fn() in ms on the GPU (CUDA events), after one warm-up call."""
+    """(median time of fn() in ms on the GPU (CUDA events), time of the warm-up call in ms: compilation included)."""
+    start = time.perf_counter()
     fn()
+    torch.cuda.synchronize()
+    first = (time.perf_counter() - start) * 1e3
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -46,7 +50,7 @@ def median_ms(fn, repeats):
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(times), first
 
 
 def ar_bytes_per_token(gpt, rows, windows):
@@ -124,7 +128,7 @@ def main(args):
     bw, peak = args.hbm_tbps * 1e12, args.peak_tflops * 1e12
     row = Row(args.out)
     x = torch.empty(2 ** 28, device=device)  # 1 GiB copied: the achievable bandwidth, read + write
-    row("device-to-device copy bandwidth", 2 * x.nbytes / median_ms(lambda: x.clone(), 5) / 1e9, "TB/s",
+    row("device-to-device copy bandwidth", 2 * x.nbytes / median_ms(lambda: x.clone(), 5)[0] / 1e9, "TB/s",
         args.hbm_tbps, better="higher")
     del x
     with torch.device(device):
@@ -153,9 +157,10 @@ def main(args):
             def decode():
                 with ctx():
                     tok.decode(codes, noise=noise)
-            ms = median_ms(decode, args.repeats)
+            ms, first = median_ms(decode, args.repeats)
             row(f"pixel decoder {name}, batch {args.batch_size} (img/s; {flops / 1e12:.2f} TFLOP/img)",
                 args.batch_size / ms * 1e3, "img/s", peak / flops, better="higher")
+            row(f"pixel decoder {name}, first call (compilation included)", first / 1e3, "s")
     if args.profile:
         profile_decoder(tok, codes, noise, bf16, args.profile)
 
@@ -165,8 +170,11 @@ def main(args):
             g = torch.Generator(device).manual_seed(0)
             labels = torch.arange(batch, device=device) % gpt.config.num_classes
             N = gpt.config.block_size
+            start = time.perf_counter()
             step = GraphedDecoder(gpt, batch, True, 1.0, 0, 1.0, g, attention=BACKENDS[args.attention])
-            ms = median_ms(lambda: generate(gpt, labels, cfg_scale=4.0, generator=g, decode_fn=step), args.repeats)
+            row(f"{name} AR start-up, batch {batch} (compilation + {len(step.windows)} graph captures)",
+                time.perf_counter() - start, "s")
+            ms = median_ms(lambda: generate(gpt, labels, cfg_scale=4.0, generator=g, decode_fn=step), args.repeats)[0]
             bound = ar_bytes_per_token(gpt, 2 * batch, step.windows) / bw * 1e3
             row(f"{name} AR, batch {batch} with CFG", ms / N, "ms/token", bound)
             if batch == 1:
@@ -192,7 +200,7 @@ def main(args):
             else:
                 with torch.no_grad():
                     ms = median_ms(lambda: sample_batch(gpt, tok, labels, sample_args([]), g, step,
-                                                        keep_previews=False, autocast=bf16), args.repeats)
+                                                        keep_previews=False, autocast=bf16), args.repeats)[0]
                 row(f"{name} end to end, batch {batch} (bf16 decoder, streamed)", batch / ms * 1e3, "img/s",
                     min(1 / (bound * N / 1e3 / batch), peak / flops), better="higher")
             if args.profile:

@@ -9,9 +9,10 @@
 While the AR model produces tokens, every finished group of M tokens goes through the causal decoder transformer
 (incrementally, with its own KV cache) and drives one step of the pixel ODE, so the image is done one solver step
 after the last token, and the jump estimate after each step is a preview of the final image at no extra cost
-(SPEC.md §6.5). On a GPU the pixel steps run on a second CUDA stream, hidden behind token generation, and the
-AR decode step is replayed from CUDA graphs (optionally of torch.compile'd blocks): no host synchronisation per
-token, and sampling is reproducible from --seed through one explicit torch.Generator.
+(SPEC.md §6.5). On a GPU the pixel steps run on a second CUDA stream beside the token generation (the AR model
+on a high-priority stream), so previews appear while tokens are still being generated; the AR decode step is
+replayed from CUDA graphs (optionally of torch.compile'd blocks): no host synchronisation per token, and sampling
+is reproducible from --seed through one explicit torch.Generator. bench.py times all of it.
 """
 import argparse
 import math
@@ -217,7 +218,8 @@ def prefix_codes(tok, args, device):
 @torch.no_grad()
 def sample_batch(gpt, tok, labels, args, generator, decode_fn=decode_one_token, prefix=None, keep_previews=True,
                  autocast=nullcontext):
-    """labels (B,) → tokens (B, N) in decoding order, noise x0, image (B, 3, H, W), previews (B, K, H, W, 3) or None."""
+    """labels (B,) → tokens (B, N) in decoding order, noise x0, image (B, 3, H, W), previews (B, K, H, W, 3) uint8
+    or None. prefix (1, k): codes every sample starts with (layout control)."""
     R = tok.config.image_size
     noise = torch.randn(labels.shape[0], 3, R, R, generator=generator, device=labels.device)
     stream = StreamingDecoder(tok, noise, args.solver, autocast, keep_previews)
@@ -350,7 +352,8 @@ def parse_args(argv=None):
     p.add_argument("--prefix-tokens", type=int, default=64, help="how many leading codes of --prefix-image to keep")
     p.add_argument("--out", default="samples.png", help="PNG grid of the samples (empty: none)")
     p.add_argument("--save-each", default=None, help="directory for one PNG per sample (and its preview strip)")
-    p.add_argument("--npz", default=None, help="write all samples as an ADM-style .npz (arr_0 uint8 NHWC, arr_1 labels)")
+    p.add_argument("--npz", default=None,
+                   help="write all samples as an ADM-style .npz (arr_0 uint8 NHWC, arr_1 int64 labels)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="AR model precision (auto: bf16 on CUDA, else fp32)")
     p.add_argument("--decoder-precision", choices=["fp32", "bf16"], default="fp32",
