@@ -357,7 +357,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="AR model precision (auto: bf16 on CUDA, else fp32)")
     p.add_argument("--decoder-precision", choices=["fp32", "bf16"], default="fp32",
-                   help="tokenizer decoder precision (bf16 autocast: ~4x faster, ~1e-2 pixel differences)")
+                   help="tokenizer decoder precision (bf16 autocast: 2.6x faster on an H100 with --compile, "
+                        "~4e-3 mean difference)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="replay the AR decode step from CUDA graphs (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (a few seconds)")
