@@ -201,7 +201,8 @@ def prefix_codes(tok, args, device):
     """First --prefix-tokens codes of --prefix-image (1, k), or None."""
     if args.prefix_image is None:
         return None
-    k, N = args.prefix_tokens, tok.config.num_tokens
+    N = tok.config.num_tokens
+    k = N // 4 if args.prefix_tokens is None else args.prefix_tokens  # default: the two coarsest of eight groups
     if not 1 <= k < N:
         raise SystemExit(f"--prefix-tokens must lie in [1, {N - 1}], got {k}")
     try:
@@ -349,7 +350,8 @@ def parse_args(argv=None):
     p.add_argument("--previews", action=argparse.BooleanOptionalAction, default=True,
                    help="show each sample as a strip of the previews after every group (the last is the image)")
     p.add_argument("--prefix-image", default=None, help="layout control: reference image whose first codes are kept")
-    p.add_argument("--prefix-tokens", type=int, default=64, help="how many leading codes of --prefix-image to keep")
+    p.add_argument("--prefix-tokens", type=int, default=None,
+                   help="how many leading codes of --prefix-image to keep (default: a quarter, 64 of 256)")
     p.add_argument("--out", default="samples.png", help="PNG grid of the samples (empty: none)")
     p.add_argument("--save-each", default=None, help="directory for one PNG per sample (and its preview strip)")
     p.add_argument("--npz", default=None,
