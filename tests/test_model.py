@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import model
 from model import GPT, GPTConfig, cfg_schedule, generate, sample_logits
 
 
