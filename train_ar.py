@@ -15,7 +15,6 @@ So --resume continues exactly without saving RNG states, and with dropout off a 
 on the same global batch.
 """
 import argparse
-import gzip
 import json
 import math
 import os
@@ -27,95 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from PIL import Image
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-
-
-def setup(device_arg):
-    """nanoGPT-style: a process group only under torchrun (RANK set). Returns rank, world size, device."""
-    device = device_arg or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
-                            else "cpu")
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if device == "cuda":
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, torch.device(device)
+from train_tokenizer import make_dataset, setup  # the same images and process set-up as stage 1
 
 
 def barrier():
     if dist.is_initialized():
         dist.barrier()
-
-
-# ---- data: images for extraction ----
-class ImageFolder(torch.utils.data.Dataset):
-    """root/<class>/**/<image> (labels = sorted class folders, as ImageNet) or a flat folder of images (label 0).
-    Each image is resized (short side) and center-cropped to `size`, in [-1, 1]."""
-
-    def __init__(self, root, size):
-        root = Path(root)
-        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-        folders = [(root / c, i) for i, c in enumerate(classes)] if classes else [(root, 0)]
-        files = [(p, i) for d, i in folders for p in sorted(d.rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
-        if not files:
-            raise SystemExit(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found under {root}")
-        self.paths = [p for p, _ in files]
-        self.labels = np.array([i for _, i in files], dtype=np.int64)
-        self.num_classes, self.size = max(len(classes), 1), size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        img = Image.open(self.paths[i]).convert("RGB")
-        s = self.size / min(img.size)
-        img = img.resize((max(self.size, round(img.width * s)), max(self.size, round(img.height * s))),
-                         Image.BICUBIC)
-        left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
-        img = img.crop((left, top, left + self.size, top + self.size))
-        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1  # (3, S, S)
-        return x, i
-
-
-class FashionMNIST(torch.utils.data.Dataset):
-    """The 60k training images from the idx .gz files: gray copied to 3 channels, padded with black to 32x32."""
-
-    def __init__(self, root, size):
-        if size != 32:
-            raise SystemExit(f"Fashion-MNIST images are 32x32 after padding, but the tokenizer expects {size}")
-        with gzip.open(Path(root) / "train-images-idx3-ubyte.gz") as f:
-            self.images = torch.from_numpy(np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28).copy())
-        with gzip.open(Path(root) / "train-labels-idx1-ubyte.gz") as f:
-            self.labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
-        self.num_classes = 10
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        x = F.pad(self.images[i].float() / 127.5 - 1, (2, 2, 2, 2), value=-1.0)  # (32, 32)
-        return x.expand(3, 32, 32), i
-
-
-def make_dataset(data, size):
-    root = Path(os.environ.get("FASHION_MNIST_DIR", FMNIST_DIR) if data == "fashion-mnist" else data)
-    if (root / "train-images-idx3-ubyte.gz").exists():
-        return FashionMNIST(root, size)
-    if data == "fashion-mnist":
-        raise SystemExit(f"Fashion-MNIST not found in {root}: `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), "
-                         f"or point FASHION_MNIST_DIR (or --data) at a folder holding train-images-idx3-ubyte.gz")
-    if root.is_dir():
-        return ImageFolder(root, size)
-    raise SystemExit(f"--data {data}: not a folder of images or of the Fashion-MNIST .gz files")
 
 
 def write_json(path, obj):

@@ -69,15 +69,21 @@ def setup(device_arg):
     return rank, world, torch.device(device)
 
 
-# ---- data ----
+# ---- data (train_ar.py's code extraction reads the same images) ----
 class ImageFolder(torch.utils.data.Dataset):
-    """root/<class>/**/<image> or a flat folder; short side resized to `size` (bicubic), center crop, in [-1, 1]."""
+    """root/<class>/**/<image> (labels = sorted class folders, as ImageNet) or a flat folder of images (label 0).
+    Each image is resized (short side) and center-cropped to `size`, in [-1, 1]."""
 
     def __init__(self, root, size):
-        self.paths = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
-        if not self.paths:
+        root = Path(root)
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        folders = [(root / c, i) for i, c in enumerate(classes)] if classes else [(root, 0)]
+        files = [(p, i) for d, i in folders for p in sorted(d.rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
+        if not files:
             raise SystemExit(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found under {root}")
-        self.size = size
+        self.paths = [p for p, _ in files]
+        self.labels = np.array([i for _, i in files], dtype=np.int64)
+        self.num_classes, self.size = max(len(classes), 1), size
 
     def __len__(self):
         return len(self.paths)
@@ -89,11 +95,12 @@ class ImageFolder(torch.utils.data.Dataset):
                          Image.BICUBIC)
         left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
         img = img.crop((left, top, left + self.size, top + self.size))
-        return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1  # (3, S, S)
+        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1  # (3, S, S)
+        return x, i
 
 
 class FashionMNIST(torch.utils.data.Dataset):
-    """The 60k training images of the idx .gz files: gray copied to 3 channels, padded with black to 32×32."""
+    """The 60k training images from the idx .gz files: gray copied to 3 channels, padded with black to 32x32."""
 
     def __init__(self, root, size):
         if size != 32:
@@ -101,13 +108,16 @@ class FashionMNIST(torch.utils.data.Dataset):
                              f"(use --preset fmnist or tiny, or --image-size 32)")
         with gzip.open(Path(root) / "train-images-idx3-ubyte.gz") as f:
             self.images = torch.from_numpy(np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28).copy())
+        with gzip.open(Path(root) / "train-labels-idx1-ubyte.gz") as f:
+            self.labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
+        self.num_classes = 10
 
     def __len__(self):
-        return len(self.images)
+        return len(self.labels)
 
     def __getitem__(self, i):
         x = F.pad(self.images[i].float() / 127.5 - 1, (2, 2, 2, 2), value=-1.0)  # (32, 32)
-        return x.expand(3, 32, 32)
+        return x.expand(3, 32, 32), i
 
 
 def make_dataset(data, size):
@@ -133,7 +143,7 @@ class TrainStream(torch.utils.data.Dataset):
         epoch, i = divmod(g, len(self.images))
         if epoch != self.epoch:  # one shuffle per epoch (each loader worker computes it once)
             self.perm, self.epoch = np.random.default_rng([self.seed, 0, epoch]).permutation(len(self.images)), epoch
-        x = self.images[self.perm[i]]  # (3, S, S)
+        x = self.images[self.perm[i]][0]  # (3, S, S)
         rng = np.random.default_rng([self.seed, 1, g])
         if rng.random() < 0.5:
             x = x.flip(-1)
@@ -311,7 +321,7 @@ def main(args):
 
     stream = TrainStream(images, args.seed)
     n_show = min(args.num_show, len(images))
-    show = torch.stack([images[i] for i in range(n_show)]).to(device)  # fixed images for the PNG grids
+    show = torch.stack([images[i][0] for i in range(n_show)]).to(device)  # fixed images for the PNG grids
     show_noise = torch.randn(show.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
     probe = [v[None].to(device) for v in stream[0]]
     fpi = flops_per_image(objective, *probe)

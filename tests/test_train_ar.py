@@ -97,7 +97,7 @@ def test_extract_matches_encode_and_resumes(tmp_path):
     argv = ["extract", "--tokenizer-ckpt", tmp_path / "tok.pt", "--data", tmp_path / "imgs", "--out", out, "--flip",
             "--batch-size", 2, "--num-workers", 0, "--device", "cpu"]
     run(*argv, "--chunk-size", 3)
-    data = train_ar.ImageFolder(tmp_path / "imgs", 32)
+    data = train_ar.make_dataset(str(tmp_path / "imgs"), 32)  # the image folder of stage 1
     first = Image.open(data.paths[0])  # a 32x32 image passes through unchanged
     assert torch.equal(data[0][0], torch.from_numpy(np.array(first)).permute(2, 0, 1).float() / 127.5 - 1)
     images = torch.stack([data[i][0] for i in range(len(data))])  # (7, 3, 32, 32)

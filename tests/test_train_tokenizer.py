@@ -147,11 +147,13 @@ def test_fashion_mnist_from_idx_files(tmp_path, monkeypatch):
     header = np.array([2051, 3, 28, 28], dtype=">u4").tobytes()
     with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
         f.write(header + pixels.tobytes())
+    with gzip.open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(bytes(8) + bytes([4, 1, 9]))
     monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
     for data in ("fashion-mnist", str(tmp_path)):
         ds = tt.make_dataset(data, 32)
-        x = ds[1]
-        assert len(ds) == 3 and x.shape == (3, 32, 32)
+        x, i = ds[1]
+        assert len(ds) == 3 and x.shape == (3, 32, 32) and i == 1 and list(ds.labels) == [4, 1, 9]
         assert torch.equal(x[:, 2:30, 2:30], (torch.from_numpy(pixels[1]).float() / 127.5 - 1).expand(3, 28, 28))
         assert (x[:, :2] == -1).all() and (x[:, :, 30:] == -1).all()
     with pytest.raises(SystemExit, match="32x32"):
