@@ -122,7 +122,7 @@ PRESETS = {
                  vq_codebook_size=64, num_all_queries=32, queries_per_step=4, sampling_resolution=32,
                  dd_dim=128, dd_patch_size=4, dd_depth=2, repa_layer=1, repa_hidden=256, repa_dim=64),
     # the default model of this repository, trained on 32×32 Fashion-MNIST: 64 tokens in 8 groups of 8,
-    # 5.4M parameters so that it ships in the repository (no REPA: no offline DINOv2 weights)
+    # 5.6M parameters so that it ships in the repository (no REPA: no offline DINOv2 weights)
     "fmnist": dict(encoder_patch_size=4, num_encoder_layers=4, num_decoder_layers=4, encoder_dim=128, decoder_dim=128,
                    vq_codebook_size=512, num_all_queries=64, queries_per_step=8, sampling_resolution=32,
                    dd_dim=192, dd_patch_size=2, dd_depth=4, repa_layer=4),
@@ -552,7 +552,7 @@ class Tokenizer(nn.Module):
         """Strict load; only the training-only keys (usage buffer, REPA projector) may be present or absent."""
         repa = self.diff_decoder.net.repa_out
         # the official model always has a REPA projector; ours only when REPA features exist (dd_depth > repa_layer)
-        sd = {k: v for k, v in state_dict.items() if k != USAGE_BUFFER and (repa or not k.startswith(REPA_PREFIX))}
+        sd = {k: v for k, v in state_dict.items() if k != USAGE_BUFFER and (repa is not None or not k.startswith(REPA_PREFIX))}
         if repa is not None and not any(k.startswith(REPA_PREFIX) for k in sd):
             repa.to_empty(device="cpu")  # not in the file: a freshly initialised projector (only training uses it)
             for m in repa:
