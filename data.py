@@ -1,0 +1,230 @@
+"""Images in and out, shared by every script: the process set-up, the image format, datasets and safe writes.
+
+    images in the model's format: (B, 3, H, W) float in [-1, 1];  on disk and for FID: (B, H, W, 3) uint8
+
+One definition of each thing the scripts share, so that training, sampling and evaluation see the same pixels:
+`center_crop_arr` (ADM's centre crop, which the official AR trainer and evaluation use), `to_uint8` (the
+conversion of the official FID script), the Fashion-MNIST reader (28×28 gray, padded with black to 32×32 RGB) and
+`atomic_save` (a file is either the old one or the complete new one, never half written).
+"""
+import argparse
+import gzip
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist; FASHION_MNIST_DIR overrides
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # larger images are refused (a decompression bomb would exhaust memory)
+
+
+# ---- command lines ----
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`prog: error: ...`), without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _number(kind, test, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {what}")
+        return value
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a whole number ≥ 1")
+nonnegative_int = _number(int, lambda v: v >= 0, "a whole number ≥ 0")
+positive_float = _number(float, lambda v: v > 0 and np.isfinite(v), "a finite number > 0")
+nonnegative_float = _number(float, lambda v: v >= 0 and np.isfinite(v), "a finite number ≥ 0")
+
+
+def setup_device(name=None):
+    """nanoGPT-style: a process group only under torchrun (RANK set). Returns rank, world size, device.
+    name: 'cuda', 'cpu', 'mps' or None for the best available."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device (use cuda, cpu or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available (use --device cpu)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available (use --device cpu)")
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+# ---- the image format ----
+def to_uint8(images):
+    """(B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8 by 127.5·x + 128, truncated: the official FID script's rule."""
+    return (127.5 * images.float() + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def from_uint8(images):
+    """(B, H, W, 3) uint8 array or tensor → (B, 3, H, W) float in [-1, 1]."""
+    return torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def center_crop_arr(image, size):
+    """ADM's centre crop of a PIL image → (size, size, 3) uint8: halve with a box filter while the short side is at
+    least 2·size, resize the short side to size (bicubic), cut the centre square."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), Image.BOX)
+    scale = size / min(image.size)
+    arr = np.asarray(image.resize(tuple(round(s * scale) for s in image.size), Image.BICUBIC))
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+def open_image(path):
+    """A PIL RGB image; an unreadable, corrupt or oversized file raises ValueError naming it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise ValueError(f"{im.width}×{im.height} pixels is more than {MAX_IMAGE_PIXELS} allowed")
+                return im.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+
+
+def load_image(path, size):
+    """An image file → (3, size, size) float in [-1, 1], centre-cropped like the training images."""
+    return from_uint8(center_crop_arr(open_image(path), size)[None])[0]
+
+
+# ---- datasets ----
+def fmnist_dir():
+    return Path(os.environ.get("FASHION_MNIST_DIR", FMNIST_DIR))
+
+
+def load_fashion_mnist(split, root=None):
+    """uint8 images (N, 28, 28) and int64 labels (N,) of the 'train' (60k) or 'test' (10k) split."""
+    root = Path(root or fmnist_dir())
+    prefix = {"train": "train", "test": "t10k"}[split]
+    paths = [root / f"{prefix}-{kind}-idx{dim}-ubyte.gz" for kind, dim in (("images", 3), ("labels", 1))]
+    if not all(p.is_file() for p in paths):
+        raise FileNotFoundError(f"Fashion-MNIST not found in {root}: `apt-get install dataset-fashion-mnist`, or "
+                                f"point FASHION_MNIST_DIR at a folder with {paths[0].name} and {paths[1].name}")
+    try:
+        with gzip.open(paths[0]) as f:
+            images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+        with gzip.open(paths[1]) as f:
+            labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
+    except (OSError, EOFError, ValueError) as e:
+        raise ValueError(f"Fashion-MNIST files in {root} are damaged ({e})") from None
+    if len(images) != len(labels):
+        raise ValueError(f"Fashion-MNIST in {root}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+def fmnist_rgb32(images):
+    """(N, 28, 28) uint8 → (N, 32, 32, 3) uint8: padded with black to 32 and gray copied to 3 channels."""
+    return np.repeat(np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None], 3, axis=-1)
+
+
+class FashionMNIST(torch.utils.data.Dataset):
+    """A Fashion-MNIST split as (3, 32, 32) images in [-1, 1] and their index (labels in .labels)."""
+
+    def __init__(self, split="train", root=None):
+        images, self.labels = load_fashion_mnist(split, root)
+        self.images = torch.from_numpy(fmnist_rgb32(images))  # (N, 32, 32, 3) uint8
+        self.num_classes = 10
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return from_uint8(self.images[i][None])[0], i
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """root/<class>/**/<image> (labels = sorted class folders, as ImageNet) or a flat folder of images (label 0),
+    each centre-cropped to `size`. A corrupt file raises ValueError naming it."""
+
+    def __init__(self, root, size):
+        root = Path(root)
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        folders = [(root / c, i) for i, c in enumerate(classes)] if classes else [(root, 0)]
+        files = [(p, i) for d, i in folders for p in sorted(d.rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
+        if not files:
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found under {root}")
+        self.paths = [p for p, _ in files]
+        self.labels = np.array([i for _, i in files], dtype=np.int64)
+        self.num_classes, self.size = max(len(classes), 1), size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return load_image(self.paths[i], self.size), i
+
+
+def make_dataset(data, size):
+    """--data: 'fashion-mnist' (or a folder of its .gz files) or an image folder → a Dataset of (image, index)."""
+    root = fmnist_dir() if data == "fashion-mnist" else Path(data)
+    if (root / "train-images-idx3-ubyte.gz").exists():
+        if size != 32:
+            raise ValueError(f"Fashion-MNIST images are 32×32 after padding, but the tokenizer expects {size}")
+        return FashionMNIST("train", root)
+    if data == "fashion-mnist":
+        load_fashion_mnist("train", root)  # raises the message that says how to install it
+    if root.is_dir():
+        return ImageFolder(root, size)
+    raise ValueError(f"--data {data}: not a folder of images or of the Fashion-MNIST .gz files")
+
+
+# ---- files ----
+def atomic_save(path, write):
+    """Calls write(f) on a temporary file beside `path`, flushes it to disk, then renames it to `path`: an
+    interrupted run leaves the old file or the complete new one. write gets a binary file object, e.g.
+    `lambda f: torch.save(obj, f)`, `lambda f: np.savez(f, arr_0=x)` or `lambda f: image.save(f, format="PNG")`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def check_writable(path, suffixes=None):
+    """Raises ValueError unless `path` can be created (its folder exists and is writable) and has one of `suffixes`:
+    scripts check their outputs before the work, not after."""
+    path = Path(path)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise ValueError(f"{path}: the file name must end in {' or '.join(sorted(suffixes))}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"{path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{path}: the folder {folder} is not writable")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a file name")
