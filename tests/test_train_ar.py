@@ -20,6 +20,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_ar  # noqa: E402
+from data import center_crop_arr, from_uint8, make_dataset  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
 
@@ -36,7 +37,7 @@ def one_thread():
 
 
 def run(*argv):
-    train_ar.main(train_ar.parse_args([str(a) for a in argv]))
+    train_ar.main([str(a) for a in argv])
 
 
 def make_tokenizer(path):
@@ -50,13 +51,22 @@ def make_tokenizer(path):
     return tok.eval()
 
 
-def make_codes(path, codes, labels, num_classes=3):
+def make_images(folder, sizes):
+    """Random images of the given (H, W) sizes, alternating between class folders a and b."""
+    rng = np.random.default_rng(0)
+    for k, size in enumerate(sizes):
+        (folder / "ab"[k % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / "ab"[k % 2] / f"{k}.png")
+    return folder
+
+
+def make_codes(path, codes, labels, num_classes=3, **meta):
     """A code folder as `extract` writes it, from given arrays."""
     path.mkdir(parents=True)
     np.save(path / "codes.npy", codes.astype(np.int16))
     np.save(path / "labels.npy", labels.astype(np.int64))
-    meta = dict(num_images=len(codes), views=1, num_tokens=codes.shape[1], vocab_size=V, num_classes=num_classes,
-                complete=True)
+    meta = {**dict(num_images=len(codes), views=1, num_tokens=codes.shape[1], vocab_size=V, num_classes=num_classes,
+                   complete=True), **meta}
     (path / "meta.json").write_text(json.dumps(meta))
     return path
 
@@ -75,7 +85,7 @@ def train_args(codes_dir, out_dir, *extra):
 
 
 def load(out_dir):
-    return torch.load(Path(out_dir) / "ckpt.pt", map_location="cpu", weights_only=False)
+    return torch.load(Path(out_dir) / "ckpt.pt", map_location="cpu", weights_only=True)
 
 
 def test_help_runs(capsys):
@@ -87,19 +97,14 @@ def test_help_runs(capsys):
 
 def test_extract_matches_encode_and_resumes(tmp_path):
     tok = make_tokenizer(tmp_path / "tok.pt")
-    rng = np.random.default_rng(0)
-    for k in range(7):  # two classes; sizes other than 32 exercise the resize + center crop
-        (tmp_path / "imgs" / "ab"[k % 2]).mkdir(parents=True, exist_ok=True)
-        size = (32, 32) if k < 2 else (40, 36)
-        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "ab"[k % 2] /
-                                                                               f"{k}.png")
+    imgs = make_images(tmp_path / "imgs", [(32, 32)] * 2 + [(40, 36)] * 5)  # other sizes: ADM centre crop
     out = tmp_path / "codes"
-    argv = ["extract", "--tokenizer-ckpt", tmp_path / "tok.pt", "--data", tmp_path / "imgs", "--out", out, "--flip",
+    argv = ["extract", "--tokenizer-ckpt", tmp_path / "tok.pt", "--data", imgs, "--out", out, "--views", "flip",
             "--batch-size", 2, "--num-workers", 0, "--device", "cpu"]
     run(*argv, "--chunk-size", 3)
-    data = train_ar.make_dataset(str(tmp_path / "imgs"), 32)  # the image folder of stage 1
+    data = make_dataset(str(imgs), 32)  # the image folder of stage 1
     first = Image.open(data.paths[0])  # a 32x32 image passes through unchanged
-    assert torch.equal(data[0][0], torch.from_numpy(np.array(first)).permute(2, 0, 1).float() / 127.5 - 1)
+    assert torch.equal(data[0][0], from_uint8(np.array(first)[None])[0])
     images = torch.stack([data[i][0] for i in range(len(data))])  # (7, 3, 32, 32)
     with torch.no_grad():
         expected = torch.cat([tok.encode(images), tok.encode(images.flip(-1))]).numpy()  # (14, N)
@@ -109,7 +114,7 @@ def test_extract_matches_encode_and_resumes(tmp_path):
     np.testing.assert_array_equal(labels, np.tile(data.labels, 2))
     assert sorted(data.labels) == [0, 0, 0, 0, 1, 1, 1]
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["complete"] and meta["num_classes"] == 2 and meta["vocab_size"] == V
+    assert meta["complete"] and meta["num_classes"] == 2 and meta["vocab_size"] == V and meta["skipped"] == []
 
     run("train", "--codes", out, "--gpt-model", "GPT-tiny", "--out-dir", tmp_path / "run", "--device", "cpu",
         "--global-batch-size", 7, "--epochs", 1)  # the training side reads this folder
@@ -121,8 +126,7 @@ def test_extract_matches_encode_and_resumes(tmp_path):
     mm[[0, 3, 4, 5, 10]] = -1
     mm.flush()
     del mm
-    meta["complete"] = False
-    (out / "meta.json").write_text(json.dumps(meta))
+    (out / "meta.json").write_text(json.dumps({**meta, "complete": False}))
     run(*argv, "--chunk-size", 3)
     codes = np.load(out / "codes.npy")
     np.testing.assert_array_equal(codes[1:], expected[1:])
@@ -131,27 +135,76 @@ def test_extract_matches_encode_and_resumes(tmp_path):
         run(*argv, "--chunk-size", 4)
 
 
+def test_ten_crop_views_are_torchvision_tencrop_of_the_1_1x_centre_crop(tmp_path):
+    TenCrop = pytest.importorskip("torchvision.transforms").TenCrop
+    tok = make_tokenizer(tmp_path / "tok.pt")
+    imgs = make_images(tmp_path / "imgs", [(50, 60), (40, 40), (36, 70)])
+    out = tmp_path / "codes"
+    run("extract", "--tokenizer-ckpt", tmp_path / "tok.pt", "--data", imgs, "--out", out, "--batch-size", 2,
+        "--num-workers", 0, "--device", "cpu")  # ten-crop is the default for image folders
+    data = make_dataset(str(imgs), 32)
+    views = train_ar.Views(data, "ten-crop", 32)
+    for i, path in enumerate(data.paths):
+        crop = Image.fromarray(center_crop_arr(Image.open(path).convert("RGB"), int(1.1 * 32)))  # 35 px
+        expected = from_uint8(np.stack([np.asarray(c) for c in TenCrop(32)(crop)]))  # (10, 3, 32, 32)
+        assert torch.equal(views[i][0], expected)
+    assert not torch.equal(expected[0], expected[4]) and not torch.equal(expected[0], expected[5])
+    codes = np.load(out / "codes.npy")
+    n = len(data)
+    with torch.no_grad():
+        for v in range(10):  # row v·n + i holds view v of image i
+            np.testing.assert_array_equal(codes[v * n:(v + 1) * n],
+                                          tok.encode(torch.stack([views[i][0][v] for i in range(n)])).numpy())
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["views"] == 10 and meta["augmentation"] == "ten-crop" and codes.shape == (10 * n, N)
+
+
+def fake_fashion_mnist(folder, n=3):
+    folder.mkdir(parents=True, exist_ok=True)
+    images = np.random.default_rng(0).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    with gzip.open(folder / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(bytes(16) + images.tobytes())
+    with gzip.open(folder / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(bytes(8) + bytes(range(n)))
+    return folder
+
+
+def test_fashion_mnist_extracts_flips_and_refuses_ten_crop(tmp_path):
+    make_tokenizer(tmp_path / "tok.pt")
+    fm = fake_fashion_mnist(tmp_path / "fm")
+    argv = ["extract", "--tokenizer-ckpt", tmp_path / "tok.pt", "--data", fm, "--num-workers", 0, "--device", "cpu"]
+    run(*argv, "--out", tmp_path / "codes")
+    meta = json.loads((tmp_path / "codes" / "meta.json").read_text())
+    assert meta["views"] == 2 and meta["augmentation"] == "flip" and meta["num_classes"] == 10
+    with pytest.raises(SystemExit, match="ten-crop: Fashion-MNIST"):
+        run(*argv, "--out", tmp_path / "ten", "--views", "ten-crop")
+
+
+def test_corrupt_image_is_named_skipped_and_never_trained_on(tmp_path, capsys):
+    make_tokenizer(tmp_path / "tok.pt")
+    imgs = make_images(tmp_path / "imgs", [(32, 32)] * 5)
+    (imgs / "a" / "2.png").write_bytes(b"not a png")
+    out = tmp_path / "codes"
+    run("extract", "--tokenizer-ckpt", tmp_path / "tok.pt", "--data", imgs, "--out", out, "--views", "single",
+        "--num-workers", 0, "--device", "cpu", "--chunk-size", 2)
+    printed = capsys.readouterr().out
+    assert "2.png" in printed and "skipped 1 unreadable images" in printed
+    meta = json.loads((out / "meta.json").read_text())
+    bad = [i for i, p in enumerate(make_dataset(str(imgs), 32).paths) if p.name == "2.png"]
+    assert meta["complete"] and meta["skipped"] == bad
+    _, _, _, images = train_ar.load_codes(out)
+    order = train_ar.epoch_order(0, 0, images, 5, 1)
+    assert sorted(order) == sorted(set(range(5)) - set(bad))
+
+
 def test_epoch_order_takes_each_image_once_in_one_view():
     n = 1000
-    rows = train_ar.epoch_order(0, 3, n, 2)
+    images = np.arange(n)
+    rows = train_ar.epoch_order(0, 3, images, n, 2)
     assert sorted(rows % n) == list(range(n)) and set(rows // n) == {0, 1}
-    assert np.array_equal(rows, train_ar.epoch_order(0, 3, n, 2))
-    assert not np.array_equal(rows, train_ar.epoch_order(0, 4, n, 2))
-    assert (train_ar.epoch_order(0, 3, n, 1) < n).all()
-
-
-def test_fashion_mnist_reader(tmp_path):
-    images = np.arange(3 * 28 * 28, dtype=np.uint32).reshape(3, 28, 28) % 256
-    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
-        f.write(bytes(16) + images.astype(np.uint8).tobytes())
-    with gzip.open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(bytes(8) + bytes([7, 0, 9]))
-    data = train_ar.make_dataset(str(tmp_path), 32)
-    x, i = data[2]
-    assert len(data) == 3 and data.num_classes == 10 and list(data.labels) == [7, 0, 9] and i == 2
-    assert x.shape == (3, 32, 32) and torch.equal(x[0], x[2])
-    assert (x[:, :2] == -1).all() and (x[:, :, -2:] == -1).all()
-    assert torch.allclose(x[0, 2:30, 2:30], torch.from_numpy(images[2]).float() / 127.5 - 1)
+    assert np.array_equal(rows, train_ar.epoch_order(0, 3, images, n, 2))
+    assert not np.array_equal(rows, train_ar.epoch_order(0, 4, images, n, 2))
+    assert (train_ar.epoch_order(0, 3, images, n, 1) < n).all()
 
 
 def test_training_on_a_fixed_batch_lowers_the_loss(tmp_path):
@@ -185,6 +238,108 @@ def test_resume_is_exact(tmp_path):
         assert all(torch.equal(v, b["optimizer"]["state"][name][k]) for k, v in state.items())
     with pytest.raises(SystemExit, match="flags give"):
         run(*train_args(cdir, tmp_path / "resumed", *common, "--resume", "--reverse-order"))
+
+
+def test_refuses_to_start_over_a_checkpoint(tmp_path, capsys):
+    cdir = make_codes(tmp_path / "codes", *learnable_codes(8))
+    common = ["--global-batch-size", 4, "--epochs", 1]
+    run(*train_args(cdir, tmp_path / "run", *common))
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match=r"ckpt\.pt already exists: pass --resume .* or --overwrite"):
+        run(*train_args(cdir, tmp_path / "run", *common, "--seed", 1))
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+    run(*train_args(cdir, tmp_path / "run", *common, "--seed", 1, "--overwrite"))
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() != before
+    with pytest.raises(SystemExit):
+        run(*train_args(cdir, tmp_path / "run", *common, "--resume", "--overwrite"))
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def nan_on_calls(monkeypatch, calls):
+    """GPT.forward returns a NaN loss on the given (0-based) calls."""
+    forward, count = GPT.forward, iter(range(10 ** 6))
+
+    def patched(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        return logits, loss * float("nan") if next(count) in calls else loss
+    monkeypatch.setattr(GPT, "forward", patched)
+
+
+def test_a_non_finite_step_is_skipped_whole(tmp_path, monkeypatch, capsys):
+    cdir = make_codes(tmp_path / "codes", *learnable_codes(8))
+    common = ["--global-batch-size", 4, "--epochs", 1, "--ema", "--ema-decay", 0.5, "--log-every", 1]
+    run(*train_args(cdir, tmp_path / "one", *common, "--max-steps", 1))
+    nan_on_calls(monkeypatch, {1})  # the second of 2 steps
+    run(*train_args(cdir, tmp_path / "two", *common))
+    assert "skipped 1 |" in capsys.readouterr().out
+    a, b = load(tmp_path / "one"), load(tmp_path / "two")
+    assert a["step"] == 1 and b["step"] == 2
+    for key in ("model", "ema"):  # the skipped step changed neither the weights nor the EMA
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    for name, state in a["optimizer"]["state"].items():  # nor AdamW's moments and step count
+        assert all(torch.equal(v, b["optimizer"]["state"][name][k]) for k, v in state.items())
+
+
+def test_non_finite_steps_stop_the_run_and_keep_the_checkpoint(tmp_path, monkeypatch):
+    cdir = make_codes(tmp_path / "codes", *learnable_codes(16))
+    common = ["--global-batch-size", 2, "--epochs", 1]  # 8 steps
+    run(*train_args(cdir, tmp_path / "run", *common, "--max-steps", 2))
+    good = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match=r"stopped at step 8: 5 steps in a row had a non-finite loss"):
+        run(*train_args(cdir, tmp_path / "run", *common, "--resume", "--lr", 1e30))  # diverges after 1 step
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == good  # not overwritten by the diverged run
+    nan_on_calls(monkeypatch, {0, 1, 2, 3, 4})  # the first five steps of the next run
+    with pytest.raises(SystemExit, match=r"stopped at step 8: 5 steps in a row"):
+        run(*train_args(cdir, tmp_path / "run", *common, "--resume"))
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == good
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("meta", "meta.json: not a readable JSON file"),
+    ("sizes", r"codes\.npy holds int16 \(8, 32\), but meta\.json says \(16, 32\)"),
+    ("views", r"labels\.npy holds int64 \(8,\), but meta\.json says \(16,\)"),
+    ("labels", r"labels 0\.\.5, outside the 3 classes"),
+    ("codes", r"codes\.npy: no such file"),
+    ("incomplete", "no complete extraction"),
+    ("tokens", r"tokens outside the vocabulary \[0, 64\)"),
+])
+def test_bad_code_folders_fail_in_one_line(tmp_path, bad, message):
+    codes, labels = learnable_codes(8)
+    if bad == "labels":
+        labels[3] = 5
+    if bad == "tokens":
+        codes[2, 4] = V
+    cdir = make_codes(tmp_path / "codes", codes, labels, **({"views": 2} if bad == "views" else {}))
+    meta = json.loads((cdir / "meta.json").read_text())
+    if bad == "meta":
+        (cdir / "meta.json").write_text("{not json")
+    if bad == "sizes":
+        (cdir / "meta.json").write_text(json.dumps({**meta, "num_images": 16}))
+    if bad == "views":
+        np.save(cdir / "codes.npy", np.concatenate([codes, codes]).astype(np.int16))
+    if bad == "codes":
+        os.remove(cdir / "codes.npy")
+    if bad == "incomplete":
+        (cdir / "meta.json").write_text(json.dumps({**meta, "complete": False}))
+    with pytest.raises(SystemExit, match=message) as e:
+        run(*train_args(cdir, tmp_path / "run", "--global-batch-size", 4, "--epochs", 1))
+    assert "\n" not in str(e.value.code) and not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--global-batch-size", 0], "--global-batch-size: '0' must be a whole number ≥ 1"),
+    (["--grad-accum", 0], "--grad-accum: '0' must be"),
+    (["--ckpt-every", 0], "--ckpt-every: '0' must be"),
+    (["--gpt-model", "GPT-huge"], "unknown GPT preset 'GPT-huge'"),
+    (["--class-dropout", 1.5], "must be a number in [0, 1)"),
+])
+def test_bad_flags_fail_in_one_line(tmp_path, capsys, flags, message):
+    cdir = make_codes(tmp_path / "codes", *learnable_codes(8))
+    with pytest.raises(SystemExit) as e:
+        run(*train_args(cdir, tmp_path / "run", "--global-batch-size", 4, "--epochs", 1), *flags)
+    text = capsys.readouterr().err.strip() if isinstance(e.value.code, int) else e.value.code
+    assert e.value.code != 0 and text.startswith("train_ar.py train: error: ") and "\n" not in text, text
+    assert message in text
 
 
 def test_reverse_order_flips_the_sequence(tmp_path):
