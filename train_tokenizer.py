@@ -1,37 +1,42 @@
-"""Stage 1 of D-AR: train the sequential diffusion tokenizer (paper §3.2 and §5, SPEC.md §7).
+"""Stage 1 of D-AR: train the sequential diffusion tokenizer (paper §3.1, §4 and §5).
 
     python train_tokenizer.py --preset fmnist --data fashion-mnist --global-batch-size 256 --lpips-weight 0 \
         --repa-weight 0 --max-steps 20000 --out-dir out/tok-fmnist
     torchrun --standalone --nproc_per_node=8 train_tokenizer.py --preset tokenizer_v1 --data /data/imagenet/train \
         --vgg-weights vgg16-397923af.pth --repa-weights dinov2_vitb14_pretrain.pth --compile --out-dir out/tok
 
-Objective (paper eq. 7, SPEC.md §7.4): L = fm + vq + commit + λ1·LPIPS(x̂1, x) + λ2·REPA, λ1 = λ2 = 0.5.
+Objective (paper eq. 7): L = fm + vq + commit + λ1·LPIPS(x̂1, x) + λ2·REPA, λ1 = λ2 = 0.5.
 `Tokenizer.loss` gives the first three terms, the one-jump image estimate x̂1 and the REPA student features; this
 script adds the two frozen teachers:
   * LPIPS: the `lpips` package's VGG16 variant with the linear heads shipped in its wheel; the VGG16 backbone gets
     torchvision's ImageNet weights (--vgg-weights, else torch.hub's usual download). As in the official trainer the
-    loss module runs in train mode, so the Dropout(0.5) before each linear head is active (SPEC.md §7.4 quirk): it
-    only adds noise to the perceptual gradient, and we keep it for fidelity.
+    loss module runs in train mode, so the Dropout(0.5) before each linear head is active: it only adds noise to
+    the perceptual gradient, and we keep it for fidelity.
   * REPA: DINOv2-B/14 (timm `vit_base_patch14_dinov2`, 224 px) final-norm patch tokens (B, 256, 768) against the
     projected block-8 tokens of the pixel decoder, loss mean(1 − cos). Weights: the official
     dinov2_vitb14_pretrain.pth (--repa-weights, else the usual download).
 Without their weights the run stops and says how to get them or how to switch the term off (weight 0): a randomly
 initialised teacher would train silently wrong.
 
-Data: an image folder (class sub-folders or flat; short side resized, center crop, random flip) or Fashion-MNIST
-(gray → 3 channels, padded to 32×32). The official trainer used a random-resized crop (SPEC.md §7.5); we keep the
-center crop of the AR stage so that both stages see the same images.
+Data: an image folder (class sub-folders or flat; ADM's centre crop, random flip) or Fashion-MNIST (gray → 3
+channels, padded to 32×32). The official trainer resized the short side to a random length in [256, 320] and took a
+random 256-px crop; we keep the centre crop of the AR stage so that both stages see the same images. An unreadable
+image stops the run with its name (it cannot be skipped without changing the data stream of every later step).
 
 Every random choice is a function of the seed and either the global sample index (data order, flip, diffusion time,
 noise) or the micro-batch of the global step (LPIPS dropout). So --resume continues exactly without stored RNG
 states, and a torchrun group makes the same update as one process running the same micro-batches (a single batch
 of all of them differs slightly: the masked VQ terms are normalised per micro-batch, as in the official trainer).
+
+A step whose loss or gradient norm is not finite is skipped on the device, without waiting for the GPU: weights,
+AdamW moments and EMA stay as they were. The next log line counts the skips, 5 skips in a row stop the run, and a
+checkpoint whose weights are not all finite is never written (the previous one is kept).
 """
 import argparse
-import gzip
 import itertools
 import math
 import os
+import pickle
 import time
 import warnings
 from contextlib import nullcontext
@@ -47,91 +52,42 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from data import (ArgumentParser, atomic_save, check_writable, make_dataset, nonnegative_float, nonnegative_int,
+                  positive_float, positive_int, setup_device, to_uint8)
 from tokenizer import Tokenizer, TokenizerConfig
 
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's ImageNet VGG16
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"
+MAX_SKIPS = 5  # this many non-finite steps in a row stop the run
 
 
-def setup(device_arg):
-    """nanoGPT-style: a process group only under torchrun (RANK set). Returns rank, world size, device."""
-    device = device_arg or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
-                            else "cpu")
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if device == "cuda":
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, torch.device(device)
+def probability(text):
+    value = nonnegative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number in [0, 1)")
+    return value
 
 
-# ---- data (train_ar.py's code extraction reads the same images) ----
-class ImageFolder(torch.utils.data.Dataset):
-    """root/<class>/**/<image> (labels = sorted class folders, as ImageNet) or a flat folder of images (label 0).
-    Each image is resized (short side) and center-cropped to `size`, in [-1, 1]."""
-
-    def __init__(self, root, size):
-        root = Path(root)
-        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-        folders = [(root / c, i) for i, c in enumerate(classes)] if classes else [(root, 0)]
-        files = [(p, i) for d, i in folders for p in sorted(d.rglob("*")) if p.suffix.lower() in IMAGE_EXTS]
-        if not files:
-            raise SystemExit(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found under {root}")
-        self.paths = [p for p, _ in files]
-        self.labels = np.array([i for _, i in files], dtype=np.int64)
-        self.num_classes, self.size = max(len(classes), 1), size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        img = Image.open(self.paths[i]).convert("RGB")
-        s = self.size / min(img.size)
-        img = img.resize((max(self.size, round(img.width * s)), max(self.size, round(img.height * s))),
-                         Image.BICUBIC)
-        left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
-        img = img.crop((left, top, left + self.size, top + self.size))
-        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1  # (3, S, S)
-        return x, i
+def default_workers():
+    """Data loader workers per rank: at most 8, and no more than this rank's share of the usable cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
-class FashionMNIST(torch.utils.data.Dataset):
-    """The 60k training images from the idx .gz files: gray copied to 3 channels, padded with black to 32x32."""
-
-    def __init__(self, root, size):
-        if size != 32:
-            raise SystemExit(f"Fashion-MNIST images are 32x32 after padding, but the tokenizer expects {size} "
-                             f"(use --preset fmnist or tiny, or --image-size 32)")
-        with gzip.open(Path(root) / "train-images-idx3-ubyte.gz") as f:
-            self.images = torch.from_numpy(np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28).copy())
-        with gzip.open(Path(root) / "train-labels-idx1-ubyte.gz") as f:
-            self.labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
-        self.num_classes = 10
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        x = F.pad(self.images[i].float() / 127.5 - 1, (2, 2, 2, 2), value=-1.0)  # (32, 32)
-        return x.expand(3, 32, 32), i
+def tokenizer_config(preset, image_size, repa):
+    """The preset at the training resolution, checked against the patch sizes and the REPA teacher."""
+    cfg = TokenizerConfig.from_name(preset, **({} if image_size is None else dict(sampling_resolution=image_size)))
+    S = cfg.image_size
+    if S % cfg.encoder_patch_size or S % cfg.dd_patch_size:
+        raise ValueError(f"--image-size {S} is not a multiple of preset {preset}'s patch sizes "
+                         f"{cfg.encoder_patch_size} and {cfg.dd_patch_size}")
+    if repa and (cfg.dd_depth <= cfg.repa_layer or cfg.repa_dim != 768):
+        raise ValueError(f"preset {preset} has no REPA head for DINOv2-B's 768-d features (dd_depth {cfg.dd_depth}, "
+                         f"repa_layer {cfg.repa_layer}, repa_dim {cfg.repa_dim}): pass --repa-weight 0")
+    return cfg
 
 
-def make_dataset(data, size):
-    root = Path(os.environ.get("FASHION_MNIST_DIR", FMNIST_DIR) if data == "fashion-mnist" else data)
-    if (root / "train-images-idx3-ubyte.gz").exists():
-        return FashionMNIST(root, size)
-    if data == "fashion-mnist":
-        raise SystemExit(f"Fashion-MNIST not found in {root}: `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), "
-                         f"or point FASHION_MNIST_DIR (or --data) at a folder holding train-images-idx3-ubyte.gz")
-    if root.is_dir():
-        return ImageFolder(root, size)
-    raise SystemExit(f"--data {data}: not a folder of images or of the Fashion-MNIST .gz files")
-
-
+# ---- data ----
 class TrainStream(torch.utils.data.Dataset):
     """Item g is sample g of the training stream: image perm_e[g mod n] of epoch e = g // n, its flip, raw time
     t ~ U[0, 1) and noise x0, all drawn from (seed, g) alone, whatever the split over ranks and micro-steps."""
@@ -163,22 +119,42 @@ def stream_positions(start_step, global_batch, world, rank):
 
 # ---- the frozen teachers ----
 def load_teacher_weights(path, url, what, flag, weight_flag):
+    """A teacher's state dict from `path`, else downloaded from `url`; loading never runs code (weights_only)."""
     if path is None:
         try:
-            return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False)
-        except Exception as e:
-            raise SystemExit(f"the {what} weights could not be downloaded from {url} ({type(e).__name__}: {e}).\n"
-                             f"Download that file where there is internet and pass {flag} PATH, or pass "
-                             f"{weight_flag} 0 to train without this loss term.") from None
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
+        except Exception as e:  # no network, proxy, disk full, ...: say what to do instead
+            raise ValueError(f"the {what} weights could not be downloaded from {url} ({type(e).__name__}: {e}); "
+                             f"download that file elsewhere and pass {flag} PATH, or pass {weight_flag} 0 to train "
+                             f"without this loss term") from None
     if not Path(path).is_file():
-        raise SystemExit(f"{flag} {path}: no such file. Get the {what} weights from {url}, or pass {weight_flag} 0 "
-                         f"to train without this loss term.")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"{flag} {path}: no such file; get the {what} weights from {url}, or pass "
+                                f"{weight_flag} 0 to train without this loss term")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{flag} {path}: not a readable PyTorch weights file ({str(e).splitlines()[0]})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{flag} {path} does not hold a state dict of the {what} weights")
+    return sd
+
+
+def fit(module, sd, flag, path, what):
+    """module.load_state_dict(sd), with a one-line error naming the file."""
+    try:
+        module.load_state_dict(sd)
+    except RuntimeError as e:  # PyTorch lists every missing, unexpected or mis-shaped key: keep the first
+        reason = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ValueError(f"{flag} {path} does not hold {what} weights ({reason[:200]})") from None
 
 
 def build_lpips(vgg_weights):
-    """LPIPS-VGG v0.1: linear heads from the lpips wheel, backbone = torchvision VGG16 `features` (§7.4)."""
-    import lpips  # optional dependency: only needed with LPIPS on
+    """LPIPS-VGG v0.1: linear heads from the lpips wheel, backbone = torchvision VGG16 `features`."""
+    try:
+        import lpips  # optional dependency: only needed with LPIPS on
+    except ImportError:
+        raise ValueError("the LPIPS term needs the lpips package (pip install lpips); or pass --lpips-weight 0") \
+            from None
     sd = load_teacher_weights(vgg_weights, VGG16_URL, "VGG16 (torchvision, ImageNet)", "--vgg-weights",
                               "--lpips-weight")
     with warnings.catch_warnings():  # lpips asks torchvision for VGG16 with the deprecated `pretrained=False`
@@ -188,13 +164,11 @@ def build_lpips(vgg_weights):
     ends = [4, 9, 16, 23, 30]
     backbone = {}
     for key, value in sd.items():
-        if key.startswith("features.") and int(key.split(".")[1]) < ends[-1]:
-            i = int(key.split(".")[1])
+        parts = key.split(".")
+        if parts[0] == "features" and parts[1].isdigit() and int(parts[1]) < ends[-1]:
+            i = int(parts[1])
             backbone[f"slice{1 + sum(i >= e for e in ends)}.{key[len('features.'):]}"] = value
-    try:
-        net.net.load_state_dict(backbone)
-    except RuntimeError as e:
-        raise SystemExit(f"--vgg-weights does not hold torchvision's VGG16 `features.*` weights:\n{e}") from None
+    fit(net.net, backbone, "--vgg-weights", vgg_weights, "torchvision's VGG16 `features.*`")
     return net.requires_grad_(False).to(memory_format=torch.channels_last)  # NHWC: cuDNN's fast bf16 layout
 
 
@@ -202,20 +176,20 @@ def build_dino(repa_weights):
     """DINOv2-B/14 without registers at 224 px. The official run used torch hub's model at its native 518 px grid,
     whose 37×37 position table is resized on the fly (bicubic, scale (16 + 0.1)/37, no antialias); we resize the
     table the same way once at load time."""
-    import timm  # optional dependency: only needed with REPA on
+    try:
+        import timm  # optional dependency: only needed with REPA on
+    except ImportError:
+        raise ValueError("the REPA term needs the timm package (pip install timm), or pass --repa-weight 0") from None
     sd = dict(load_teacher_weights(repa_weights, DINOV2_URL, "DINOv2 ViT-B/14", "--repa-weights", "--repa-weight"))
     dino = timm.create_model("vit_base_patch14_dinov2", pretrained=False, img_size=224, num_classes=0)
     sd.pop("mask_token", None)  # used by DINOv2's own training only
     pos = sd.get("pos_embed")
-    if pos is not None and pos.shape != dino.pos_embed.shape:
+    if pos is not None and pos.dim() == 3 and pos.shape != dino.pos_embed.shape:
         old, new = math.isqrt(pos.shape[1] - 1), dino.patch_embed.grid_size[0]
         grid = pos[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
         grid = F.interpolate(grid, scale_factor=(new + 0.1) / old, mode="bicubic", antialias=False)
         sd["pos_embed"] = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
-    try:
-        dino.load_state_dict(sd)
-    except RuntimeError as e:
-        raise SystemExit(f"--repa-weights does not hold DINOv2 ViT-B/14 weights:\n{e}") from None
+    fit(dino, sd, "--repa-weights", repa_weights, "DINOv2 ViT-B/14")
     return dino.requires_grad_(False)
 
 
@@ -236,7 +210,7 @@ class Objective(nn.Module):
         if self.lpips is not None:  # input image vs. the one-jump estimate, both in [-1, 1]
             terms["lpips"] = self.lpips(out["x1_hat"], images).mean()
             loss = loss + self.lpips_weight * terms["lpips"]
-        if self.dino is not None:  # ImageNet normalisation, then bicubic resize to 224 (in this order, §7.4)
+        if self.dino is not None:  # ImageNet normalisation, then bicubic resize to 224 (in this order, as official)
             x = F.interpolate(((images + 1) / 2 - self.mean) / self.std, size=(224, 224), mode="bicubic")
             with torch.no_grad():
                 target = self.dino.forward_features(x)[:, self.dino.num_prefix_tokens:]  # (B, 256, 768)
@@ -257,74 +231,219 @@ def flops_per_image(objective, images, t, noise):
     return counter.get_total_flops()
 
 
+def flops_per_image(objective, images, t, noise):
+    """Matmul, convolution and attention FLOPs of one training step per image as PyTorch executes it: tokenizer
+    forward + backward, the frozen VGG16 forwards and the backward through its input, the DINOv2 forward. On CUDA
+    the count includes the attention kernels' recomputation of the scores in the backward (about 1.6% of the total
+    for tokenizer_v1); CPU attention kernels are not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        objective(images[:1], t[:1], noise[:1])[0].backward()
+    objective.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 # ---- checkpoints and pictures ----
-def save_checkpoint(obj, path):
-    """torch.save to path.tmp, flushed to disk, then an atomic rename: a crash mid-write keeps the old file."""
-    with open(f"{path}.tmp", "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f"{path}.tmp", path)
+def checkpoint_path(out_dir, resume, overwrite):
+    """out_dir/ckpt.pt, made ready for writing; refuses to start over an existing checkpoint unless told how."""
+    path = Path(out_dir) / "ckpt.pt"
+    if resume and not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    if path.exists() and not (resume or overwrite):
+        raise ValueError(f"{path} already exists: pass --resume to continue it or --overwrite to replace it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out-dir {out_dir}: cannot create it ({e.strerror})") from None
+    check_writable(path)
+    return path
+
+
+def load_checkpoint(path, tok, ema, opt, cfg):
+    """Restores weights, EMA and optimizer from one of our checkpoints (loaded without running code); returns the
+    step."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "tokenizer" or "optimizer" not in ckpt:
+        raise ValueError(f"{path} is not a tokenizer training checkpoint of this script")
+    if ckpt["config"] != asdict(cfg):
+        raise ValueError(f"{path} holds {ckpt['config']}, but the flags give {asdict(cfg)}")
+    tok.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["optimizer"])
+    return ckpt["step"]
+
+
+def all_finite(tensors):
+    """Whether every tensor is finite on every rank: one host synchronisation."""
+    ok = torch.stack([torch.isfinite(t).all() for t in tensors]).float().min()
+    if dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
+
+
+def save_checkpoint(path, tok, ema, opt, cfg, step, args, master):
+    """Rank 0 writes (atomically); every rank first checks the weights, which are never written non-finite."""
+    if not all_finite(list(tok.parameters()) + list(ema.parameters())):
+        raise ValueError(f"step {step}: the weights are not finite; {path} keeps the checkpoint it had (lower --lr)")
+    if master:
+        ckpt = dict(kind="tokenizer", config=asdict(cfg), model=tok.state_dict(), ema=ema.state_dict(),
+                    optimizer=opt.state_dict(), step=step, args=args)
+        atomic_save(path, lambda f: torch.save(ckpt, f))
+    if dist.is_initialized():
+        dist.barrier()
 
 
 @torch.no_grad()
 def save_reconstructions(tok, images, noise, path):
-    """One row per image: input | reconstruction | previews decoded from the first 1, 2, ... groups (§6.5)."""
+    """One row per image: input | reconstruction | previews decoded from the first 1, 2, ... groups (paper §3.3)."""
     codes = tok.encode(images)
     cols = [images, tok.decode(codes, noise=noise)]
     cols += [tok.decode(codes, noise=noise, groups=k) for k in range(1, tok.config.num_denoising_steps)]
-    grid = torch.stack(cols, dim=1)  # (B, cols, 3, H, W)
+    grid = torch.stack(cols, dim=1)  # (B, C, 3, H, W)
     B, C, _, H, W = grid.shape
-    grid = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 3, 1, 4, 2).reshape(B * H, C * W, 3)
-    Image.fromarray(grid.cpu().numpy()).save(path)
+    grid = to_uint8(grid.flatten(0, 1)).reshape(B, C, H, W, 3).permute(0, 2, 1, 3, 4).reshape(B * H, C * W, 3)
+    atomic_save(path, lambda f: Image.fromarray(grid.cpu().numpy()).save(f, format="PNG"))
+
+
+# ---- one step ----
+def get_lr(step, lr, warmup):
+    """Linear warm-up from 0 at step 0 (as the official trainer), then constant (paper §5: 2e-4)."""
+    return lr * step / warmup if step < warmup else lr
+
+
+def dropout_seed(seed, step, micro_batch):
+    """The RNG seed of one micro-batch of the global step: LPIPS dropout draws the same masks whichever rank or
+    micro-step runs it."""
+    return int(np.random.SeedSequence([seed, 2, step, micro_batch]).generate_state(1)[0])
+
+
+def skip_flag(loss, grad_norm):
+    """1.0 where the loss or the gradient norm is not finite on some rank, else 0.0, as a device tensor."""
+    skip = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+    if dist.is_initialized():  # the same decision on every rank (an asynchronous collective on the GPU)
+        dist.all_reduce(skip, op=dist.ReduceOp.MAX)
+    return skip
+
+
+def train_step(model, tok, opt, ema, ema_decay, grad_clip, batches, seeds, ctx, used):
+    """One optimizer step over this rank's micro-batches [(x, t, noise), ...], all on the device: forward, backward,
+    gradient clipping, AdamW and EMA, skipped as a whole when the loss or gradient norm is not finite. Marks the
+    codes seen in `used`. Returns the step's terms (loss, its parts, gradient norm) and the skip flag, as device
+    tensors: nothing waits for the GPU."""
+    terms = 0.0
+    for m, ((x, t, noise), seed) in enumerate(zip(batches, seeds)):  # (b, 3, S, S), (b,), (b, 3, S, S)
+        torch.manual_seed(seed)
+        if isinstance(model, DDP):
+            model.require_backward_grad_sync = m == len(batches) - 1  # all-reduce only on the last micro-step
+        with ctx:
+            loss, parts, codes = model(x, t, noise)
+        (loss / len(batches)).backward()
+        terms = terms + torch.stack([loss, *parts.values()]).detach().float() / len(batches)
+        used[codes.flatten()] = 1
+    params = list(tok.parameters())
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    skip = skip_flag(terms[0], grad_norm)
+    opt.found_inf.copy_(skip)  # the fused kernel leaves weights, moments and step count as they were
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in params], (1 - ema_decay) * (1 - skip))
+    return torch.cat([terms, grad_norm.float()[None]]), skip
+
+
+class Meter:
+    """Device-side sums between two log lines: the terms of the applied steps, the skipped steps and the longest run
+    of consecutive skips. Only `check` and `read` wait for the GPU."""
+
+    def __init__(self, names, device):
+        self.names, self.sums = names, torch.zeros(len(names), device=device)
+        self.skips, self.run, self.longest = (torch.zeros((), device=device) for _ in range(3))
+        self.steps, self.t0 = 0, time.time()
+
+    def add(self, terms, skip):
+        self.sums += torch.where(skip > 0, 0.0, terms)
+        self.skips += skip
+        self.run.add_(1).mul_(skip)  # consecutive skips up to this step
+        torch.maximum(self.longest, self.run, out=self.longest)
+        self.steps += 1
+
+    def check(self, step):
+        """Raises once MAX_SKIPS steps in a row were skipped."""
+        if self.longest.item() >= MAX_SKIPS:
+            raise ValueError(f"stopped at step {step}: {self.longest.item():.0f} steps in a row had a non-finite "
+                             f"loss or gradient norm and were skipped (at most {MAX_SKIPS - 1} allowed); lower --lr "
+                             f"or check the data")
+
+    def read(self, step):
+        """({term: mean over the applied steps and the ranks}, skipped steps, steps, seconds) since the last read."""
+        self.check(step)
+        sums = self.sums.clone()
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+            sums /= dist.get_world_size()
+        applied = self.steps - int(self.skips.item())
+        means = dict(zip(self.names, (sums / applied).tolist() if applied else [float("nan")] * len(self.names)))
+        out = means, self.steps - applied, self.steps, time.time() - self.t0
+        self.sums.zero_(), self.skips.zero_(), self.longest.copy_(self.run)
+        self.steps, self.t0 = 0, time.time()
+        return out
 
 
 # ---- training ----
-def main(args):
-    rank, world, device = setup(args.device)
-    master = rank == 0
-    overrides = {} if args.image_size is None else dict(sampling_resolution=args.image_size)
-    cfg = TokenizerConfig.from_name(args.preset, **overrides)
-    B, A = args.global_batch_size, args.grad_accum
-    if B % (world * A):
-        raise SystemExit(f"--global-batch-size {B} is not divisible by {world} ranks x {A} micro-steps")
-    micro = B // (world * A)
-    if args.repa_weight and (cfg.dd_depth <= cfg.repa_layer or cfg.repa_dim != 768):
-        raise SystemExit(f"preset {args.preset} has no REPA head for DINOv2-B's 768-d features "
-                         f"(dd_depth {cfg.dd_depth}, repa_layer {cfg.repa_layer}, repa_dim {cfg.repa_dim}): "
-                         f"pass --repa-weight 0")
-    images = make_dataset(args.data, cfg.image_size)
-    lpips_net = build_lpips(args.vgg_weights) if args.lpips_weight else None
-    dino = build_dino(args.repa_weights) if args.repa_weight else None
-
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
+def build(cfg, device, lpips_net, lpips_weight, dino, repa_weight, lr, betas, weight_decay):
+    """Tokenizer, its EMA copy, the objective with the teachers, and fused AdamW."""
     tok = Tokenizer(cfg)
     if dino is None and tok.diff_decoder.net.repa_out is not None:
         tok.diff_decoder.net.repa_out.requires_grad_(False)  # no REPA term: the projector gets no gradient
     # train mode matters only for LPIPS: its dropout stays on, as in the official run (the others have none)
-    objective = Objective(tok, lpips_net, args.lpips_weight, dino, args.repa_weight).to(device).train()
-    params = list(tok.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
-    ema = deepcopy(tok).requires_grad_(False).eval()  # what inference loads (SPEC.md §7.5)
-    step, ckpt_path = 0, Path(args.out_dir) / "ckpt.pt"
-    if args.resume:
-        if not ckpt_path.exists():
-            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ckpt["config"] != asdict(cfg):
-            raise SystemExit(f"{ckpt_path} holds {ckpt['config']},\nbut the flags give {asdict(cfg)}")
-        tok.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
+    objective = Objective(tok, lpips_net, lpips_weight, dino, repa_weight).to(device).train()
+    opt = torch.optim.AdamW(tok.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
+    opt.found_inf = torch.zeros((), device=device)  # set to 1 per skipped step (see train_step)
+    ema = deepcopy(tok).requires_grad_(False).eval()  # what inference loads
+    return tok, ema, objective, opt
 
+
+def data_loader(stream, micro, step, B, world, rank, num_workers, device):
+    """Micro-batches (x, t, noise) of the stream from `step` on, forever."""
+    loader = torch.utils.data.DataLoader(stream, micro, sampler=stream_positions(step, B, world, rank),
+                                         num_workers=num_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=num_workers > 0)
+    return iter(loader)
+
+
+def log(meter, step, lr, used, images_per_step, fpi, peak_flops, master):
+    terms, skipped, steps, dt = meter.read(step)  # waits for the GPU, so the timing below is honest
+    if dist.is_initialized():
+        dist.all_reduce(used, op=dist.ReduceOp.MAX)
+    img_s = steps * images_per_step / dt
+    if master:
+        text = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+        print(f"step {step} | {text} | skipped {skipped} | codebook used {used.mean().item():.1%} | lr {lr:.2e} | "
+              f"{img_s:.0f} img/s | MFU {fpi * img_s / peak_flops:.1%}", flush=True)
+    used.zero_()
+
+
+def train_main(args):
+    rank, world, device = setup_device(args.device)
+    master = rank == 0
+    cfg = tokenizer_config(args.preset, args.image_size, args.repa_weight > 0)
+    B, A = args.global_batch_size, args.grad_accum
+    if B % (world * A):
+        raise ValueError(f"--global-batch-size {B} is not divisible by {world} ranks × {A} micro-steps")
+    ckpt_path = checkpoint_path(args.out_dir, args.resume, args.overwrite)
+    images = make_dataset(args.data, cfg.image_size)
+    lpips_net = build_lpips(args.vgg_weights) if args.lpips_weight else None
+    dino = build_dino(args.repa_weights) if args.repa_weight else None
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    tok, ema, objective, opt = build(cfg, device, lpips_net, args.lpips_weight, dino, args.repa_weight, args.lr,
+                                     (args.beta1, args.beta2), args.weight_decay)
+    step = load_checkpoint(ckpt_path, tok, ema, opt, cfg) if args.resume else 0
     stream = TrainStream(images, args.seed)
-    n_show = min(args.num_show, len(images))
-    show = torch.stack([images[i][0] for i in range(n_show)]).to(device)  # fixed images for the PNG grids
+    show = torch.stack([images[i][0] for i in range(min(args.num_show, len(images)))]).to(device)  # fixed images
     show_noise = torch.randn(show.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    probe = [v[None].to(device) for v in stream[0]]
-    fpi = flops_per_image(objective, *probe)
+    fpi = flops_per_image(objective, *(v[None].to(device) for v in stream[0]))
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest VGG convolutions
@@ -334,105 +453,87 @@ def main(args):
                 block.compile(dynamic=False)
     model = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else objective
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    loader = torch.utils.data.DataLoader(stream, micro, sampler=stream_positions(step, B, world, rank),
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.num_workers > 0)
-    batches = iter(loader)
-
-    def save():
-        if master:
-            save_checkpoint(dict(kind="tokenizer", config=asdict(cfg), model=tok.state_dict(), ema=ema.state_dict(),
-                                 optimizer=opt.state_dict(), step=step, args=vars(args)), ckpt_path)
-        if world > 1:
-            dist.barrier()
-
+    batches = data_loader(stream, B // (world * A), step, B, world, rank, args.num_workers, device)
     if master:
-        os.makedirs(args.out_dir, exist_ok=True)
-        print(f"{cfg}\n{sum(p.numel() for p in params) / 1e6:.1f}M parameters, {len(images)} images, "
-              f"micro-batch {micro} x {A} accumulation x {world} ranks, {fpi / 1e9:.1f} GFLOP per image-step, "
-              f"steps {step} -> {args.max_steps}")
-    sums, used = {}, torch.zeros(cfg.vq_codebook_size, device=device)
-    t0, t_step = time.time(), step
+        print(f"{cfg}\n{sum(p.numel() for p in tok.parameters()) / 1e6:.1f}M parameters, {len(images)} images, "
+              f"micro-batch {B // (world * A)} × {A} accumulation × {world} ranks, {fpi / 1e9:.1f} GFLOP per "
+              f"image-step, steps {step} -> {args.max_steps}", flush=True)
+    names = ["loss", "fm", "vq", "commit"] + ["lpips"] * (lpips_net is not None) + ["repa"] * (dino is not None)
+    meter, used = Meter(names + ["grad"], device), torch.zeros(cfg.vq_codebook_size, device=device)
     while step < args.max_steps:
-        lr = args.lr * step / args.warmup_steps if step < args.warmup_steps else args.lr  # 0 at step 0, as official
+        lr = get_lr(step, args.lr, args.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        for m in range(A):
-            # LPIPS dropout: seeded per micro-batch of the global step, so a micro-batch draws the same masks
-            # whichever rank or micro-step runs it
-            torch.manual_seed(int(np.random.SeedSequence([args.seed, 2, step, rank * A + m]).generate_state(1)[0]))
-            x, t, noise = (v.to(device, non_blocking=True) for v in next(batches))  # (b, 3, S, S), (b,), (b, 3, S, S)
-            if world > 1:
-                model.require_backward_grad_sync = m == A - 1  # all-reduce only on the last micro-step
-            with ctx:
-                loss, terms, codes = model(x, t, noise)
-            (loss / A).backward()
-            for k, v in {"loss": loss, **terms}.items():
-                sums[k] = sums.get(k, 0) + v.detach().float() / A
-            used[codes.flatten()] = 1
-        sums["grad"] = sums.get("grad", 0) + torch.nn.utils.clip_grad_norm_(params, args.grad_clip).float()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in params], 1 - args.ema_decay)
+        micro = [tuple(v.to(device, non_blocking=True) for v in next(batches)) for _ in range(A)]
+        seeds = [dropout_seed(args.seed, step, rank * A + m) for m in range(A)]
+        terms, skip = train_step(model, tok, opt, ema, args.ema_decay, args.grad_clip, micro, seeds, ctx, used)
+        meter.add(terms, skip)
         step += 1
-        if step % args.log_every == 0 or step == args.max_steps:
-            stats = torch.stack(list(sums.values())) / (step - t_step)
-            if world > 1:
-                dist.all_reduce(stats)
-                dist.all_reduce(used, op=dist.ReduceOp.MAX)
-                stats /= world
-            stats = stats.tolist()  # waits for the GPU, so the timing below is honest
-            dt = time.time() - t0
-            img_s = (step - t_step) * B / dt
-            if master:
-                terms = " ".join(f"{k} {v:.4f}" for k, v in zip(sums, stats))
-                mfu = fpi * img_s / (world * args.peak_tflops * 1e12)
-                print(f"step {step} | {terms} | codebook used {used.mean().item():.1%} | lr {lr:.2e} | "
-                      f"{img_s:.0f} img/s | MFU {mfu:.1%}", flush=True)
-            sums, t0, t_step = {}, time.time(), step
-            used.zero_()
-        if master and (step % args.show_every == 0 or step == args.max_steps):
-            save_reconstructions(ema, show, show_noise, Path(args.out_dir) / f"recon_{step:07d}.png")
-        if step % args.ckpt_every == 0 or step == args.max_steps:
-            save()
-    if world > 1:
+        last = step == args.max_steps
+        if step % args.log_every == 0 or last:
+            log(meter, step, lr, used, B, fpi, world * args.peak_tflops * 1e12, master)
+        if master and (step % args.show_every == 0 or last):
+            save_reconstructions(ema, show, show_noise, ckpt_path.parent / f"recon_{step:07d}.png")
+        if step % args.ckpt_every == 0 or last:
+            meter.check(step)
+            save_checkpoint(ckpt_path, tok, ema, opt, cfg, step, vars(args), master)
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        train_main(args)
+    except (ValueError, FileNotFoundError) as e:
+        # an error raised in a data loader worker (an unreadable image) arrives with the worker's traceback inside
+        # its message, whose last line is the error itself
+        message = str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__name__}: ")
+        raise SystemExit(f"train_tokenizer.py: error: {message}") from None
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="train_tokenizer.py", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="tokenizer_v1", help="tokenizer size: tokenizer_v1, fmnist or tiny")
     p.add_argument("--data", required=True,
                    help="image folder (class sub-folders or flat), 'fashion-mnist', or a folder of its idx .gz files")
-    p.add_argument("--image-size", type=int, default=None, help="training resolution (default: the preset's)")
+    p.add_argument("--image-size", type=positive_int, default=None, help="training resolution (default: the preset's)")
     p.add_argument("--out-dir", default="out/tokenizer", help="where ckpt.pt and the reconstruction PNGs go")
-    p.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
-    p.add_argument("--global-batch-size", type=int, default=1024, help="images per optimizer step (paper: 1024)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--max-steps", type=int, default=210000, help="optimizer steps (paper: 210k)")
-    p.add_argument("--lr", type=float, default=2e-4, help="learning rate after warm-up (constant, paper §5)")
-    p.add_argument("--warmup-steps", type=int, default=500, help="linear warm-up from 0 (official: 500)")
-    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
-    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (official: 0.95)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (official: 0)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay per step (paper: 0.999)")
-    p.add_argument("--lpips-weight", type=float, default=0.5, help="λ1 of the LPIPS term; 0 switches it off")
-    p.add_argument("--repa-weight", type=float, default=0.5, help="λ2 of the REPA term; 0 switches it off")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
+    mode.add_argument("--overwrite", action="store_true", help="start afresh even if --out-dir holds a checkpoint")
+    p.add_argument("--global-batch-size", type=positive_int, default=1024,
+                   help="images per optimizer step (paper: 1024)")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--max-steps", type=positive_int, default=210000, help="optimizer steps (paper: 210k)")
+    p.add_argument("--lr", type=positive_float, default=2e-4, help="learning rate after warm-up (constant, paper §5)")
+    p.add_argument("--warmup-steps", type=nonnegative_int, default=500, help="linear warm-up from 0 (official: 500)")
+    p.add_argument("--beta1", type=probability, default=0.9, help="AdamW beta1")
+    p.add_argument("--beta2", type=probability, default=0.95, help="AdamW beta2 (official: 0.95)")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="AdamW weight decay (official: 0)")
+    p.add_argument("--grad-clip", type=positive_float, default=1.0, help="max global gradient norm")
+    p.add_argument("--ema-decay", type=probability, default=0.999, help="EMA decay per step (paper: 0.999)")
+    p.add_argument("--lpips-weight", type=nonnegative_float, default=0.5,
+                   help="λ1 of the LPIPS term; 0 switches it off")
+    p.add_argument("--repa-weight", type=nonnegative_float, default=0.5,
+                   help="λ2 of the REPA term; 0 switches it off")
     p.add_argument("--vgg-weights", default=None, help=f"torchvision VGG16 file for LPIPS (else {VGG16_URL})")
     p.add_argument("--repa-weights", default=None, help=f"DINOv2 ViT-B/14 file for REPA (else {DINOV2_URL})")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
-    p.add_argument("--num-workers", type=int, default=8, help="data loader worker processes per rank")
-    p.add_argument("--peak-tflops", type=float, default=989.0,
+    p.add_argument("--num-workers", type=nonnegative_int, default=default_workers(),
+                   help="data loader worker processes per rank (default: the usable cores, at most 8)")
+    p.add_argument("--peak-tflops", type=positive_float, default=989.0,
                    help="per-GPU peak for MFU (H100 SXM bf16 dense: 989)")
-    p.add_argument("--log-every", type=int, default=100, help="print a log line every this many steps")
-    p.add_argument("--ckpt-every", type=int, default=5000, help="write the checkpoint every this many steps")
-    p.add_argument("--show-every", type=int, default=5000, help="write a reconstruction PNG every this many steps")
-    p.add_argument("--num-show", type=int, default=8, help="images in the reconstruction PNG")
-    p.add_argument("--seed", type=int, default=0, help="seed of the init, data order, flips, times, noise, dropout")
+    p.add_argument("--log-every", type=positive_int, default=100, help="print a log line every this many steps")
+    p.add_argument("--ckpt-every", type=positive_int, default=5000, help="write the checkpoint every this many steps")
+    p.add_argument("--show-every", type=positive_int, default=5000,
+                   help="write a reconstruction PNG every this many steps")
+    p.add_argument("--num-show", type=positive_int, default=8, help="images in the reconstruction PNG")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="seed of the init, data order, flips, times, noise, dropout")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main(get_args())
+    main()

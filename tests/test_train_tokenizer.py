@@ -1,10 +1,7 @@
 """Tests of train_tokenizer.py (tiny tokenizer, CPU): python -m pytest -q tests/test_train_tokenizer.py"""
-import gzip
 import os
-import signal
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +28,13 @@ def image_folder(tmp_path):
 
 
 def train_args(data, out_dir, *extra):
-    return tt.get_args(["--preset", "tiny", "--data", str(data), "--out-dir", str(out_dir), "--device", "cpu",
-                        "--global-batch-size", "4", "--lpips-weight", "0", "--repa-weight", "0", "--num-workers",
-                        "0", "--warmup-steps", "2", "--log-every", "1", "--num-show", "2", *extra])
+    return ["--preset", "tiny", "--data", str(data), "--out-dir", str(out_dir), "--device", "cpu",
+            "--global-batch-size", "4", "--lpips-weight", "0", "--repa-weight", "0", "--num-workers", "0",
+            "--warmup-steps", "2", "--log-every", "1", "--num-show", "2", *map(str, extra)]
 
 
 def states(path):
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     return ckpt["model"], ckpt["ema"], ckpt["optimizer"]["state"], ckpt["step"]
 
 
@@ -81,38 +78,18 @@ def test_resume_continues_exactly(image_folder, tmp_path):
     assert (tmp_path / "full" / "recon_0000004.png").exists()
 
 
-def test_killed_checkpoint_write_keeps_the_previous_one(tmp_path):
-    cfg = TokenizerConfig.from_name("tiny")
-    tok = Tokenizer(cfg)
-    path = tmp_path / "ckpt.pt"
-    tt.save_checkpoint(dict(kind="tokenizer", config=asdict(cfg), model=tok.state_dict(), ema=None, step=1), path)
-    pid = os.fork()
-    if pid == 0:  # child: the next write dies (SIGKILL) half way through
-        def dying_save(obj, f):
-            f.write(b"\x80\x02partial")
-            f.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        torch.save = dying_save
-        tt.save_checkpoint(dict(kind="tokenizer", step=2), path)
-        os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and (tmp_path / "ckpt.pt.tmp").exists()
-    loaded = Tokenizer.from_checkpoint(path, use_ema=False)
-    assert torch.equal(loaded.state_dict()["patchify.weight"], tok.state_dict()["patchify.weight"])
-
-
 def test_missing_data_and_weights_fail_clearly(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="not a folder of images"):
         tt.main(train_args(tmp_path / "nowhere", tmp_path / "out"))
     monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
         tt.main(train_args("fashion-mnist", tmp_path / "out"))
-    with pytest.raises(SystemExit, match=r"vgg16-397923af\.pth.*--lpips-weight 0"):
+    with pytest.raises(FileNotFoundError, match=r"vgg16-397923af\.pth.*--lpips-weight 0"):
         tt.build_lpips(str(tmp_path / "vgg.pth"))
-    with pytest.raises(SystemExit, match=r"dinov2_vitb14_pretrain\.pth.*--repa-weight 0"):
+    with pytest.raises(FileNotFoundError, match=r"dinov2_vitb14_pretrain\.pth.*--repa-weight 0"):
         tt.build_dino(str(tmp_path / "dino.pth"))
     with pytest.raises(SystemExit, match="--repa-weight 0"):  # the tiny REPA head is not 768-wide
-        tt.main(tt.get_args(["--preset", "tiny", "--data", str(tmp_path), "--lpips-weight", "0"]))
+        tt.main(["--preset", "tiny", "--data", str(tmp_path), "--lpips-weight", "0"])
 
 
 @pytest.fixture(scope="module")
@@ -142,24 +119,6 @@ def test_lpips_takes_the_torchvision_vgg16_layout(vgg_file):
     assert net(x, x).abs().max() < 1e-6 < net(x, y).min()
 
 
-def test_fashion_mnist_from_idx_files(tmp_path, monkeypatch):
-    pixels = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
-    header = np.array([2051, 3, 28, 28], dtype=">u4").tobytes()
-    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
-        f.write(header + pixels.tobytes())
-    with gzip.open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(bytes(8) + bytes([4, 1, 9]))
-    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
-    for data in ("fashion-mnist", str(tmp_path)):
-        ds = tt.make_dataset(data, 32)
-        x, i = ds[1]
-        assert len(ds) == 3 and x.shape == (3, 32, 32) and i == 1 and list(ds.labels) == [4, 1, 9]
-        assert torch.equal(x[:, 2:30, 2:30], (torch.from_numpy(pixels[1]).float() / 127.5 - 1).expand(3, 28, 28))
-        assert (x[:, :2] == -1).all() and (x[:, :, 30:] == -1).all()
-    with pytest.raises(SystemExit, match="32x32"):
-        tt.make_dataset("fashion-mnist", 256)
-
-
 def test_samples_depend_only_on_their_stream_index(image_folder):
     stream = tt.TrainStream(tt.make_dataset(image_folder, 32), seed=3)
     one = list(zip(range(8), tt.stream_positions(1, 8, 1, 0)))
@@ -181,10 +140,84 @@ def test_two_process_ddp_matches_one_process(image_folder, vgg_file, tmp_path):
            "--global-batch-size", "4", "--lpips-weight", "0", "--repa-weight", "0", "--num-workers", "0", *common]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "x 1 accumulation x 2 ranks" in proc.stdout
+    assert "× 1 accumulation × 2 ranks" in proc.stdout
     tt.main(train_args(image_folder, tmp_path / "single", "--grad-accum", "2", *common))
     ddp, single = states(tmp_path / "ddp" / "ckpt.pt"), states(tmp_path / "single" / "ckpt.pt")
     for k in ddp[0]:
         torch.testing.assert_close(ddp[0][k], single[0][k], atol=1e-5, rtol=0)
     torch.manual_seed(0)  # main's initial weights: the comparison above is between trained weights
     assert not torch.equal(ddp[0]["patchify.weight"], Tokenizer(TokenizerConfig.from_name("tiny")).patchify.weight)
+
+
+def test_refuses_to_start_over_a_checkpoint(image_folder, tmp_path, capsys):
+    tt.main(train_args(image_folder, tmp_path / "run", "--max-steps", 1))
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match=r"ckpt\.pt already exists: pass --resume to continue it or --overwrite"):
+        tt.main(train_args(image_folder, tmp_path / "run", "--max-steps", 1, "--seed", 1))
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+    tt.main(train_args(image_folder, tmp_path / "run", "--max-steps", 1, "--seed", 1, "--overwrite"))
+    assert states(tmp_path / "run" / "ckpt.pt")[3] == 1 and (tmp_path / "run" / "ckpt.pt").read_bytes() != before
+    with pytest.raises(SystemExit):
+        tt.main(train_args(image_folder, tmp_path / "run", "--resume", "--overwrite"))
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def nan_on_calls(monkeypatch, calls):
+    """Tokenizer.loss gives a NaN flow-matching term on the given (0-based) calls."""
+    loss, count = Tokenizer.loss, iter(range(10 ** 6))
+
+    def patched(self, *args, **kwargs):
+        out = loss(self, *args, **kwargs)
+        return {**out, "fm": out["fm"] * float("nan")} if next(count) in calls else out
+    monkeypatch.setattr(Tokenizer, "loss", patched)
+
+
+def test_a_non_finite_step_is_skipped_whole(image_folder, tmp_path, monkeypatch, capsys):
+    tt.main(train_args(image_folder, tmp_path / "one", "--max-steps", 1, "--warmup-steps", 0))
+    nan_on_calls(monkeypatch, {2})  # the flops probe is call 0: this is the second training step
+    tt.main(train_args(image_folder, tmp_path / "two", "--max-steps", 2, "--warmup-steps", 0))
+    assert "skipped 1 |" in capsys.readouterr().out
+    one, two = states(tmp_path / "one" / "ckpt.pt"), states(tmp_path / "two" / "ckpt.pt")
+    assert one[3] == 1 and two[3] == 2
+    for a, b in zip(one[:2], two[:2]):  # neither the weights nor the EMA moved
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    for i in one[2]:  # nor AdamW's moments and step count
+        assert all(torch.equal(v, two[2][i][k]) for k, v in one[2][i].items())
+
+
+def test_non_finite_steps_stop_the_run_and_keep_the_checkpoint(image_folder, tmp_path, monkeypatch):
+    tt.main(train_args(image_folder, tmp_path / "run", "--max-steps", 1))
+    good = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match=r"stopped at step 7: 5 steps in a row had a non-finite loss"):
+        tt.main(train_args(image_folder, tmp_path / "run", "--max-steps", 7, "--resume", "--lr", 1e30,
+                           "--log-every", 100))  # diverges after one step
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == good
+    nan_on_calls(monkeypatch, {1, 2, 3, 4, 5})  # steps 2-6, the first five of this run (call 0: the flops probe)
+    with pytest.raises(SystemExit, match=r"stopped at step 6: 5 steps in a row"):
+        tt.main(train_args(image_folder, tmp_path / "run", "--max-steps", 6, "--resume"))
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == good
+
+
+def test_unreadable_training_image_is_named(image_folder, tmp_path):
+    (image_folder / "class1" / "3.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(SystemExit, match=r"error: \S*3\.png: not a readable image") as e:
+        tt.main(train_args(image_folder, tmp_path / "run", "--max-steps", 2, "--num-workers", 1))
+    assert "\n" not in str(e.value.code) and not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--global-batch-size", 0], "argument --global-batch-size: '0' must be a whole number ≥ 1"),
+    (["--grad-accum", 0], "argument --grad-accum: '0' must be"),
+    (["--ckpt-every", 0], "argument --ckpt-every: '0' must be"),
+    (["--preset", "huge"], "unknown tokenizer preset 'huge'"),
+    (["--image-size", 36], "--image-size 36 is not a multiple of preset tiny's patch sizes 8 and 4"),
+    (["--lpips-weight", 0.5, "--vgg-weights", "BAD"], "--vgg-weights BAD: not a readable PyTorch weights file"),
+])
+def test_bad_flags_fail_in_one_line(image_folder, tmp_path, capsys, monkeypatch, flags, message):
+    (tmp_path / "BAD").write_bytes(b"PK\x03\x04 not really a zip")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        tt.main(train_args(image_folder, tmp_path / "run", *flags))
+    text = capsys.readouterr().err.strip() if isinstance(e.value.code, int) else e.value.code
+    assert e.value.code != 0 and text.startswith("train_tokenizer.py: error: ") and "\n" not in text, text
+    assert message in text and not (tmp_path / "run" / "ckpt.pt").exists()
