@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model import GPT, GPTConfig, cfg_schedule, generate, sample_logits
+from model import GPT, GPTConfig, cfg_schedule, decode_one_token, generate, sample_logits
 
 
 def tiny(**kw):
@@ -160,3 +160,17 @@ def test_our_checkpoint_format_and_mismatch(tmp_path):
     torch.save({"kind": "tokenizer", "config": {}}, tmp_path / "tok.pt")
     with pytest.raises(ValueError, match="tokenizer checkpoint"):
         GPT.from_checkpoint(tmp_path / "tok.pt")
+
+
+def test_generate_passes_the_attention_length():
+    gpt = tiny()
+    seen = []
+
+    def recording(model, token, input_pos, scale, kv_len=None, **kw):
+        seen.append((int(input_pos), kv_len))
+        return decode_one_token(model, token, input_pos, scale, kv_len=kv_len, **kw)
+    got = generate(gpt, torch.tensor([1, 2]), cfg_scale=2.0, top_k=1, decode_fn=recording)
+    assert seen == [(p, p + 1) for p in range(1, 32)] and all(type(n) is int for _, n in seen)
+    want = generate(gpt, torch.tensor([1, 2]), cfg_scale=2.0, top_k=1,
+                    decode_fn=lambda *a, kv_len, **kw: decode_one_token(*a, kv_len=None, **kw))  # whole cache
+    assert torch.equal(got, want)

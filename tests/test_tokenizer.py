@@ -207,3 +207,73 @@ def test_our_checkpoint_and_wrong_kind(tmp_path):
         Tokenizer.from_checkpoint(tmp_path / "gpt.pt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Tokenizer.from_checkpoint(tmp_path / "missing.pt")
+
+
+def test_loaded_tokenizer_decodes_without_autograd(tmp_path):
+    from dataclasses import asdict
+    tok = tiny_tokenizer()
+    torch.save({"kind": "tokenizer", "config": asdict(tok.config), "model": tok.state_dict(), "ema": None},
+               tmp_path / "ours.pt")
+    loaded = Tokenizer.from_checkpoint(tmp_path / "ours.pt")
+    assert all(p.requires_grad for p in loaded.parameters())  # training still gets gradients
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    codes = loaded.encode(images)
+    assert loaded.decode(codes).requires_grad is False
+    assert loaded.encode_latent(images).requires_grad is False
+    assert loaded.condition(codes).requires_grad is False
+    assert loaded.reconstruct(images).requires_grad is False
+
+
+def test_step_schedule_follows_the_official_rule():
+    tok = tiny_tokenizer()  # 8 groups of 4 tokens, 8 steps by default
+    starts = lambda steps: [s.start // 4 for s in tok.group_slices(steps)]  # noqa: E731
+    # step i of S sits at raw time i/S and uses the group nearest to it (rounded half up, last group clamped)
+    assert starts(8) == list(range(8))
+    assert starts(4) == [0, 2, 4, 6]
+    assert starts(16) == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 7]
+    # shift(t) = t / (t + 2(1 - t)) on i/S, then exactly 1
+    torch.testing.assert_close(tok.schedule(4), torch.tensor([0, 1 / 7, 1 / 3, 0.6, 1.0]))
+    torch.testing.assert_close(tok.schedule(8)[:4], torch.tensor([0, 1 / 15, 1 / 7, 3 / 13]))
+
+
+@pytest.mark.parametrize("steps", [4, 12, 16])
+def test_decode_with_other_step_counts_matches_a_plain_solver(steps):
+    tok = tiny_tokenizer()
+    codes = torch.randint(0, 64, (2, 32))
+    noise = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        cond = tok.condition(codes)
+        t = tok.schedule(steps).tolist()
+        x, v_prev = noise.clone(), None
+        for i, s in enumerate(tok.group_slices(steps)):  # Adams-Bashforth 2 with constant coefficients
+            v = tok.velocity(x, torch.full((2,), t[i]), cond[:, s])
+            x = x + (t[i + 1] - t[i]) * (v if v_prev is None else 1.5 * v - 0.5 * v_prev)
+            v_prev = v
+    torch.testing.assert_close(tok.decode(codes, noise=noise, steps=steps), x / 0.6, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(tok.decode(codes, noise=noise, steps=steps), tok.decode(codes, noise=noise))
+
+
+def test_solver_steps_give_decode_and_previews():
+    tok = tiny_tokenizer()
+    codes = torch.randint(0, 64, (2, 32))
+    noise = torch.randn(2, 3, 32, 32)
+    cond = tok.condition(codes)
+    x, v = noise, None
+    for k, s in enumerate(tok.group_slices(8)):
+        x, v, preview = tok.solver_step(x, v, k, cond[:, s], method="euler")
+        assert torch.equal(preview, tok.decode(codes, noise=noise, method="euler", groups=k + 1))
+    assert torch.equal(x / 0.6, preview)
+    # 16 steps: groups=2 runs the three steps that groups 0 and 1 condition, then jumps to t = 1
+    x, v = noise, None
+    for k, s in enumerate(tok.group_slices(16)[:3]):
+        x, v, preview = tok.solver_step(x, v, k, cond[:, s], steps=16)
+    assert torch.equal(preview, tok.decode(codes, noise=noise, groups=2, steps=16))
+    with pytest.raises(ValueError, match="outside"):
+        tok.solver_step(noise, None, 8, cond[:, :4])
+
+
+def test_reconstruct_decodes_at_the_input_size():
+    tok = tiny_tokenizer()  # sampling_resolution 32
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert tok.reconstruct(x, generator=torch.Generator().manual_seed(0)).shape == (1, 3, 64, 64)
+    assert tok.decode(tok.encode(x)).shape == (1, 3, 32, 32)  # codes alone decode at sampling_resolution
