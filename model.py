@@ -192,12 +192,21 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        # the rope table is derived, not state: the official key lists do not contain it
+        # the rope table is derived, not state (the official key lists do not contain it), and float32 always
         self.register_buffer("rope", rope_table(cfg.block_size + cfg.cls_token_num, cfg.head_dim, cfg.rope_base),
                              persistent=False)
         self.causal_mask = None
         if self.tok_embeddings.weight.device.type != "meta":
             self.initialize_weights()
+
+    def _apply(self, fn, recurse=True):
+        """Module.to / .cuda / .bfloat16 land here: the rope table follows the device but is rebuilt in float32
+        when a dtype cast reached it (the official table is a float32 attribute; bf16 angles lose precision)."""
+        super()._apply(fn, recurse)
+        if self.rope.dtype != torch.float32:
+            cfg = self.config
+            self.rope = rope_table(self.rope.shape[0], cfg.head_dim, cfg.rope_base).to(self.rope.device)
+        return self
 
     def initialize_weights(self):
         """Official init (SPEC.md §8.8): N(0, 0.02) everywhere, norms 1, output head 0 (uniform first logits)."""

@@ -41,11 +41,12 @@ class TokenizerConfig:
     num_denoising_steps: int = 8     # ODE steps of the pixel decoder
     sampling_resolution: int = 256   # image size used for decoding
     output_resolution: int = 0       # if set, decoded images are resized to it (bicubic)
-    rope_base_len: float = 10000.0   # θ of the 2-D RoPE
+    rope_base_len: float = 10000.0   # θ of the encoder's 2-D RoPE
     # the pixel diffusion decoder (official YAML: model.diff_decoder.*)
     dd_dim: int = 768
     dd_patch_size: int = 8
     dd_depth: int = 12
+    dd_rope_base_len: float = 10000.0  # θ of the pixel decoder's 2-D RoPE (its own key officially)
     data_std: float = 0.6            # σd: diffusion runs on σd · image
     time_shift: float = 2.0          # s in shift(t) = t / (t + s(1 - t))
     share_time_encoding: bool = False  # one time embedder for all blocks instead of one per block
@@ -113,7 +114,7 @@ OFFICIAL_TOP_KEYS = {"encoder_patch_size", "num_encoder_layers", "num_decoder_la
                      "rope_base_len"}
 OFFICIAL_DD_KEYS = {"dim": "dd_dim", "patch_size": "dd_patch_size", "depth": "dd_depth", "data_std": "data_std",
                     "time_shift": "time_shift", "share_time_encoding": "share_time_encoding",
-                    "repa_layer": "repa_layer", "rope_base_len": "rope_base_len"}
+                    "repa_layer": "repa_layer", "rope_base_len": "dd_rope_base_len"}
 
 PRESETS = {
     "tokenizer_v1": {},  # the released 300M tokenizer (configs/tokenizer_v1.yaml)
@@ -288,7 +289,7 @@ class DiffusionNet(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         D, p = cfg.dd_dim, cfg.dd_patch_size
-        self.patch_size, self.rope_base, self.repa_layer = p, cfg.rope_base_len, cfg.repa_layer
+        self.patch_size, self.rope_base, self.repa_layer = p, cfg.dd_rope_base_len, cfg.repa_layer
         self.cond_mlp = nn.Linear(cfg.decoder_dim, D)
         self.conv_in = nn.Conv2d(3 * p * p, D, 1)
         self.time_embed = TimestepEmbedder(D) if cfg.share_time_encoding else None

@@ -228,3 +228,14 @@ def test_damaged_and_non_finite_gpt_files_are_named(tmp_path):
         GPT.from_checkpoint(tmp_path / "list.pt", name="GPT-tiny")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         GPT.from_checkpoint(tmp_path / "missing.pt", name="GPT-tiny")
+
+
+def test_rope_table_stays_float32_under_dtype_casts():
+    gpt = tiny()
+    want = gpt.rope.clone()
+    gpt.to(torch.bfloat16)
+    assert gpt.output.weight.dtype == torch.bfloat16
+    assert gpt.rope.dtype == torch.float32 and torch.equal(gpt.rope, want)
+    gpt.setup_caches(2)
+    gpt.half().float()
+    assert gpt.rope.dtype == torch.float32 and torch.equal(gpt.rope[: len(want)], want)

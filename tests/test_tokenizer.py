@@ -350,3 +350,22 @@ def test_compiled_model_keys_load(tmp_path):
     loaded = Tokenizer.from_checkpoint(tmp_path / "official.pt", use_ema=False)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     torch.testing.assert_close(loaded.encode_latent(x), tok.encode_latent(x))
+
+
+def test_encoder_and_pixel_decoder_have_their_own_rope_base():
+    cfg = TokenizerConfig.from_official({**TINY_OFFICIAL, "rope_base_len": 100.0,
+                                         "diff_decoder": {**TINY_OFFICIAL["diff_decoder"], "rope_base_len": 5000.0}})
+    assert (cfg.rope_base_len, cfg.dd_rope_base_len) == (100.0, 5000.0)
+    base = tiny_tokenizer()
+    x, xt, t = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 3, 32, 32), torch.tensor([0.2, 0.7])
+    cond = torch.randn(2, 4, 128)
+
+    def variant(**kw):
+        tok = Tokenizer(TokenizerConfig.from_name("tiny", **kw))
+        tok.load_state_dict(base.state_dict())
+        return tok.eval()
+    enc, dec = variant(rope_base_len=100.0), variant(dd_rope_base_len=100.0)
+    assert torch.equal(dec.encode_latent(x), base.encode_latent(x))
+    assert not torch.allclose(enc.encode_latent(x), base.encode_latent(x))
+    assert torch.equal(enc.velocity(xt, t, cond), base.velocity(xt, t, cond))
+    assert not torch.allclose(dec.velocity(xt, t, cond), base.velocity(xt, t, cond))
