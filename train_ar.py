@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import pickle
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -49,7 +48,7 @@ from data import (ArgumentParser, FashionMNIST, atomic_save, center_crop_arr, ch
                   make_dataset, nonnegative_float, nonnegative_int, open_image, positive_float, positive_int,
                   setup_device)
 from model import GPT, GPTConfig
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, load_checkpoint
 
 VIEWS = {"ten-crop": 10, "flip": 2, "single": 1}  # stored views per image
 MAX_SKIPS = 5  # this many non-finite steps in a row stop the run
@@ -324,22 +323,16 @@ def checkpoint_path(out_dir, resume, overwrite):
     return path
 
 
-def read_checkpoint(path, kind):
-    """A checkpoint of ours, loaded without running code (weights_only)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind or "optimizer" not in ckpt:
-        raise ValueError(f"{path} is not a {kind} training checkpoint of this script")
-    return ckpt
-
-
-def load_checkpoint(path, model, opt, ema, cfg):
-    """Restores weights, optimizer and EMA (in place); returns the step."""
-    ckpt = read_checkpoint(path, "gpt")
-    if ckpt["config"] != asdict(cfg):
-        raise ValueError(f"{path} holds {ckpt['config']}, but the flags give {asdict(cfg)}")
+def restore(path, model, opt, ema, cfg):
+    """Restores weights, optimizer and EMA (in place) from one of our checkpoints; returns the step."""
+    ckpt = load_checkpoint(path)  # weights_only: loading never runs code
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "gpt" or "optimizer" not in ckpt:
+        raise ValueError(f"{path} is not an AR training checkpoint of this script")
+    stored = dict(ckpt["config"])
+    stored.setdefault("null_class", stored.get("class_dropout_prob", 0.1) > 0)  # before null_class was a field
+    stored.pop("cls_token_num", None)  # always 1: no longer a field
+    if {**asdict(cfg), **stored} != asdict(cfg):  # fields added since the file was written keep their defaults
+        raise ValueError(f"{path} holds {stored}, but the flags give {asdict(cfg)}")
     full = StateDictOptions(full_state_dict=True)
     if ema is not None:  # load the EMA through the model so that it is sharded like the parameters
         set_model_state_dict(model, ckpt["ema"] if ckpt["ema"] is not None else ckpt["model"], options=full)
@@ -478,7 +471,7 @@ def train_main(args):
     bf16 = device.type == "cuda" and args.precision == "bf16"
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     raw, opt, ema = build(cfg, device, args.fsdp, bf16, args.lr, (args.beta1, args.beta2), args.weight_decay, args.ema)
-    step = load_checkpoint(ckpt_path, raw, opt, ema, cfg) if args.resume else 0
+    step = restore(ckpt_path, raw, opt, ema, cfg) if args.resume else 0
     model = torch.compile(raw) if args.compile else raw
     if world > 1 and not args.fsdp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -36,7 +36,6 @@ import argparse
 import itertools
 import math
 import os
-import pickle
 import time
 import warnings
 from contextlib import nullcontext
@@ -54,7 +53,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (ArgumentParser, atomic_save, check_writable, make_dataset, nonnegative_float, nonnegative_int,
                   positive_float, positive_int, setup_device, to_uint8)
-from tokenizer import Tokenizer, TokenizerConfig
+from tokenizer import Tokenizer, TokenizerConfig, load_checkpoint
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's ImageNet VGG16
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"
@@ -81,9 +80,9 @@ def tokenizer_config(preset, image_size, repa):
     if S % cfg.encoder_patch_size or S % cfg.dd_patch_size:
         raise ValueError(f"--image-size {S} is not a multiple of preset {preset}'s patch sizes "
                          f"{cfg.encoder_patch_size} and {cfg.dd_patch_size}")
-    if repa and (cfg.dd_depth <= cfg.repa_layer or cfg.repa_dim != 768):
-        raise ValueError(f"preset {preset} has no REPA head for DINOv2-B's 768-d features (dd_depth {cfg.dd_depth}, "
-                         f"repa_layer {cfg.repa_layer}, repa_dim {cfg.repa_dim}): pass --repa-weight 0")
+    if repa and not (cfg.repa and cfg.repa_dim == 768):
+        raise ValueError(f"preset {preset} has no REPA head for DINOv2-B's 768-d features (repa {cfg.repa}, "
+                         f"repa_dim {cfg.repa_dim}): pass --repa-weight 0")
     return cfg
 
 
@@ -131,9 +130,9 @@ def load_teacher_weights(path, url, what, flag, weight_flag):
         raise FileNotFoundError(f"{flag} {path}: no such file; get the {what} weights from {url}, or pass "
                                 f"{weight_flag} 0 to train without this loss term")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{flag} {path}: not a readable PyTorch weights file ({str(e).splitlines()[0]})") from None
+        sd = load_checkpoint(path)
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{flag} {path} does not hold a state dict of the {what} weights")
     return sd
@@ -259,17 +258,15 @@ def checkpoint_path(out_dir, resume, overwrite):
     return path
 
 
-def load_checkpoint(path, tok, ema, opt, cfg):
-    """Restores weights, EMA and optimizer from one of our checkpoints (loaded without running code); returns the
-    step."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+def restore(path, tok, ema, opt, cfg):
+    """Restores weights, EMA and optimizer from one of our checkpoints; returns the step."""
+    ckpt = load_checkpoint(path)  # weights_only: loading never runs code
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "tokenizer" or "optimizer" not in ckpt:
         raise ValueError(f"{path} is not a tokenizer training checkpoint of this script")
-    if ckpt["config"] != asdict(cfg):
-        raise ValueError(f"{path} holds {ckpt['config']}, but the flags give {asdict(cfg)}")
+    stored = dict(ckpt["config"])
+    stored.setdefault("repa", stored.get("dd_depth", 12) > stored.get("repa_layer", 8))  # before `repa` was a field
+    if {**asdict(cfg), **stored} != asdict(cfg):  # fields added since the file was written keep their defaults
+        raise ValueError(f"{path} holds {stored}, but the flags give {asdict(cfg)}")
     tok.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["optimizer"])
@@ -439,7 +436,7 @@ def train_main(args):
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     tok, ema, objective, opt = build(cfg, device, lpips_net, args.lpips_weight, dino, args.repa_weight, args.lr,
                                      (args.beta1, args.beta2), args.weight_decay)
-    step = load_checkpoint(ckpt_path, tok, ema, opt, cfg) if args.resume else 0
+    step = restore(ckpt_path, tok, ema, opt, cfg) if args.resume else 0
     stream = TrainStream(images, args.seed)
     show = torch.stack([images[i][0] for i in range(min(args.num_show, len(images)))]).to(device)  # fixed images
     show_noise = torch.randn(show.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)

@@ -211,7 +211,7 @@ def test_unreadable_training_image_is_named(image_folder, tmp_path):
     (["--ckpt-every", 0], "argument --ckpt-every: '0' must be"),
     (["--preset", "huge"], "unknown tokenizer preset 'huge'"),
     (["--image-size", 36], "--image-size 36 is not a multiple of preset tiny's patch sizes 8 and 4"),
-    (["--lpips-weight", 0.5, "--vgg-weights", "BAD"], "--vgg-weights BAD: not a readable PyTorch weights file"),
+    (["--lpips-weight", 0.5, "--vgg-weights", "BAD"], "--vgg-weights: checkpoint BAD is truncated or not a PyTorch checkpoint"),
 ])
 def test_bad_flags_fail_in_one_line(image_folder, tmp_path, capsys, monkeypatch, flags, message):
     (tmp_path / "BAD").write_bytes(b"PK\x03\x04 not really a zip")
