@@ -109,7 +109,7 @@ class Views(torch.utils.data.Dataset):
 def open_codes(out, meta, labels, rank):
     """Creates the output files (rank 0, once), or checks that a previous run used the same settings; returns the
     codes memmap (rows, N). The arrays are filled in place; meta.json, written last, says when they are complete."""
-    if (out / "meta.json").exists():
+    if (out / "meta.json").exists():  # a rerun: continue only with the same settings
         old = read_meta(out / "meta.json")
         if {k: v for k, v in old.items() if k not in ("complete", "skipped")} != meta:
             raise ValueError(f"{out} holds codes made with other settings ({old}): choose another --out")
@@ -165,8 +165,14 @@ def finish_extraction(out, meta, num_chunks):
 
 def extract_main(args):
     rank, world, device = setup_device(args.device)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create that folder ({e.strerror})") from None
+    check_writable(out / "meta.json")
     tok = Tokenizer.from_checkpoint(args.tokenizer_ckpt).to(device).eval()
-    S, out = tok.config.image_size, Path(args.out)
+    S = tok.config.image_size
     data = make_dataset(args.data, S)
     fmnist = isinstance(data, FashionMNIST)
     views = args.views or ("flip" if fmnist else "ten-crop")

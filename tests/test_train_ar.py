@@ -178,6 +178,11 @@ def test_fashion_mnist_extracts_flips_and_refuses_ten_crop(tmp_path):
     assert meta["views"] == 2 and meta["augmentation"] == "flip" and meta["num_classes"] == 10
     with pytest.raises(SystemExit, match="ten-crop: Fashion-MNIST"):
         run(*argv, "--out", tmp_path / "ten", "--views", "ten-crop")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"--out \S*file/codes: cannot create that folder"):
+        run(*argv, "--out", tmp_path / "file" / "codes")
+    with pytest.raises(SystemExit, match=r"error: checkpoint \S*nothing\.pt does not exist"):
+        run(*argv[:1], "--tokenizer-ckpt", tmp_path / "nothing.pt", *argv[3:], "--out", tmp_path / "c2")
 
 
 def test_corrupt_image_is_named_skipped_and_never_trained_on(tmp_path, capsys):
