@@ -11,7 +11,6 @@ kernels compute the same thing with fp32 softmax/accumulation and differ by bf16
 
     python kernels.py        # micro-benchmarks on a CUDA GPU: attention, SwiGLU, one GPT-L decode step
 """
-import math
 import types
 
 import torch
@@ -56,103 +55,76 @@ def decode_attention(q, k_cache, v_cache, kv_len):
         return decode_attention_reference(q, k_cache, v_cache, kv_len)
     if not torch.is_tensor(kv_len):
         kv_len = torch.full((1,), kv_len, dtype=torch.int32, device=q.device)
-    S = k_cache.shape[2]
-    block_n = 64 if B * H >= _sm_count(q.device) else 32
-    return _decode_attention(q, k_cache, v_cache, kv_len, block_n, 4, _num_splits(B * H, S, block_n, q.device))
+    return _decode_attention_op(q, k_cache, v_cache, kv_len).transpose(1, 2)
 
 
-def _sm_count(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count
+@torch.library.custom_op("dar::decode_attention", mutates_args=(), device_types="cuda")
+def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         kv_len: torch.Tensor) -> torch.Tensor:
+    """The Triton launch as one opaque operator (B, 1, H, hd), so torch.compile keeps it whole.
+    Measured on an H200 (`python kernels.py`): many (row, head) programs run best small, 32 slots a step with
+    2 warps; a few (batch 1) best wide. Splitting the length over several programs was slower at 257 slots."""
+    B, H = q.shape[:2]
+    many = B * H >= torch.cuda.get_device_properties(q.device).multi_processor_count
+    return _decode_attention(q, k_cache, v_cache, kv_len, *((32, 2) if many else (128, 8)))
 
 
-def _num_splits(programs, S, block_n, device):
-    """Split the length over several programs only when (row, head) pairs alone leave the SMs idle (batch 1)."""
-    want = math.ceil(2 * _sm_count(device) / programs)
-    splits = 1
-    while splits < want and splits * 2 * block_n <= S:
-        splits *= 2
-    return splits
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, kv_len):
+    return q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3])
 
 
-def _decode_attention(q, k_cache, v_cache, kv_len, block_n, num_warps, num_splits):
+def _decode_attention(q, k_cache, v_cache, kv_len, block_n, num_warps):
+    """Launches the kernel with an explicit configuration → (B, 1, H, hd)."""
     B, H, _, hd = q.shape
-    S = k_cache.shape[2]
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("decode_attention: the head dimension must be contiguous")
-    out = torch.empty(B, 1, H, hd, dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, H, 1, hd)
-    block_d = triton.next_power_of_2(hd)
-    if num_splits == 1:
-        part, lse = out, out  # the kernel writes the normalised output directly; lse is not touched
-        s_part = (out.stride(0), out.stride(1), 0)
-    else:
-        part = torch.empty(B, H, num_splits, hd, dtype=torch.float32, device=q.device)
-        lse = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)
-        s_part = part.stride()[:3]
-    _decode_attention_kernel[(B * H, num_splits)](
-        q, k_cache, v_cache, kv_len.reshape(-1), part, lse, q.stride(0), q.stride(1),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], *s_part,
-        H, S, H // k_cache.shape[1], hd ** -0.5 * 1.4426950408889634,
-        HD=hd, BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=num_splits, num_warps=num_warps)
-    if num_splits > 1:
-        _combine_kernel[(B * H,)](part, lse, out, out.stride(0), out.stride(1), H, hd,
-                                  BLOCK_D=block_d, SPLITS=num_splits)
+    out = torch.empty(B, 1, H, hd, dtype=q.dtype, device=q.device)
+    _decode_attention_kernel[(B * H,)](
+        q, k_cache, v_cache, kv_len.reshape(-1), out, q.stride(0), q.stride(1), *k_cache.stride()[:3],
+        *v_cache.stride()[:3], out.stride(0), out.stride(2), H, k_cache.shape[2], H // k_cache.shape[1],
+        hd ** -0.5 * 1.4426950408889634, HD=hd, BLOCK_D=triton.next_power_of_2(hd), BLOCK_N=block_n,
+        num_warps=num_warps)
     return out
 
 
 if triton is not None:
     @triton.jit
-    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_ptr, lse_ptr, sq_b, sq_h,
-                                 sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sp_b, sp_h, sp_split,
-                                 H, S, rep, qk_scale,
-                                 HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 SPLITS: tl.constexpr):
-        """Program (row·H + head, split): online softmax (base 2, fp32) over this split's share of the slots."""
-        bh, split = tl.program_id(0), tl.program_id(1)
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, sq_b, sq_h, sk_b, sk_h, sk_s,
+                                 sv_b, sv_h, sv_s, so_b, so_h, H, S, rep, qk_scale,
+                                 HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program row·H + head: online softmax (base 2, fp32) over the first kv_len slots, BLOCK_N at a time.
+
+        Each of the BLOCK_N slot lanes keeps its own running max, sum and output row, so the loop has no
+        reduction across warps (only the q·k dot product, within a warp); the lanes are merged once at the end
+        (3.0 against 2.6 TB/s for one merge per step, 128 rows × 16 heads × 257 slots on an H200)."""
+        bh = tl.program_id(0)
         b, h = bh // H, bh % H
         n = tl.minimum(tl.load(len_ptr).to(tl.int32), S)
-        chunk = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_N) * BLOCK_N  # whole blocks per split
-        start = split * chunk
-        end = tl.minimum(start + chunk, n)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HD
         q = tl.load(q_ptr + b * sq_b + h * sq_h + d, mask=d_ok, other=0.0).to(tl.float32) * qk_scale  # (D,)
         k_base = k_ptr + b * sk_b + (h // rep) * sk_h
         v_base = v_ptr + b * sv_b + (h // rep) * sv_h
-        m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)  # running max (a 0-d fp32 tensor)
-        l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)  # running sum of exp2
-        acc = tl.zeros([BLOCK_D], tl.float32)
-        for s0 in range(start, end, BLOCK_N):
+        m = tl.full([BLOCK_N], -1e30, tl.float32)  # finite: a lane that never sees a slot gets weight exp2(-inf) = 0
+        l = tl.zeros([BLOCK_N], tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for s0 in range(0, n, BLOCK_N):
             slots = s0 + tl.arange(0, BLOCK_N)
-            ok = (slots < end)[:, None] & d_ok[None, :]
+            ok = (slots < n)[:, None] & d_ok[None, :]
             # both loads issued before any use, so K and V stream from memory together
             k = tl.load(k_base + slots[:, None] * sk_s + d[None, :], mask=ok, other=0.0)  # (N, D)
             v = tl.load(v_base + slots[:, None] * sv_s + d[None, :], mask=ok, other=0.0)
             s = tl.sum(k.to(tl.float32) * q[None, :], 1)  # (N,) logits · log2(e)
-            s = tl.where(slots < end, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            p = tl.exp2(s - m_new)
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 0)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
-            m_i = m_new
-        part = part_ptr + b * sp_b + h * sp_h + split * sp_split + d
-        if SPLITS == 1:
-            tl.store(part, (acc / l_i).to(part_ptr.dtype.element_ty), mask=d_ok)
-        else:  # an empty split (early positions) stores weight 0: lse = -inf
-            tl.store(part, tl.where(l_i > 0, acc / l_i, 0.0), mask=d_ok)
-            tl.store(lse_ptr + bh * SPLITS + split, tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf")))
-
-    @triton.jit
-    def _combine_kernel(part_ptr, lse_ptr, out_ptr, so_b, so_h, H, HD, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
-        """Program (row·H + head): the splits' outputs weighted by their share of the softmax mass."""
-        bh = tl.program_id(0)
-        d = tl.arange(0, BLOCK_D)
-        sp = tl.arange(0, SPLITS)
-        lse = tl.load(lse_ptr + bh * SPLITS + sp)  # (SPLITS,); split 0 is never empty
-        w = tl.exp2(lse - tl.max(lse, 0))
-        part = tl.load(part_ptr + (bh * SPLITS + sp)[:, None] * HD + d[None, :], mask=(d < HD)[None, :], other=0.0)
-        o = tl.sum(w[:, None] * part, 0) / tl.sum(w, 0)
-        tl.store(out_ptr + (bh // H) * so_b + (bh % H) * so_h + d, o.to(out_ptr.dtype.element_ty), mask=d < HD)
+            s = tl.where(slots < n, s, float("-inf"))
+            m_new = tl.maximum(m, s)
+            alpha, p = tl.exp2(m - m_new), tl.exp2(s - m_new)
+            l = l * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
+            m = m_new
+        w = tl.exp2(m - tl.max(m, 0))  # (N,) the lanes merged
+        o = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)  # (D,)
+        tl.store(out_ptr + b * so_b + h * so_h + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,7 +133,7 @@ if triton is not None:
 def silu_mul(h):
     """h (..., 2·hidden) = [a, b] → silu(a)·b (..., hidden), in one pass over h on CUDA."""
     hidden = h.shape[-1] // 2
-    if not _use_triton(h):
+    if not _use_triton(h) or torch.compiler.is_compiling():  # inductor fuses the PyTorch form itself
         a, b = h.split(hidden, dim=-1)
         return F.silu(a) * b
     rows = h.reshape(-1, 2 * hidden)  # (R, 2·hidden); a view for the GEMM outputs this is used on
@@ -203,3 +175,186 @@ def fuse_feed_forward(gpt):
         ff.w3.weight = torch.nn.Parameter(w13[w1.shape[0]:], requires_grad=w3.requires_grad)
         ff.forward = types.MethodType(_fused_feed_forward, ff)
     return gpt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# micro-benchmarks: python kernels.py (CUDA)
+
+def _graph_us(fn, calls):
+    """Median µs per call of fn(0..calls-1), replayed from one CUDA graph (warm-up and compilation excluded)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(calls):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i)
+    return triton.testing.do_bench(g.replay, warmup=50, rep=300, return_mode="median") * 1e3 / calls
+
+
+def bench_attention(rows, lengths, layers=24, H=16, hd=64, S=264):
+    """One layer's decode attention; each call reads another layer's cache, so L2 holds none of them."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    kv = [torch.randn(2, rows, H, S, hd, dtype=torch.bfloat16, device="cuda") for _ in range(layers)]
+    qs = [torch.randn(rows, 1, H, hd, dtype=torch.bfloat16, device="cuda").transpose(1, 2) for _ in range(layers)]
+    for n in lengths:
+        kv_len = torch.tensor([n], device="cuda")
+        w = min(S, -(-n // 32) * 32)  # the window the CUDA-graph sampler attends over
+        mask = torch.arange(w, device="cuda")[None, None, None] < n  # (1, 1, 1, w)
+        gb = (2 * rows * H * n * hd + 2 * rows * H * hd) * 2 / 1e9  # K and V of the filled slots, q and out
+        variants = {"triton (auto config)": lambda i: decode_attention(qs[i], kv[i][0], kv[i][1], kv_len)}
+        for c in [(32, 2), (32, 4), (64, 4), (128, 8)]:  # slots per step, warps
+            variants["triton N{} w{}".format(*c)] = lambda i, c=c: _decode_attention(qs[i], kv[i][0], kv[i][1], kv_len, *c)
+        for name, backend in [("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
+            def sdpa(i, backend=backend):
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(qs[i], kv[i][0][:, :, :w], kv[i][1][:, :, :w], attn_mask=mask)
+            variants[f"sdpa {name} (window {w})"] = sdpa
+        for name, fn in variants.items():
+            try:
+                us = _graph_us(fn, layers)
+                print(f"| attention rows {rows} len {n} | {name} | {us:.1f} µs | {gb / us * 1e3:.2f} TB/s |")
+            except Exception as e:  # a backend that refuses these shapes is reported, not fatal
+                print(f"| attention rows {rows} len {n} | {name} | failed: {str(e).splitlines()[0][:80]} | |")
+
+
+def bench_swiglu(rows, layers=24, dim=1024, hidden=2816):
+    """SwiGLU in-projection + gate of one layer (GPT-L sizes); each call uses another layer's weights."""
+    x = torch.randn(rows, dim, dtype=torch.bfloat16, device="cuda")
+    w13 = [torch.randn(2 * hidden, dim, dtype=torch.bfloat16, device="cuda") / 32 for _ in range(layers)]
+    variants = {
+        "w1, w3: two GEMMs, torch silu*mul": lambda i: F.silu(F.linear(x, w13[i][:hidden])) * F.linear(x, w13[i][hidden:]),
+        "w13: one GEMM, torch silu*mul": lambda i: F.silu((h := F.linear(x, w13[i]))[:, :hidden]) * h[:, hidden:],
+        "w13: one GEMM, triton silu_mul": lambda i: silu_mul(F.linear(x, w13[i])),
+        "w13: one GEMM alone": lambda i: F.linear(x, w13[i]),
+    }
+    for name, fn in variants.items():
+        print(f"| swiglu rows {rows} | {name} | {_graph_us(fn, layers):.1f} µs | |")
+
+
+def _attention_forward(attn, kv_len, x, rope, input_pos=None, mask=None):
+    """model.Attention.forward for one decode step with `decode_attention` (prototype: mask ignored)."""
+    from model import apply_rope
+    B, S, _ = x.shape
+    H, Hkv, hd = attn.n_head, attn.n_kv_head, attn.head_dim
+    q, k, v = attn.wqkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+    q = apply_rope(q.view(B, S, H, hd), rope).transpose(1, 2)  # (B, H, 1, hd)
+    k = apply_rope(k.view(B, S, Hkv, hd), rope).transpose(1, 2)
+    k_cache, v_cache = attn.kv_cache.update(input_pos, k, v.view(B, S, Hkv, hd).transpose(1, 2))
+    y = decode_attention(q, k_cache, v_cache, kv_len)
+    return attn.resid_dropout(attn.wo(y.transpose(1, 2).reshape(B, S, -1)))
+
+
+def _capture(fn):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def _relative(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@torch.no_grad()
+def bench_ar_step(gpt, batch, variant, label, window=32, repeats=5):
+    """ms/token of the decode steps for positions 1..N-1 at `batch` with CFG, each step one CUDA-graph replay.
+    'sdpa': one graph per 32-slot window, as sample.py does; otherwise decode_attention, one graph for all.
+    model.Attention.forward is patched (class-wide, so compiled blocks share one trace) while capturing only."""
+    import model
+    torch._dynamo.reset()  # each variant traces afresh when the blocks are compiled
+    gpt.setup_caches(2 * batch)
+    seq, N = gpt.layers[0].attention.kv_cache.k_cache.shape[2], gpt.config.block_size
+    token = torch.randint(gpt.config.vocab_size, (batch,), device="cuda")
+    input_pos = torch.ones(1, dtype=torch.long, device="cuda")
+    kv_len = torch.ones(1, dtype=torch.long, device="cuda")
+    scale = torch.tensor(4.0, device="cuda")
+    windows = [min(seq, w) for w in range(window, seq + window, window)]
+    if variant == "sdpa":
+        by_window = {w: _capture(lambda w=w: model.decode_one_token(gpt, token, input_pos, scale, kv_len=w))
+                     for w in windows}
+        graph_for = lambda p: by_window[next(w for w in windows if w > p)]  # noqa: E731
+    else:
+        def kernel_step():
+            torch.add(input_pos, 1, out=kv_len)  # the length lives on the device: one graph serves every position
+            return model.decode_one_token(gpt, token, input_pos, scale)
+        sdpa_forward = model.Attention.forward
+        model.Attention.forward = lambda attn, *args: _attention_forward(attn, kv_len, *args)
+        try:
+            one = _capture(kernel_step)
+        finally:
+            model.Attention.forward = sdpa_forward
+        graph_for = lambda p: one  # noqa: E731
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for p in range(1, N):
+            input_pos.fill_(p)
+            graph_for(p).replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / (N - 1))
+    times.sort()
+    print(f"| GPT-L decode step, batch {batch} with CFG{label} | {variant} | {times[len(times) // 2]:.3f} ms/token | |")
+
+
+@torch.no_grad()
+def check_ar_step(gpt, batch, pos=200):
+    """Logits of one eager step at `pos` (caches as the last benchmark left them): kernel vs SDPA backends."""
+    import model
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    x = gpt.tok_embeddings(torch.randint(gpt.config.vocab_size, (2 * batch,), device="cuda"))[:, None]
+    p, w = torch.tensor([pos], device="cuda"), -(-(pos + 1) // 32) * 32
+    out = {}
+    for name, backend in [("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("math", SDPBackend.MATH)]:
+        with sdpa_kernel([backend]):
+            out[name] = gpt.forward_cached(x, p, w)
+    kv_len = torch.tensor([pos + 1], device="cuda")
+    sdpa_forward = model.Attention.forward
+    model.Attention.forward = lambda attn, *args: _attention_forward(attn, kv_len, *args)
+    try:
+        out["kernel"] = gpt.forward_cached(x, p, w)
+    finally:
+        model.Attention.forward = sdpa_forward
+    print(f"| GPT-L logits at position {pos}, batch {batch} with CFG, rel. diff to SDPA math | " +
+          ", ".join(f"{k} {_relative(v, out['math']):.1e}" for k, v in out.items() if k != "math") + " | | |")
+
+
+if __name__ == "__main__":
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    print("| what | variant | median time | bandwidth |\n|---|---|---|---|")
+    for rows in (128, 2):
+        bench_attention(rows, [40, 144, 257])
+    for rows in (128, 2):
+        bench_swiglu(rows)
+    with torch.device("cuda"):
+        gpt = GPT(GPTConfig.from_name("GPT-L", vocab_size=16384, block_size=256, num_classes=1000))
+    gpt = gpt.to(torch.bfloat16).eval().requires_grad_(False)
+    gpt.output.weight.normal_(std=0.02)  # not zeros: never time on zeros
+    for batch in (64, 1):
+        for variant in ("sdpa", "kernel"):
+            bench_ar_step(gpt, batch, variant, "")
+    check_ar_step(gpt, 1)
+    torch._dynamo.config.recompile_limit = 64
+    for layer in gpt.layers:  # regional compilation, as sample.py --compile
+        layer.compile()
+    for batch in (64, 1):
+        for variant in ("sdpa", "kernel"):
+            bench_ar_step(gpt, batch, variant, ", compiled blocks")
+    fuse_feed_forward(gpt)
+    for batch in (64, 1):
+        bench_ar_step(gpt, batch, "kernel + fused SwiGLU", ", compiled blocks")
+    print("dynamo:", dict(torch._dynamo.utils.counters["stats"]))
