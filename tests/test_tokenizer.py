@@ -286,6 +286,8 @@ def test_solver_steps_give_decode_and_previews():
     assert torch.equal(preview, tok.decode(codes, noise=noise, groups=2, steps=16))
     with pytest.raises(ValueError, match="outside"):
         tok.solver_step(noise, None, 8, cond[:, :4])
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        tok.decode(codes, noise=noise, steps=0)
 
 
 def test_reconstruct_decodes_at_the_input_size():
