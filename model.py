@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenizer import check_finite, load_checkpoint
+
 
 @dataclass
 class GPTConfig:
@@ -253,13 +255,15 @@ class GPT(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, name=None, map_location="cpu", **overrides):
         """Loads one of our checkpoints (config inside) or an official GPT file (the preset must be named)."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        if isinstance(ckpt, dict) and ckpt.get("kind") == "gpt":
+        ckpt = load_checkpoint(path, map_location)
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"{path} is not an AR model checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+        if ckpt.get("kind") == "gpt":
             cfg = GPTConfig(**{**ckpt["config"], **overrides})
             if name is not None and GPTConfig.from_name(name, **overrides) != cfg:
                 raise ValueError(f"{path} holds a {cfg} model, which is not the requested {name}")
             sd = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
-        elif isinstance(ckpt, dict) and ckpt.get("kind") is not None:
+        elif ckpt.get("kind") is not None:
             raise ValueError(f"{path} is a {ckpt['kind']} checkpoint, not an AR model checkpoint")
         else:
             if name is None:
@@ -269,8 +273,9 @@ class GPT(nn.Module):
             for wrapper in ("model", "module", "state_dict"):
                 if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
                     sd = sd[wrapper]
-            sd = {k.removeprefix("_orig_mod."): v for k, v in sd.items()}
+            sd = {k.removeprefix("_orig_mod."): v for k, v in sd.items()}  # saved from a compiled model
             cfg = GPTConfig.from_name(name, **overrides)
+        check_finite(sd, str(path))
         with torch.device("meta"):
             model = cls(cfg)
         try:

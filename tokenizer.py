@@ -14,8 +14,8 @@ Every numeric detail follows ../shared/SPEC.md; section numbers below refer to i
 """
 import functools
 import math
+import os
 import pickle
-import types
 from dataclasses import dataclass
 
 import torch
@@ -583,6 +583,7 @@ class Tokenizer(nn.Module):
     def load_weights(self, state_dict, source):
         """Strict load; only the training-only keys (usage buffer, REPA projector) may be present or absent."""
         repa = self.diff_decoder.net.repa_out
+        state_dict = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}  # saved from a compiled model
         # the official model always has a REPA projector; ours only when REPA features exist (dd_depth > repa_layer)
         sd = {k: v for k, v in state_dict.items() if k != USAGE_BUFFER and (repa is not None or not k.startswith(REPA_PREFIX))}
         if repa is not None and not any(k.startswith(REPA_PREFIX) for k in sd):
@@ -600,10 +601,7 @@ class Tokenizer(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu", use_ema=True, official_config=None):
         """Loads one of our checkpoints or an official tokenizer file (config inside, or `official_config` given)."""
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=False, pickle_module=_official_pickle)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"tokenizer checkpoint {path} does not exist") from None
+        ckpt = load_checkpoint(path, map_location)
         if not isinstance(ckpt, dict):
             raise ValueError(f"{path} is not a tokenizer checkpoint")
         if ckpt.get("kind") not in (None, "tokenizer"):
@@ -617,23 +615,10 @@ class Tokenizer(nn.Module):
         key = "ema" if use_ema and ckpt.get("ema") is not None else "model"
         if key not in ckpt:
             raise ValueError(f"{path} holds neither 'ema' nor 'model' weights (keys: {sorted(ckpt)})")
+        check_finite(ckpt[key], f"{path} ['{key}']")
         with torch.device("meta"):
             tok = cls(cfg)
         return tok.load_weights(ckpt[key], f"{path} ['{key}']")
-
-
-class _OfficialConfig:
-    """Stand-in for the official `config_util.Config` pickled inside tokenizer files (its data is in `_data`)."""
-
-
-class _OfficialUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) == ("config_util", "Config"):
-            return _OfficialConfig
-        return super().find_class(module, name)
-
-
-_official_pickle = types.SimpleNamespace(Unpickler=_OfficialUnpickler, load=pickle.load, __name__="pickle")
 
 
 def _official_model_config(config):
@@ -643,3 +628,47 @@ def _official_model_config(config):
         raise ValueError("the official config holds no `model` section")
     model = data["model"]
     return getattr(model, "_data", model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# safe loading: checkpoints come from the internet, so unpickling may build tensors and plain data only
+
+class _OfficialConfig:
+    """Stand-in for the official `config_util.Config` pickled in tokenizer files: attributes only (`_data`)."""
+
+
+class _PickledNamespace:
+    """Stand-in for the `argparse.Namespace` of training arguments pickled in official files: attributes only."""
+
+
+# torch's weights_only unpickler creates these with __new__ and fills their __dict__; it never calls them
+SAFE_GLOBALS = [(_OfficialConfig, "config_util.Config"), (_PickledNamespace, "argparse.Namespace")]
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load(weights_only=True) that admits the two official stand-ins above; a file that would need
+    anything else (e.g. a pickle calling os.system) is refused without running it. Raises FileNotFoundError, or
+    ValueError naming the file when it is empty, truncated, not a checkpoint, or refused."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint {path} is empty")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's refusal: the first line that names what was refused
+        skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [line for line in str(e).splitlines() if line.strip() and not line.startswith(skip)]
+        raise ValueError(f"checkpoint {path} was refused: it holds more than tensors and plain data "
+                         f"({lines[0] if lines else 'unreadable pickle'})") from None
+    except Exception as e:  # zip / pickle / storage errors of a damaged file
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ValueError(f"checkpoint {path} is truncated or not a PyTorch checkpoint ({type(e).__name__}: {first})") \
+            from None
+
+
+def check_finite(state_dict, source):
+    """Refuses weights with NaN or infinity (e.g. saved by a run whose loss diverged)."""
+    bad = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise ValueError(f"{source} has non-finite weights in {len(bad)} tensors, e.g. {bad[:3]}")
