@@ -45,10 +45,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (ArgumentParser, FashionMNIST, atomic_save, center_crop_arr, check_writable, from_uint8,
-                  make_dataset, nonnegative_float, nonnegative_int, open_image, positive_float, positive_int,
-                  setup_device)
+                  load_checkpoint, make_dataset, nonnegative_float, nonnegative_int, open_image, positive_float,
+                  positive_int, setup_device)
 from model import GPT, GPTConfig
-from tokenizer import Tokenizer, load_checkpoint
+from tokenizer import Tokenizer
 
 VIEWS = {"ten-crop": 10, "flip": 2, "single": 1}  # stored views per image
 MAX_SKIPS = 5  # this many non-finite steps in a row stop the run

@@ -51,9 +51,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (ArgumentParser, atomic_save, check_writable, make_dataset, nonnegative_float, nonnegative_int,
-                  positive_float, positive_int, setup_device, to_uint8)
-from tokenizer import Tokenizer, TokenizerConfig, load_checkpoint
+from data import (ArgumentParser, atomic_save, check_writable, load_checkpoint, make_dataset, nonnegative_float,
+                  nonnegative_int, positive_float, positive_int, setup_device, to_uint8)
+from tokenizer import Tokenizer, TokenizerConfig
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's ImageNet VGG16
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"
