@@ -49,6 +49,7 @@ positive_int = _number(int, lambda v: v > 0, "a whole number ≥ 1")
 nonnegative_int = _number(int, lambda v: v >= 0, "a whole number ≥ 0")
 positive_float = _number(float, lambda v: v > 0 and np.isfinite(v), "a finite number > 0")
 nonnegative_float = _number(float, lambda v: v >= 0 and np.isfinite(v), "a finite number ≥ 0")
+probability = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def setup_device(name=None):
@@ -275,3 +276,43 @@ def check_finite(state_dict, source):
     bad = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
     if bad:
         raise ValueError(f"{source} has non-finite weights in {len(bad)} tensors, e.g. {bad[:3]}")
+
+
+# ---- training runs: what both trainers share ----
+def default_workers():
+    """Data loader workers per rank: at most 8, and no more than this rank's share of the usable cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def checkpoint_path(out_dir, resume, overwrite):
+    """out_dir/ckpt.pt, made ready for writing; refuses to start over an existing checkpoint unless told how."""
+    path = Path(out_dir) / "ckpt.pt"
+    if resume and not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    if path.exists() and not (resume or overwrite):
+        raise ValueError(f"{path} already exists: pass --resume to continue it or --overwrite to replace it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out-dir {out_dir}: cannot create it ({e.strerror})") from None
+    check_writable(path)
+    return path
+
+
+def all_finite(tensors):
+    """Whether every tensor (this rank's shard under FSDP) is finite on every rank: one host synchronisation."""
+    ok = torch.stack([torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all() for t in tensors]).float()
+    ok = ok.min()
+    if dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
+
+
+def skip_flag(loss, grad_norm):
+    """1.0 where the loss or the gradient norm is not finite on some rank, else 0.0, as a device tensor."""
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    skip = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+    if dist.is_initialized():  # the same decision on every rank (an asynchronous collective on the GPU)
+        dist.all_reduce(skip, op=dist.ReduceOp.MAX)
+    return skip

@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (ArgumentParser, FashionMNIST, atomic_save, center_crop_arr, check_writable, from_uint8,
                   load_checkpoint, make_dataset, nonnegative_float, nonnegative_int, open_image, positive_float,
-                  positive_int, setup_device)
+                  positive_int, setup_device, probability, default_workers, checkpoint_path, all_finite, skip_flag)
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -54,22 +54,9 @@ VIEWS = {"ten-crop": 10, "flip": 2, "single": 1}  # stored views per image
 MAX_SKIPS = 5  # this many non-finite steps in a row stop the run
 
 
-def probability(text):
-    value = nonnegative_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number in [0, 1)")
-    return value
-
-
 def barrier():
     if dist.is_initialized():
         dist.barrier()
-
-
-def default_workers():
-    """Data loader workers per rank: at most 8, and no more than this rank's share of the usable cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 # ---- extraction ----
@@ -314,21 +301,6 @@ def build(cfg, device, fsdp, bf16, lr, betas, weight_decay, ema):
     return model, opt, [p.detach().clone() for p in params] if ema else None
 
 
-def checkpoint_path(out_dir, resume, overwrite):
-    """out_dir/ckpt.pt, made ready for writing; refuses to start over an existing checkpoint unless told how."""
-    path = Path(out_dir) / "ckpt.pt"
-    if resume and not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    if path.exists() and not (resume or overwrite):
-        raise ValueError(f"{path} already exists: pass --resume to continue it or --overwrite to replace it")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--out-dir {out_dir}: cannot create it ({e.strerror})") from None
-    check_writable(path)
-    return path
-
-
 def restore(path, model, opt, ema, cfg):
     """Restores weights, optimizer and EMA (in place) from one of our checkpoints; returns the step."""
     ckpt = load_checkpoint(path)  # weights_only: loading never runs code
@@ -346,15 +318,6 @@ def restore(path, model, opt, ema, cfg):
     set_model_state_dict(model, ckpt["model"], options=full)
     set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=full)
     return ckpt["step"]
-
-
-def all_finite(tensors):
-    """Whether every tensor (this rank's shard under FSDP) is finite on every rank: one host synchronisation."""
-    ok = torch.stack([torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all() for t in tensors]).float()
-    ok = ok.min()
-    if dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok)
 
 
 def save_checkpoint(path, model, opt, ema, cfg, step, args):
@@ -380,15 +343,6 @@ def set_grad_sync(model, raw, on):
         model.require_backward_grad_sync = on
     elif hasattr(raw, "set_requires_gradient_sync"):
         raw.set_requires_gradient_sync(on)
-
-
-def skip_flag(loss, grad_norm):
-    """1.0 where the loss or the gradient norm is not finite on some rank, else 0.0, as a device tensor."""
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    skip = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
-    if dist.is_initialized():  # the same decision on every rank (an asynchronous collective on the GPU)
-        dist.all_reduce(skip, op=dist.ReduceOp.MAX)
-    return skip
 
 
 def train_step(model, raw, opt, ema, ema_decay, grad_clip, batches, ctx):

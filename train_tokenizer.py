@@ -52,25 +52,13 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (ArgumentParser, atomic_save, check_writable, load_checkpoint, make_dataset, nonnegative_float,
-                  nonnegative_int, positive_float, positive_int, setup_device, to_uint8)
+                  nonnegative_int, positive_float, positive_int, setup_device, to_uint8, probability, default_workers,
+                  checkpoint_path, all_finite, skip_flag)
 from tokenizer import Tokenizer, TokenizerConfig
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's ImageNet VGG16
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"
 MAX_SKIPS = 5  # this many non-finite steps in a row stop the run
-
-
-def probability(text):
-    value = nonnegative_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number in [0, 1)")
-    return value
-
-
-def default_workers():
-    """Data loader workers per rank: at most 8, and no more than this rank's share of the usable cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def tokenizer_config(preset, image_size, repa):
@@ -243,21 +231,6 @@ def flops_per_image(objective, images, t, noise):
 
 
 # ---- checkpoints and pictures ----
-def checkpoint_path(out_dir, resume, overwrite):
-    """out_dir/ckpt.pt, made ready for writing; refuses to start over an existing checkpoint unless told how."""
-    path = Path(out_dir) / "ckpt.pt"
-    if resume and not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    if path.exists() and not (resume or overwrite):
-        raise ValueError(f"{path} already exists: pass --resume to continue it or --overwrite to replace it")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--out-dir {out_dir}: cannot create it ({e.strerror})") from None
-    check_writable(path)
-    return path
-
-
 def restore(path, tok, ema, opt, cfg):
     """Restores weights, EMA and optimizer from one of our checkpoints; returns the step."""
     ckpt = load_checkpoint(path)  # weights_only: loading never runs code
@@ -271,14 +244,6 @@ def restore(path, tok, ema, opt, cfg):
     ema.load_state_dict(ckpt["ema"])
     opt.load_state_dict(ckpt["optimizer"])
     return ckpt["step"]
-
-
-def all_finite(tensors):
-    """Whether every tensor is finite on every rank: one host synchronisation."""
-    ok = torch.stack([torch.isfinite(t).all() for t in tensors]).float().min()
-    if dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok)
 
 
 def save_checkpoint(path, tok, ema, opt, cfg, step, args, master):
@@ -315,14 +280,6 @@ def dropout_seed(seed, step, micro_batch):
     """The RNG seed of one micro-batch of the global step: LPIPS dropout draws the same masks whichever rank or
     micro-step runs it."""
     return int(np.random.SeedSequence([seed, 2, step, micro_batch]).generate_state(1)[0])
-
-
-def skip_flag(loss, grad_norm):
-    """1.0 where the loss or the gradient norm is not finite on some rank, else 0.0, as a device tensor."""
-    skip = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
-    if dist.is_initialized():  # the same decision on every rank (an asynchronous collective on the GPU)
-        dist.all_reduce(skip, op=dist.ReduceOp.MAX)
-    return skip
 
 
 def train_step(model, tok, opt, ema, ema_decay, grad_clip, batches, seeds, ctx, used):
