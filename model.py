@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenizer import check_finite, load_checkpoint
+
 
 @dataclass
 class GPTConfig:
@@ -230,12 +232,11 @@ class GPT(nn.Module):
         return logits, loss
 
     # ---- cached inference ----
-    def setup_caches(self, max_batch_size, max_seq_length=None, dtype=None, device=None):
+    def setup_caches(self, max_batch_size, device=None):
         """Static caches for [class token + block_size tokens], length rounded up to a multiple of 8."""
         cfg = self.config
-        seq = max_seq_length or cfg.block_size + cfg.cls_token_num
-        seq = (seq + 7) // 8 * 8
-        dtype = dtype or self.tok_embeddings.weight.dtype
+        seq = (cfg.block_size + cfg.cls_token_num + 7) // 8 * 8
+        dtype = self.tok_embeddings.weight.dtype
         device = device or self.tok_embeddings.weight.device
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch_size, seq, cfg.n_kv_head, cfg.head_dim, dtype, device)
@@ -254,13 +255,15 @@ class GPT(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, name=None, map_location="cpu", **overrides):
         """Loads one of our checkpoints (config inside) or an official GPT file (the preset must be named)."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        if isinstance(ckpt, dict) and ckpt.get("kind") == "gpt":
+        ckpt = load_checkpoint(path, map_location)
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"{path} is not an AR model checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+        if ckpt.get("kind") == "gpt":
             cfg = GPTConfig(**{**ckpt["config"], **overrides})
             if name is not None and GPTConfig.from_name(name, **overrides) != cfg:
                 raise ValueError(f"{path} holds a {cfg} model, which is not the requested {name}")
             sd = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
-        elif isinstance(ckpt, dict) and ckpt.get("kind") is not None:
+        elif ckpt.get("kind") is not None:
             raise ValueError(f"{path} is a {ckpt['kind']} checkpoint, not an AR model checkpoint")
         else:
             if name is None:
@@ -270,8 +273,9 @@ class GPT(nn.Module):
             for wrapper in ("model", "module", "state_dict"):
                 if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
                     sd = sd[wrapper]
-            sd = {k.removeprefix("_orig_mod."): v for k, v in sd.items()}
+            sd = {k.removeprefix("_orig_mod."): v for k, v in sd.items()}  # saved from a compiled model
             cfg = GPTConfig.from_name(name, **overrides)
+        check_finite(sd, str(path))
         with torch.device("meta"):
             model = cls(cfg)
         try:
@@ -325,7 +329,7 @@ def guide(logits, scale):
 def prefill(model, labels, cfg_scale, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """Runs the class tokens at position 0 and samples the first image token. labels (B',) already doubled."""
     x = model._embed(None, labels)  # (B', 1, C)
-    logits = model.forward_cached(x, torch.zeros(1, dtype=torch.long, device=x.device))[:, -1]
+    logits = model.forward_cached(x, torch.zeros(1, dtype=torch.long, device=x.device), kv_len=1)[:, -1]
     if cfg_scale is not None:
         logits = guide(logits, cfg_scale)
     return sample_logits(logits, temperature, top_k, top_p, generator)
@@ -333,7 +337,9 @@ def prefill(model, labels, cfg_scale, temperature=1.0, top_k=0, top_p=1.0, gener
 
 def decode_one_token(model, token, input_pos, cfg_scale, temperature=1.0, top_k=0, top_p=1.0, generator=None,
                      kv_len=None):
-    """token (B,), input_pos (1,) tensor → next token (B,). CFG doubles the batch inside. kv_len: see forward_cached."""
+    """token (B,), input_pos (1,) tensor → next token (B,). CFG doubles the batch inside.
+
+    kv_len: attend over only the first kv_len cache slots (generate passes input_pos + 1); None = the whole cache."""
     if cfg_scale is not None:
         token = torch.cat([token, token])
     logits = model.forward_cached(model.tok_embeddings(token)[:, None], input_pos, kv_len)[:, -1]
@@ -344,16 +350,18 @@ def decode_one_token(model, token, input_pos, cfg_scale, temperature=1.0, top_k=
 
 @torch.no_grad()
 def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, generator=None, prefix=None,
-             num_tokens=None, decode_fn=decode_one_token, on_token=None):
+             on_token=None, decode_fn=decode_one_token):
     """Samples (B, N) int64 tokens for class labels (B,).
 
     cfg_scale: number or "a,b" schedule; guidance is on when the start scale exceeds 1 (SPEC.md §9.1).
     prefix: (B, k) tokens kept fixed (zero-shot layout control); they are teacher-forced through the cache.
-    decode_fn: the per-token step, e.g. a compiled / CUDA-graph-captured `decode_one_token`.
     on_token(i, tokens): called after token i is known (streaming decoders consume groups from here).
+    decode_fn: the per-token step, e.g. a compiled / CUDA-graph-captured `decode_one_token`; it is called as
+      decode_fn(model, token, input_pos, scale, temperature=, top_k=, top_p=, generator=, kv_len=p + 1) for the
+      token at position p, kv_len being the number of cache slots filled by then (a host int).
     """
     cfg = model.config
-    N = num_tokens or cfg.block_size
+    N = cfg.block_size
     B, device = labels.shape[0], labels.device
     if labels.min() < 0 or labels.max() >= cfg.num_classes:
         raise ValueError(f"labels must lie in [0, {cfg.num_classes})")
@@ -378,8 +386,8 @@ def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, 
     next_tok = prefill(model, cond, scale(0), temperature, top_k, top_p, generator)
     for i in range(N):
         if i > 0:
-            next_tok = decode_fn(model, tokens[:, i - 1], positions[i:i + 1], scale(i), temperature, top_k, top_p,
-                                 generator)
+            next_tok = decode_fn(model, tokens[:, i - 1], positions[i:i + 1], scale(i), temperature=temperature,
+                                 top_k=top_k, top_p=top_p, generator=generator, kv_len=i + 1)
         if i >= k:
             tokens[:, i] = next_tok
         if on_token:

@@ -14,8 +14,8 @@ Every numeric detail follows ../shared/SPEC.md; section numbers below refer to i
 """
 import functools
 import math
+import os
 import pickle
-import types
 from dataclasses import dataclass
 
 import torch
@@ -418,10 +418,12 @@ class Tokenizer(nn.Module):
         z = layer_norm(x[:, h * w:])  # (B, N, De)
         return self.quant_in_conv(z.transpose(1, 2)[:, :, None]).squeeze(2).transpose(1, 2)  # (B, N, c)
 
+    @torch.no_grad()
     def encode_latent(self, images):
         """(B, N, c): the L2-normalised latent that the quantizer compares with the codebook."""
         return F.normalize(self.encode_unquantized(images), dim=-1)
 
+    @torch.no_grad()
     def encode(self, images):
         """(B, N) int64 codes, ordered coarse to fine."""
         return self.quantize(self.encode_unquantized(images))[1]
@@ -430,6 +432,7 @@ class Tokenizer(nn.Module):
     def new_condition_cache(self):
         return [dict() for _ in self.decoder_layers]
 
+    @torch.no_grad()
     def condition(self, codes, cache=None):
         """codes (B, n) → condition tokens (B, n, Dd). Causal: a prefix of codes gives the prefix of the result.
 
@@ -449,50 +452,75 @@ class Tokenizer(nn.Module):
         return layer_norm(x)
 
     # ---- pixel decoder (§5, §6) ----
+    @torch.no_grad()
     def velocity(self, x_t, t, cond_group):
         """One evaluation of the pixel network; t (B,) is used as given (already shifted)."""
         return self.diff_decoder.net(x_t, torch.as_tensor(t, device=x_t.device), cond_group)[0]
 
     def group_slices(self, steps):
-        """Token range of the condition group for each of the first `steps` solver steps (§6.2)."""
+        """Token range of the condition group used by each of `steps` solver steps (§6.2)."""
         cfg = self.config
         N, M, K = cfg.num_all_queries, cfg.queries_per_step, cfg.num_query_groups
-        starts = [min(N - M, int(math.floor(i / cfg.num_denoising_steps * K + 0.5) / K * N)) for i in range(steps)]
+        starts = [min(N - M, int(math.floor(i / steps * K + 0.5) / K * N)) for i in range(steps)]
         return [slice(s, s + M) for s in starts]
 
     def schedule(self, steps):
-        """Shifted time grid (steps + 1,) float32: the first `steps` points of the full grid, then exactly 1."""
-        raw = torch.tensor([i / self.config.num_denoising_steps for i in range(steps)] + [1.0], dtype=torch.float32)
+        """Shifted time grid (steps + 1,) float32 of a `steps`-step solve: shift(i / steps), then exactly 1."""
+        raw = torch.tensor([i / steps for i in range(steps)] + [1.0], dtype=torch.float32)
         return shift_time(raw, self.config.time_shift)
 
-    def denoise(self, noise, cond_groups, method="adams2"):
-        """Runs the ODE from t = 0, one step per condition group consumed from `cond_groups` (an iterable, so the
-        groups may be produced while this runs). Yields (x, preview) after each step: x the state in network space,
-        preview the image obtained by jumping to t = 1 with this step's velocity, divided by σd."""
+    @torch.no_grad()
+    def solver_step(self, x, v_prev, k, cond_group, method="adams2", steps=None):
+        """ODE step k (0-based) of `steps` (default num_denoising_steps) from the state x (B, 3, R, R).
+
+        v_prev: the velocity of step k - 1, or None (Adams-2 then takes an Euler step). Returns (x_next, v,
+        preview): preview = the jump from this step's time to t = 1 with the step's blended velocity, divided by
+        σd (image space, not resized); after the last step it equals x_next / σd."""
         if method not in ("adams2", "euler"):
             raise ValueError(f"unknown solver {method!r}: use 'adams2' or 'euler'")
-        sched = self.schedule(self.config.num_denoising_steps).tolist()
-        x, v_prev = noise, None
-        for i, cond in enumerate(cond_groups):
-            t = torch.full((x.shape[0],), sched[i], device=x.device)
-            v = self.diff_decoder.net(x, t, cond)[0]
-            u = v if method == "euler" or v_prev is None else 1.5 * v - 0.5 * v_prev
-            preview = (x + (1 - sched[i]) * u) / self.config.data_std
-            x, v_prev = x + (sched[i + 1] - sched[i]) * u, v
+        steps = steps or self.config.num_denoising_steps
+        if not 0 <= k < steps:
+            raise ValueError(f"step {k} is outside the {steps} solver steps")
+        t, t_next = self.schedule(steps)[k:k + 2].tolist()
+        v = self.velocity(x, torch.full((x.shape[0],), t, device=x.device), cond_group)
+        u = v if method == "euler" or v_prev is None else 1.5 * v - 0.5 * v_prev
+        preview = (x + (1 - t) * u) / self.config.data_std
+        return x + (t_next - t) * u, v, preview
+
+    def steps_for_groups(self, groups, steps):
+        """How many of the `steps` solver steps need only the first `groups` token groups (a prefix of the steps)."""
+        M = self.config.queries_per_step
+        return sum(s.start < groups * M for s in self.group_slices(steps))
+
+    def denoise(self, noise, cond_groups, method="adams2", steps=None):
+        """Runs the ODE from t = 0, one solver step per condition group consumed from `cond_groups` (an iterable,
+        so the groups may be produced while this runs). Yields (x, preview) after each step."""
+        x, v = noise, None
+        for k, cond in enumerate(cond_groups):
+            x, v, preview = self.solver_step(x, v, k, cond, method, steps)
             yield x, preview
 
-    def decode(self, codes, noise=None, method="adams2", groups=None, generator=None):
-        """codes (B, N) → image (B, 3, H, W), roughly in [-1, 1], not clamped. groups=k uses only the first k groups
-        (the preview of §6.5); noise is x0 in network space, else drawn with `generator`."""
-        steps = self.config.num_denoising_steps if groups is None else groups
-        if not 1 <= steps <= self.config.num_denoising_steps:
-            raise ValueError(f"groups must lie in [1, {self.config.num_denoising_steps}], got {groups}")
+    @torch.no_grad()
+    def decode(self, codes, noise=None, method="adams2", groups=None, generator=None, steps=None):
+        """codes (B, N) → image (B, 3, H, W), roughly in [-1, 1], not clamped.
+
+        steps: solver steps (default num_denoising_steps) over the same [0, 1] time range; step i is conditioned
+        on the group nearest to its time (§6.2), so 16 steps use each group twice and 4 steps every other group.
+        groups=k runs only the steps that the first k groups condition and jumps to t = 1 from the last (the
+        preview of §6.5). noise is x0 in network space (its size sets H, W), else drawn with `generator` at
+        sampling_resolution."""
+        steps = steps or self.config.num_denoising_steps
+        K = self.config.num_query_groups
+        if groups is not None and not 1 <= groups <= K:
+            raise ValueError(f"groups must lie in [1, {K}], got {groups}")
+        n = steps if groups is None else self.steps_for_groups(groups, steps)
         if noise is None:
             R = self.config.sampling_resolution
             noise = torch.randn(codes.shape[0], 3, R, R, generator=generator, device=codes.device)
         cond = self.condition(codes)
-        for _, image in self.denoise(noise, [cond[:, s] for s in self.group_slices(steps)], method):
-            pass
+        x, v = noise, None
+        for k, s in enumerate(self.group_slices(steps)[:n]):
+            x, v, image = self.solver_step(x, v, k, cond[:, s], method, steps)
         return self.resize_output(image)
 
     def resize_output(self, images):
@@ -502,9 +530,13 @@ class Tokenizer(nn.Module):
         return images
 
     @torch.no_grad()
-    def reconstruct(self, images, method="adams2", groups=None, generator=None):
-        """Encode then decode (eval-mode `forward` of the official model)."""
-        return self.decode(self.encode(images), method=method, groups=groups, generator=generator)
+    def reconstruct(self, images, method="adams2", groups=None, generator=None, steps=None):
+        """Encode then decode (eval-mode `forward` of the official model): decoded at the input's size when it is
+        larger than sampling_resolution."""
+        R = self.config.sampling_resolution
+        B, _, H, W = images.shape
+        noise = torch.randn(B, 3, max(R, H), max(R, W), generator=generator, device=images.device)
+        return self.decode(self.encode(images), noise, method, groups, steps=steps)
 
     # ---- training (§7) ----
     def loss(self, images, t=None, noise=None):
@@ -551,6 +583,7 @@ class Tokenizer(nn.Module):
     def load_weights(self, state_dict, source):
         """Strict load; only the training-only keys (usage buffer, REPA projector) may be present or absent."""
         repa = self.diff_decoder.net.repa_out
+        state_dict = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}  # saved from a compiled model
         # the official model always has a REPA projector; ours only when REPA features exist (dd_depth > repa_layer)
         sd = {k: v for k, v in state_dict.items() if k != USAGE_BUFFER and (repa is not None or not k.startswith(REPA_PREFIX))}
         if repa is not None and not any(k.startswith(REPA_PREFIX) for k in sd):
@@ -568,10 +601,7 @@ class Tokenizer(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu", use_ema=True, official_config=None):
         """Loads one of our checkpoints or an official tokenizer file (config inside, or `official_config` given)."""
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=False, pickle_module=_official_pickle)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"tokenizer checkpoint {path} does not exist") from None
+        ckpt = load_checkpoint(path, map_location)
         if not isinstance(ckpt, dict):
             raise ValueError(f"{path} is not a tokenizer checkpoint")
         if ckpt.get("kind") not in (None, "tokenizer"):
@@ -585,23 +615,10 @@ class Tokenizer(nn.Module):
         key = "ema" if use_ema and ckpt.get("ema") is not None else "model"
         if key not in ckpt:
             raise ValueError(f"{path} holds neither 'ema' nor 'model' weights (keys: {sorted(ckpt)})")
+        check_finite(ckpt[key], f"{path} ['{key}']")
         with torch.device("meta"):
             tok = cls(cfg)
         return tok.load_weights(ckpt[key], f"{path} ['{key}']")
-
-
-class _OfficialConfig:
-    """Stand-in for the official `config_util.Config` pickled inside tokenizer files (its data is in `_data`)."""
-
-
-class _OfficialUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) == ("config_util", "Config"):
-            return _OfficialConfig
-        return super().find_class(module, name)
-
-
-_official_pickle = types.SimpleNamespace(Unpickler=_OfficialUnpickler, load=pickle.load, __name__="pickle")
 
 
 def _official_model_config(config):
@@ -611,3 +628,47 @@ def _official_model_config(config):
         raise ValueError("the official config holds no `model` section")
     model = data["model"]
     return getattr(model, "_data", model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# safe loading: checkpoints come from the internet, so unpickling may build tensors and plain data only
+
+class _OfficialConfig:
+    """Stand-in for the official `config_util.Config` pickled in tokenizer files: attributes only (`_data`)."""
+
+
+class _PickledNamespace:
+    """Stand-in for the `argparse.Namespace` of training arguments pickled in official files: attributes only."""
+
+
+# torch's weights_only unpickler creates these with __new__ and fills their __dict__; it never calls them
+SAFE_GLOBALS = [(_OfficialConfig, "config_util.Config"), (_PickledNamespace, "argparse.Namespace")]
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load(weights_only=True) that admits the two official stand-ins above; a file that would need
+    anything else (e.g. a pickle calling os.system) is refused without running it. Raises FileNotFoundError, or
+    ValueError naming the file when it is empty, truncated, not a checkpoint, or refused."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint {path} is empty")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's refusal: the first line that names what was refused
+        skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [line for line in str(e).splitlines() if line.strip() and not line.startswith(skip)]
+        raise ValueError(f"checkpoint {path} was refused: it holds more than tensors and plain data "
+                         f"({lines[0] if lines else 'unreadable pickle'})") from None
+    except Exception as e:  # zip / pickle / storage errors of a damaged file
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ValueError(f"checkpoint {path} is truncated or not a PyTorch checkpoint ({type(e).__name__}: {first})") \
+            from None
+
+
+def check_finite(state_dict, source):
+    """Refuses weights with NaN or infinity (e.g. saved by a run whose loss diverged)."""
+    bad = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise ValueError(f"{source} has non-finite weights in {len(bad)} tensors, e.g. {bad[:3]}")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model import GPT, GPTConfig, cfg_schedule, generate, sample_logits
+from model import GPT, GPTConfig, cfg_schedule, decode_one_token, generate, sample_logits
 
 
 def tiny(**kw):
@@ -160,3 +160,71 @@ def test_our_checkpoint_format_and_mismatch(tmp_path):
     torch.save({"kind": "tokenizer", "config": {}}, tmp_path / "tok.pt")
     with pytest.raises(ValueError, match="tokenizer checkpoint"):
         GPT.from_checkpoint(tmp_path / "tok.pt")
+
+
+def test_generate_passes_the_attention_length():
+    gpt = tiny()
+    seen = []
+
+    def recording(model, token, input_pos, scale, kv_len=None, **kw):
+        seen.append((int(input_pos), kv_len))
+        return decode_one_token(model, token, input_pos, scale, kv_len=kv_len, **kw)
+    got = generate(gpt, torch.tensor([1, 2]), cfg_scale=2.0, top_k=1, decode_fn=recording)
+    assert seen == [(p, p + 1) for p in range(1, 32)] and all(type(n) is int for _, n in seen)
+    want = generate(gpt, torch.tensor([1, 2]), cfg_scale=2.0, top_k=1,
+                    decode_fn=lambda *a, kv_len, **kw: decode_one_token(*a, kv_len=None, **kw))  # whole cache
+    assert torch.equal(got, want)
+
+
+class Payload:
+    """Pickles as a call to os.system that creates `marker`: what a malicious checkpoint would run on load."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch '{self.marker}'",)
+
+
+@pytest.mark.parametrize("fmt", ["official", "ours", "legacy"])
+def test_malicious_gpt_files_are_refused_without_running(tmp_path, fmt):
+    import argparse
+    from dataclasses import asdict
+    gpt, marker, path = tiny(), tmp_path / "ran", tmp_path / "evil.pt"
+    if fmt == "official":  # a state dict under `model` with training arguments, as the official trainer saves
+        ckpt = {"model": gpt.state_dict(), "steps": 10, "args": argparse.Namespace(hook=Payload(marker))}
+    else:
+        ckpt = {"kind": "gpt", "config": asdict(gpt.config), "model": gpt.state_dict(), "ema": Payload(marker)}
+    torch.save(ckpt, path, _use_new_zipfile_serialization=fmt != "legacy")
+    with pytest.raises(ValueError, match=f"{path}.*refused.*system"):
+        GPT.from_checkpoint(path, name="GPT-tiny" if fmt == "official" else None)
+    assert not marker.exists()
+
+
+def test_official_gpt_file_with_training_arguments_loads(tmp_path):
+    import argparse
+    gpt = tiny()
+    torch.save({"model": gpt.state_dict(), "steps": 10, "args": argparse.Namespace(lr=1e-4, gpt_model="GPT-tiny")},
+               tmp_path / "gpt.pt")
+    loaded = GPT.from_checkpoint(tmp_path / "gpt.pt", name="GPT-tiny")
+    assert torch.equal(loaded.output.weight, gpt.output.weight)
+
+
+def test_damaged_and_non_finite_gpt_files_are_named(tmp_path):
+    sd = tiny().state_dict()
+    torch.save(sd, tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    for name, content in {"empty.pt": b"", "truncated.pt": data[:1000], "random.pt": bytes(range(256)) * 8}.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=name):
+            GPT.from_checkpoint(tmp_path / name, name="GPT-tiny")
+    sd["norm.weight"][3] = float("inf")
+    torch.save(sd, tmp_path / "inf.pt")
+    with pytest.raises(ValueError, match="inf.pt.*non-finite.*norm.weight"):
+        GPT.from_checkpoint(tmp_path / "inf.pt", name="GPT-tiny")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="list.pt"):
+        GPT.from_checkpoint(tmp_path / "list.pt", name="GPT-tiny")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        GPT.from_checkpoint(tmp_path / "missing.pt", name="GPT-tiny")

@@ -139,6 +139,46 @@ def test_full_size_tokenizer_on_meta_device():
     assert sum(p.numel() for p in tok.parameters()) == 307_444_672  # SPEC.md §12.1, REPA projector included
 
 
+class Payload:
+    """Pickles as a call to os.system that creates `marker`: what a malicious checkpoint would run on load."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def official_config_class():
+    """A class pickled as the official `config_util.Config` (its data in `_data`), without the official code."""
+    class Config:
+        def __init__(self, data):
+            self._data = data
+    Config.__module__, Config.__qualname__ = "config_util", "Config"
+    return Config
+
+
+TINY_OFFICIAL = {"encoder_patch_size": 8, "num_encoder_layers": 2, "num_decoder_layers": 2, "query_low_rank": True,
+                 "encoder_dim": 128, "decoder_dim": 128, "vq_dim": 8, "vq_codebook_size": 64,
+                 "num_denoising_steps": 8, "num_query_groups": 8, "num_all_queries": 32, "queries_per_step": 4,
+                 "vq_enable": True, "sampling_resolution": 32,
+                 "diff_decoder": {"in_dim": 3, "out_dim": 3, "dim": 128, "cond_dim": 128, "patch_size": 4,
+                                  "depth": 2, "data_std": 0.6, "time_shift": 2.0, "mlp_head": False,
+                                  "share_time_encoding": False}}
+
+
+def save_official(path, tok, config, **extra):
+    """Writes a file the way the official trainer does, config_util.Config object inside."""
+    mod = types.ModuleType("config_util")
+    mod.Config = type(config)
+    sys.modules["config_util"] = mod
+    try:
+        torch.save({"model": official_style_state(tok), "ema": official_style_state(tok), "optimizer": {},
+                    "steps": 5, "args": argparse.Namespace(lr=1e-4), "config": config, **extra}, path)
+    finally:
+        del sys.modules["config_util"]
+
+
 def official_style_state(tok):
     sd = dict(tok.state_dict())
     sd["quantize.codebook_used"] = torch.zeros(65536)  # the official trainer's usage buffer
@@ -147,29 +187,7 @@ def official_style_state(tok):
 
 def test_official_tokenizer_file_loads_without_config_util(tmp_path):
     tok = tiny_tokenizer()
-    # write a file the way the official trainer does, with its own config_util.Config class pickled inside
-    mod = types.ModuleType("config_util")
-
-    class Config:
-        def __init__(self, data):
-            self._data = data
-    Config.__module__, Config.__qualname__ = "config_util", "Config"
-    mod.Config = Config
-    sys.modules["config_util"] = mod
-    cfg = Config({"model": {"encoder_patch_size": 8, "num_encoder_layers": 2, "num_decoder_layers": 2,
-                            "query_low_rank": True, "encoder_dim": 128, "decoder_dim": 128, "vq_dim": 8,
-                            "vq_codebook_size": 64, "num_denoising_steps": 8, "num_query_groups": 8,
-                            "num_all_queries": 32, "queries_per_step": 4, "vq_enable": True,
-                            "sampling_resolution": 32,
-                            "diff_decoder": {"in_dim": 3, "out_dim": 3, "dim": 128, "cond_dim": 128,
-                                             "patch_size": 4, "depth": 2, "data_std": 0.6, "time_shift": 2.0,
-                                             "mlp_head": False, "share_time_encoding": False}},
-                  "train": {"lr": 1e-4}})
-    try:
-        torch.save({"model": official_style_state(tok), "ema": official_style_state(tok), "optimizer": {},
-                    "steps": 5, "args": argparse.Namespace(lr=1e-4), "config": cfg}, tmp_path / "official.pt")
-    finally:
-        del sys.modules["config_util"]
+    save_official(tmp_path / "official.pt", tok, official_config_class()({"model": TINY_OFFICIAL, "train": {"lr": 1e-4}}))
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("config_util")
     loaded = Tokenizer.from_checkpoint(tmp_path / "official.pt")
@@ -207,3 +225,128 @@ def test_our_checkpoint_and_wrong_kind(tmp_path):
         Tokenizer.from_checkpoint(tmp_path / "gpt.pt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Tokenizer.from_checkpoint(tmp_path / "missing.pt")
+
+
+def test_loaded_tokenizer_decodes_without_autograd(tmp_path):
+    from dataclasses import asdict
+    tok = tiny_tokenizer()
+    torch.save({"kind": "tokenizer", "config": asdict(tok.config), "model": tok.state_dict(), "ema": None},
+               tmp_path / "ours.pt")
+    loaded = Tokenizer.from_checkpoint(tmp_path / "ours.pt")
+    assert all(p.requires_grad for p in loaded.parameters())  # training still gets gradients
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    codes = loaded.encode(images)
+    assert loaded.decode(codes).requires_grad is False
+    assert loaded.encode_latent(images).requires_grad is False
+    assert loaded.condition(codes).requires_grad is False
+    assert loaded.reconstruct(images).requires_grad is False
+
+
+def test_step_schedule_follows_the_official_rule():
+    tok = tiny_tokenizer()  # 8 groups of 4 tokens, 8 steps by default
+    starts = lambda steps: [s.start // 4 for s in tok.group_slices(steps)]  # noqa: E731
+    # step i of S sits at raw time i/S and uses the group nearest to it (rounded half up, last group clamped)
+    assert starts(8) == list(range(8))
+    assert starts(4) == [0, 2, 4, 6]
+    assert starts(16) == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 7]
+    # shift(t) = t / (t + 2(1 - t)) on i/S, then exactly 1
+    torch.testing.assert_close(tok.schedule(4), torch.tensor([0, 1 / 7, 1 / 3, 0.6, 1.0]))
+    torch.testing.assert_close(tok.schedule(8)[:4], torch.tensor([0, 1 / 15, 1 / 7, 3 / 13]))
+
+
+@pytest.mark.parametrize("steps", [4, 12, 16])
+def test_decode_with_other_step_counts_matches_a_plain_solver(steps):
+    tok = tiny_tokenizer()
+    codes = torch.randint(0, 64, (2, 32))
+    noise = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        cond = tok.condition(codes)
+        t = tok.schedule(steps).tolist()
+        x, v_prev = noise.clone(), None
+        for i, s in enumerate(tok.group_slices(steps)):  # Adams-Bashforth 2 with constant coefficients
+            v = tok.velocity(x, torch.full((2,), t[i]), cond[:, s])
+            x = x + (t[i + 1] - t[i]) * (v if v_prev is None else 1.5 * v - 0.5 * v_prev)
+            v_prev = v
+    torch.testing.assert_close(tok.decode(codes, noise=noise, steps=steps), x / 0.6, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(tok.decode(codes, noise=noise, steps=steps), tok.decode(codes, noise=noise))
+
+
+def test_solver_steps_give_decode_and_previews():
+    tok = tiny_tokenizer()
+    codes = torch.randint(0, 64, (2, 32))
+    noise = torch.randn(2, 3, 32, 32)
+    cond = tok.condition(codes)
+    x, v = noise, None
+    for k, s in enumerate(tok.group_slices(8)):
+        x, v, preview = tok.solver_step(x, v, k, cond[:, s], method="euler")
+        assert torch.equal(preview, tok.decode(codes, noise=noise, method="euler", groups=k + 1))
+    assert torch.equal(x / 0.6, preview)
+    # 16 steps: groups=2 runs the three steps that groups 0 and 1 condition, then jumps to t = 1
+    x, v = noise, None
+    for k, s in enumerate(tok.group_slices(16)[:3]):
+        x, v, preview = tok.solver_step(x, v, k, cond[:, s], steps=16)
+    assert torch.equal(preview, tok.decode(codes, noise=noise, groups=2, steps=16))
+    with pytest.raises(ValueError, match="outside"):
+        tok.solver_step(noise, None, 8, cond[:, :4])
+
+
+def test_reconstruct_decodes_at_the_input_size():
+    tok = tiny_tokenizer()  # sampling_resolution 32
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert tok.reconstruct(x, generator=torch.Generator().manual_seed(0)).shape == (1, 3, 64, 64)
+    assert tok.decode(tok.encode(x)).shape == (1, 3, 32, 32)  # codes alone decode at sampling_resolution
+
+
+def test_payload_runs_when_unpickled_unsafely(tmp_path):
+    import pickle
+    pickle.loads(pickle.dumps(Payload(tmp_path / "ran")))  # the refusal tests below are not vacuous
+    assert (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("fmt", ["ours", "official", "legacy"])
+def test_malicious_tokenizer_files_are_refused_without_running(tmp_path, fmt):
+    from dataclasses import asdict
+    tok, marker, path = tiny_tokenizer(), tmp_path / "ran", tmp_path / "evil.pt"
+    if fmt == "official":  # the payload hides inside the pickled Config
+        save_official(path, tok, official_config_class()({"model": TINY_OFFICIAL, "hook": Payload(marker)}))
+    else:
+        ckpt = {"kind": "tokenizer", "config": asdict(tok.config), "model": tok.state_dict(), "ema": Payload(marker)}
+        torch.save(ckpt, path, _use_new_zipfile_serialization=fmt == "ours")  # legacy: torch's pre-1.6 format
+    with pytest.raises(ValueError, match=f"{path}.*refused.*system"):
+        Tokenizer.from_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_damaged_tokenizer_files_are_named(tmp_path):
+    from dataclasses import asdict
+    tok = tiny_tokenizer()
+    ckpt = {"kind": "tokenizer", "config": asdict(tok.config), "model": tok.state_dict(), "ema": None}
+    torch.save(ckpt, tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    files = {"empty.pt": b"", "truncated.pt": data[: len(data) // 2], "random.pt": os.urandom(4096)}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=name):
+            Tokenizer.from_checkpoint(tmp_path / name)
+    torch.save(ckpt, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # benign pre-1.6 files load
+    assert Tokenizer.from_checkpoint(tmp_path / "legacy.pt").config == tok.config
+
+
+def test_non_finite_tokenizer_weights_are_refused(tmp_path):
+    from dataclasses import asdict
+    tok = tiny_tokenizer()
+    sd = tok.state_dict()
+    sd["diff_decoder.net.conv_out.bias"][0] = float("nan")
+    torch.save({"kind": "tokenizer", "config": asdict(tok.config), "model": sd, "ema": None}, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match="nan.pt.*non-finite.*conv_out.bias"):
+        Tokenizer.from_checkpoint(tmp_path / "nan.pt")
+
+
+def test_compiled_model_keys_load(tmp_path):
+    tok = tiny_tokenizer()
+    compiled = {"_orig_mod." + k: v for k, v in official_style_state(tok).items()}  # official trainer: compiled
+    save_official(tmp_path / "official.pt", tok, official_config_class()({"model": TINY_OFFICIAL}), model=compiled,
+                  ema=None)
+    loaded = Tokenizer.from_checkpoint(tmp_path / "official.pt", use_ema=False)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(loaded.encode_latent(x), tok.encode_latent(x))
