@@ -6,11 +6,11 @@
 
 The page (demo.html, beside this file) posts one JSON request per run to /generate and reads the answer as
 server-sent events, written while sample.py's streaming decoder computes them (paper §3.3):
-    start    {labels, names, num_tokens, group_size, steps, prefix}  what is about to be generated
-    token    {index, codes}            the code at position `index` (decoding order) of every sample
-    preview  {step, groups, images}    after solver step `step` (1-based, conditioned on the first `groups` groups):
-                                       each sample's jump estimate of the final image as a PNG data URL; the
-                                       last one is the image, equal to sample.py's for the same seed and settings
+    start    {labels, names, num_tokens, group_size, num_groups, prefix}   what is about to be generated
+    token    {index, codes}     the code at position `index` (decoding order) of every sample
+    preview  {group, images}    after the solver step of group `group` (1-based), each sample's jump estimate of the
+                                final image as a PNG data URL; the last one is the image, equal to sample.py's
+                                for the same labels, seed and settings
     done     {seconds, gif}            the wall time and the run as an animated GIF (a data URL)
     error    {message}                 the run failed after it had started
 A request the server refuses gets a 4xx with {"error": message}; one run at a time (409 while another runs); a
@@ -25,16 +25,15 @@ import time
 from argparse import ArgumentTypeError
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from PIL import Image
 
 import sample
-from data import (ArgumentParser, center_crop_arr, fmnist_rgb32, from_uint8, load_fashion_mnist, load_image,
-                  nonnegative_float, nonnegative_int, positive_float, positive_int, setup_device)
-from model import generate
+from data import (ArgumentParser, fmnist_rgb32, load_fashion_mnist, nonnegative_int, open_image, positive_float,
+                  positive_int, setup_device, to_uint8)
+from model import cfg_schedule, decode_one_token
 
 FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                   "Ankle boot")  # the shipped model's 10 classes; a model with another count gets numbers
@@ -65,25 +64,7 @@ class Upload(io.BytesIO):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# sampling: the adapter to sample.py and the GIF
-
-def sample_stream(tok, gpt, labels, cfg_scale, temperature, generator, prefix, on_token, on_preview):
-    """sample.py's streaming sampler with callbacks: on_token(i, tokens (B, N)) after token i, then
-    on_preview(step, image (B, H, W, 3) uint8) after each solver step it made possible. Returns the image."""
-    R = tok.config.image_size
-    noise = torch.randn(labels.shape[0], 3, R, R, generator=generator, device=labels.device)
-    stream = sample.StreamingDecoder(tok, noise)
-
-    def step(i, tokens):
-        on_token(i, tokens)
-        done = stream.steps_done
-        stream(i, tokens)
-        for s in range(done, stream.steps_done):
-            on_preview(s, stream.previews[s])
-    kw = {} if prefix is None else dict(prefix=prefix.expand(labels.shape[0], -1))
-    generate(gpt, labels, cfg_scale=cfg_scale, temperature=temperature, generator=generator, on_token=step, **kw)
-    return stream.finish()[0]
-
+# pictures
 
 def previews_gif(previews, f, scale=4, ms=500, hold=4):
     """previews (B, S, H, W, 3) uint8 → an animated GIF written to the binary file f: frame s shows every sample's
@@ -114,29 +95,42 @@ class Demo:
         self.tok, self.gpt, self.device = tok, gpt, device
         n = gpt.config.num_classes
         self.names = list(FMNIST_CLASSES) if n == 10 else [str(c) for c in range(n)]
-        self.steps = tok.config.num_denoising_steps
-        self.gallery, self.gallery_labels, self.gallery_note = load_gallery()
+        self.gallery, self.gallery_labels, self.gallery_note = load_gallery()  # (n, 28, 28) uint8
+        self.generator = torch.Generator(device)  # one for every run: CUDA graphs are captured with it
+        self.graphed = {}  # the AR decode step's CUDA graphs for the last (batch, guided, temperature)
         self.lock = threading.Lock()
+
+    def decode_fn(self, batch, cfg, temperature):
+        """On a GPU sample.py's CUDA-graph decode step (captured again when the batch or the settings change), else
+        the eager step: the tokens are the same."""
+        if self.device.type != "cuda":
+            return decode_one_token
+        guided = cfg_schedule(cfg, self.gpt.config.block_size)[0].item() > 1
+        key = (batch, guided, temperature)
+        if key not in self.graphed:  # one at a time: graphs are bound to the KV cache of their batch size
+            self.graphed = {key: sample.GraphedDecoder(self.gpt, batch, guided, temperature=temperature, top_k=0,
+                                                       top_p=1.0, generator=self.generator)}
+        return self.graphed[key]
 
     def config(self):
         """What the page needs to draw its controls (GET /config)."""
         c = self.tok.config
         return dict(names=self.names, num_tokens=c.num_tokens, group_size=c.queries_per_step,
-                    num_groups=c.num_query_groups, steps=self.steps, max_samples=MAX_SAMPLES, max_upload=MAX_UPLOAD,
+                    num_groups=c.num_query_groups, max_samples=MAX_SAMPLES, max_upload=MAX_UPLOAD,
                     layout=not self.gpt.config.reverse_order, gallery_note=self.gallery_note,
-                    gallery=[dict(image=png_url(im), name=self.names[c] if c < len(self.names) else str(c))
-                             for im, c in zip(self.gallery, self.gallery_labels)])
+                    gallery=[dict(image=png_url(im), name=FMNIST_CLASSES[c])
+                             for im, c in zip(fmnist_rgb32(self.gallery), self.gallery_labels)])
 
 
 def load_gallery():
-    """The first GALLERY_PER_CLASS test images of each Fashion-MNIST class: (n, 32, 32, 3) uint8, labels, and a
-    note for the page when the data set is not installed."""
+    """The first GALLERY_PER_CLASS test images of each Fashion-MNIST class: (n, 28, 28) uint8, labels, and a note
+    for the page when the data set is not installed."""
     try:
         images, labels = load_fashion_mnist("test")
     except (FileNotFoundError, ValueError) as e:
-        return np.zeros((0, 32, 32, 3), np.uint8), [], f"No gallery: {e}. Upload an image instead."
+        return np.zeros((0, 28, 28), np.uint8), [], f"No gallery: {e}. Upload an image instead."
     idx = [i for c in range(10) for i in np.flatnonzero(labels == c)[:GALLERY_PER_CLASS]]
-    return fmnist_rgb32(images[idx]), labels[idx].tolist(), ""
+    return images[idx], labels[idx].tolist(), ""
 
 
 def field(req, name, parse):
@@ -167,23 +161,13 @@ def parse_run(req, demo):
     if n > MAX_SAMPLES:
         raise BadRequest(f"samples: at most {MAX_SAMPLES} per run, got {n}")
     labels = [demo.names.index(c) for c in classes] * n  # the classes in turn, as sample.py --labels
-    return dict(labels=labels[:n], cfg=parse_cfg(req.get("cfg", "")), temperature=field(req, "temperature", positive_float),
-                seed=field(req, "seed", nonnegative_int), **parse_reference(req, demo))
-
-
-def parse_cfg(text):
-    """'a' (a constant guidance scale) or 'a,b' (a linear ramp over the tokens) → the same, as model.generate reads it."""
-    scales = str(text).split(",")
-    if len(scales) > 2:
-        raise BadRequest(f"cfg: a scale 'a' or a ramp 'a,b', got {text!r}")
-    try:
-        return ",".join(str(nonnegative_float(a.strip())) for a in scales)
-    except ArgumentTypeError as e:
-        raise BadRequest(f"cfg: {e}") from None
+    return dict(labels=labels[:n], cfg=field(req, "cfg", sample.cfg_scale_arg),  # 'a' or a ramp 'a,b'
+                temperature=field(req, "temperature", positive_float), seed=field(req, "seed", nonnegative_int),
+                **parse_reference(req, demo))
 
 
 def parse_reference(req, demo):
-    """The layout reference: its image (3, R, R) in [-1, 1] and how many leading tokens to keep, or None and 0."""
+    """The layout reference as a PIL image and how many leading tokens to keep, or None and 0."""
     ref = req.get("reference")
     if ref is None:
         return dict(reference=None, keep=0)
@@ -191,7 +175,7 @@ def parse_reference(req, demo):
         raise BadRequest('reference: expected {"gallery": index} or {"upload": base64 image}')
     if demo.gpt.config.reverse_order:
         raise BadRequest("this AR model generates fine-to-coarse (reverse_order): it cannot keep a layout")
-    K, R = demo.tok.config.num_query_groups, demo.tok.config.image_size
+    K = demo.tok.config.num_query_groups
     keep = field(req, "keep_groups", positive_int)
     if keep >= K:
         raise BadRequest(f"keep_groups: at most {K - 1} of the {K} groups, got {keep}")
@@ -199,7 +183,7 @@ def parse_reference(req, demo):
         i = field(ref, "gallery", nonnegative_int)
         if i >= len(demo.gallery):
             raise BadRequest(f"reference: the gallery has {len(demo.gallery)} images, got index {i}")
-        image = from_uint8(center_crop_arr(Image.fromarray(demo.gallery[i]), R)[None])[0]
+        image = Image.fromarray(demo.gallery[i]).convert("RGB")  # 28×28: sample.py pads it as in training
     else:
         try:
             raw = base64.b64decode(str(ref["upload"]), validate=True)
@@ -208,7 +192,7 @@ def parse_reference(req, demo):
         if len(raw) > MAX_UPLOAD:
             raise BadRequest(f"the uploaded file has {len(raw)} bytes; at most {MAX_UPLOAD} are allowed", 413)
         try:
-            image = load_image(Upload(raw), R)
+            image = open_image(Upload(raw))
         except ValueError as e:
             raise BadRequest(f"{e}; upload a PNG or JPEG") from None
     return dict(reference=image, keep=keep * demo.tok.config.queries_per_step)
@@ -218,28 +202,27 @@ def parse_reference(req, demo):
 # one run, streamed
 
 def stream_run(demo, run, send):
-    """Generates the run's samples, calling send(event, data) for every token and preview as it is computed."""
+    """Generates the run's samples with sample.py, calling send(event, data) for every token and every preview as
+    soon as it is computed; returns the seconds taken."""
     tok, gpt, device = demo.tok, demo.gpt, demo.device
     labels = torch.tensor(run["labels"], device=device)
-    prefix = None
-    if run["reference"] is not None:
-        prefix = tok.encode(run["reference"][None].to(device))[:, :run["keep"]]  # (1, k)
+    prefix = None if run["reference"] is None else sample.prefix_codes(tok, run["reference"], run["keep"], device)
     c = tok.config
-    slices = tok.group_slices(demo.steps)
     send("start", dict(labels=run["labels"], names=[demo.names[i] for i in run["labels"]], num_tokens=c.num_tokens,
-                       group_size=c.queries_per_step, steps=demo.steps, prefix=run["keep"]))
+                       group_size=c.queries_per_step, num_groups=c.num_query_groups, prefix=run["keep"]))
     previews = []
 
     def on_token(i, tokens):
         send("token", dict(index=i, codes=tokens[:, i].tolist()))
 
-    def on_preview(s, image):
-        previews.append(image.cpu().numpy())  # (B, H, W, 3) uint8
-        send("preview", dict(step=s + 1, groups=slices[s].stop // c.queries_per_step,
-                             images=[png_url(im) for im in previews[-1]]))
+    def on_preview(k, preview):
+        previews.append(to_uint8(preview).cpu().numpy())  # (B, H, W, 3)
+        send("preview", dict(group=k + 1, images=[png_url(im) for im in previews[-1]]))
     t0 = time.perf_counter()
-    generator = torch.Generator(device).manual_seed(run["seed"])
-    sample_stream(tok, gpt, labels, run["cfg"], run["temperature"], generator, prefix, on_token, on_preview)
+    demo.generator.manual_seed(run["seed"])  # as sample.py seeds its first batch
+    sample.sample_batch(gpt, tok, labels, cfg_scale=run["cfg"], temperature=run["temperature"],
+                        generator=demo.generator, decode_fn=demo.decode_fn(len(labels), run["cfg"], run["temperature"]),
+                        prefix=prefix, keep_previews=False, on_token=on_token, on_preview=on_preview)
     seconds = time.perf_counter() - t0
     gif = io.BytesIO()
     previews_gif(np.stack(previews, 1), gif)
@@ -329,19 +312,18 @@ class Handler(BaseHTTPRequestHandler):
 
 # ---------------------------------------------------------------------------------------------------------------
 
-def load(tokenizer_ckpt, gpt_ckpt, gpt_model, device):
-    args = SimpleNamespace(tokenizer_ckpt=tokenizer_ckpt, gpt_ckpt=gpt_ckpt, gpt_model=gpt_model, precision="auto")
-    return sample.load_models(args, device)
-
-
 def main(args):
     try:
         _, _, device = setup_device(args.device)
         server = ThreadingHTTPServer((args.host, args.port), Handler)  # a taken port fails now, not after loading
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as sample.py --precision auto
+        tok, gpt = sample.load_models(args.tokenizer_ckpt, args.gpt_ckpt, args.gpt_model, dtype, device)
+        sample.StreamingDecoder.check(tok)
     except (ValueError, OSError) as e:
-        raise SystemExit(f"demo.py: error: {e}") from None
+        raise SystemExit(f"demo.py: error: {str(e).splitlines()[0]}") from None
+    # fp32 means fp32, as in sample.py: no TF32 rounding, so the images equal sample.py's
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     server.daemon_threads = True
-    tok, gpt = load(args.tokenizer_ckpt, args.gpt_ckpt, args.gpt_model, device)
     server.demo = Demo(tok, gpt, device)
     host, port = server.server_address[:2]
     print(f"D-AR demo on {device}: open http://{host}:{port}/  (Ctrl-C stops it)", flush=True)

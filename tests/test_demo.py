@@ -25,9 +25,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import demo  # noqa: E402
 import sample  # noqa: E402
-from data import fmnist_rgb32, load_fashion_mnist  # noqa: E402
+from data import fmnist_rgb32, from_uint8, load_fashion_mnist, open_image  # noqa: E402
 
 CHROMIUM = shutil.which("chromium")
 
@@ -82,52 +81,64 @@ def png_base64(image):
 RUN = dict(classes=["Coat", "Bag"], samples=2, cfg="1.5,4", temperature=0.9, seed=3)
 
 
-def test_stream_arrives_in_order_and_equals_sample_py(server):
+def test_stream_arrives_in_order_and_equals_sample_py(server, models):
     response = post(server, RUN)
     assert response.status == 200 and response.headers["Content-Type"] == "text/event-stream"
     got = list(events(response))
     start = got[0][1]
-    N, M, S = start["num_tokens"], start["group_size"], start["steps"]
-    assert (N, M, S) == (64, 8, 8) and start["labels"] == [4, 8]
+    N, M, K = start["num_tokens"], start["group_size"], start["num_groups"]
+    assert (N, M, K) == (64, 8, 8) and start["labels"] == [4, 8]
     # every token in order, each group's preview right after its last token, then the end
     expected = ["start"] + [e for i in range(N) for e in ["token"] + ["preview"] * ((i + 1) % M == 0)] + ["done"]
     assert [e for e, _ in got] == expected
     assert [d["index"] for e, d in got if e == "token"] == list(range(N))
-    assert [(d["step"], d["groups"]) for e, d in got if e == "preview"] == [(s, s) for s in range(1, S + 1)]
+    assert [d["group"] for e, d in got if e == "preview"] == list(range(1, K + 1))
     tokens = torch.tensor([d["codes"] for e, d in got if e == "token"]).T  # (B, N)
-    previews = np.stack([[pixels(u) for u in d["images"]] for e, d in got if e == "preview"], 1)  # (B, S, H, W, 3)
+    previews = np.stack([[pixels(u) for u in d["images"]] for e, d in got if e == "preview"], 1)  # (B, K, H, W, 3)
     gif = Image.open(io.BytesIO(base64.b64decode(got[-1][1]["gif"].split(",", 1)[1])))
-    assert gif.format == "GIF" and gif.n_frames == S
+    assert gif.format == "GIF" and gif.n_frames == K
 
     # sample.py with the same labels, seed and settings
-    args = sample.parse_args(["--labels", "4", "8", "--seed", "3", "--cfg-scale", "1.5,4", "--temperature", "0.9",
-                              "--device", "cpu"])
-    tok, gpt = sample.load_models(args, torch.device("cpu"))
-    ref_tokens, _, image, ref_previews = sample.sample_batch(gpt, tok, torch.tensor([4, 8]), args,
-                                                             torch.Generator().manual_seed(3))
+    tok, gpt = models
+    ref_tokens, _, image, ref_previews = sample.sample_batch(gpt, tok, torch.tensor([4, 8]), cfg_scale="1.5,4",
+                                                             temperature=0.9, generator=torch.Generator().manual_seed(3))
     assert torch.equal(tokens, ref_tokens)
     assert np.array_equal(previews, ref_previews.numpy())
     assert np.array_equal(previews[:, -1], sample.to_uint8(image).numpy())  # the last preview is the image
     assert previews[:, 0].std() != previews[:, -1].std()
 
 
+@pytest.fixture(scope="module")
+def models():
+    return sample.load_models(str(ROOT / "checkpoints/tokenizer_fmnist.pt"), str(ROOT / "checkpoints/gpt_fmnist.pt"),
+                              None, torch.float32, torch.device("cpu"))
+
+
 def gallery_image():
+    """The gallery's first image: Fashion-MNIST's first T-shirt of the test split (28, 28) uint8."""
     try:
         images, labels = load_fashion_mnist("test")
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    return fmnist_rgb32(images[np.flatnonzero(labels == 0)[:1]])[0]  # the gallery's first image
+    return images[np.flatnonzero(labels == 0)[0]]
 
 
 @pytest.mark.parametrize("source", ["gallery", "upload"])
-def test_layout_control_keeps_the_reference_tokens(server, source):
-    image = gallery_image()
-    ref = {"gallery": 0} if source == "gallery" else {"upload": png_base64(image)}
+def test_layout_control_equals_sample_py_with_a_prefix_image(server, models, source, tmp_path):
+    Image.fromarray(gallery_image()).save(tmp_path / "ref.png")
+    ref = {"gallery": 0} if source == "gallery" else {"upload": base64.b64encode((tmp_path / "ref.png").read_bytes())
+                                                      .decode()}
     got = list(events(post(server, dict(RUN, reference=ref, keep_groups=2))))
     assert got[0][1]["prefix"] == 16 and got[-1][0] == "done"
     tokens = torch.tensor([d["codes"] for e, d in got if e == "token"]).T  # (B, N)
-    tok = sample.Tokenizer.from_checkpoint(str(ROOT / "checkpoints/tokenizer_fmnist.pt"))
-    codes = tok.encode(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1)  # (1, N)
+    final = np.stack([pixels(u) for u in got[-2][1]["images"]])  # the last preview
+    # sample.py --prefix-image ref.png --prefix-tokens 16 --labels 4 8 --seed 3 --cfg-scale 1.5,4 --temperature 0.9
+    tok, gpt = models
+    prefix = sample.prefix_codes(tok, open_image(tmp_path / "ref.png"), 16, torch.device("cpu"))  # (1, 16)
+    ref_tokens, _, image, _ = sample.sample_batch(gpt, tok, torch.tensor([4, 8]), cfg_scale="1.5,4", temperature=0.9,
+                                                  generator=torch.Generator().manual_seed(3), prefix=prefix)
+    assert torch.equal(tokens, ref_tokens) and np.array_equal(final, sample.to_uint8(image).numpy())
+    codes = tok.encode(from_uint8(fmnist_rgb32(gallery_image()[None])))  # (1, N): the padded training format
     assert torch.equal(tokens[:, :16], codes[:, :16].expand(2, -1))
     assert not torch.equal(tokens[:, 16:], codes[:, 16:].expand(2, -1))
 
@@ -140,8 +151,9 @@ BAD = [  # request, status, what the message says
     (dict(RUN, temperature="warm"), 400, "temperature: 'warm' is not a number"),
     (dict(RUN, temperature=0), 400, "temperature: '0' must be a finite number > 0"),
     (dict(RUN, seed=-1), 400, "seed: '-1' must be a whole number"),
-    (dict(RUN, cfg="1,2,3"), 400, "cfg: a scale 'a' or a ramp 'a,b'"),
-    (dict(RUN, cfg="nan"), 400, "cfg: 'nan' must be a finite number"),
+    (dict(RUN, cfg="1,2,3"), 400, "cfg: '1,2,3': give 'a' or 'a,b' with finite scales ≥ 1"),
+    (dict(RUN, cfg="0.5"), 400, "cfg: '0.5': give 'a' or 'a,b' with finite scales ≥ 1"),
+    (dict(RUN, cfg="4,x"), 400, "cfg: '4,x' is not 'a' or 'a,b' with numbers"),
     (dict(RUN, reference={"upload": base64.b64encode(b"GIF89a not really").decode()}, keep_groups=2), 400,
      "the uploaded file: not a readable image"),
     (dict(RUN, reference={"upload": "***"}, keep_groups=2), 400, "not base64"),
