@@ -8,24 +8,32 @@ step is bounded by memory traffic: the bf16 weights plus the KV-cache window it 
 --hbm-tbps. The pixel decoder is bounded by its FLOPs (counted with FlopCounterMode) over --peak-tflops. End to
 end, AR and decoder overlap, so its bound is the larger of the two. Warm-up is excluded; medians of --repeats.
 First it checks that the CUDA-graph sampler reproduces the eager tokens and how far a bf16 decode is from fp32.
+fp32 means fp32 here too (TF32 off).
 """
 import argparse
 import statistics
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+from data import ArgumentParser, atomic_save, check_writable, positive_float, positive_int
 from model import GPT, GPTConfig, generate
-from sample import GraphedDecoder, StreamingDecoder, parse_args as sample_args, sample_batch
+from sample import GraphedDecoder, sample_batch
 from tokenizer import Tokenizer, TokenizerConfig
 
-
+PROG = "bench.py"
 BACKENDS = dict(auto=None, cudnn=SDPBackend.CUDNN_ATTENTION, efficient=SDPBackend.EFFICIENT_ATTENTION,
                 math=SDPBackend.MATH)
+SAMPLING = dict(temperature=1.0, top_k=0, top_p=1.0)  # the paper samples without temperature, top-k or top-p
+
+
+def bf16():
+    return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
 def randomise(module):
@@ -61,23 +69,14 @@ def ar_bytes_per_token(gpt, rows, windows):
     weights = sum(p.numel() for n, p in gpt.named_parameters() if "embed" not in n) * size
     per_slot = cfg.n_layer * 2 * rows * cfg.n_kv_head * cfg.head_dim * size  # k and v of one cache slot
     seq = gpt.layers[0].attention.kv_cache.k_cache.shape[2]
-    slots = [seq] + [next(w for w in windows if w > p) for p in range(1, cfg.block_size)]
+    slots = [seq] + [next(w for w in windows if w >= p + 1) for p in range(1, cfg.block_size)]  # kv_len = p + 1
     return weights + per_slot * sum(slots) / len(slots)
 
 
-class TimedStream(StreamingDecoder):
-    """Records a CUDA event on the decoder stream after every solver step (when each preview is ready)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.events = []
-
-    def __call__(self, i, tokens):
-        done = self.steps_done
-        super().__call__(i, tokens)
-        if self.steps_done > done:
-            self.events.append(torch.cuda.Event(enable_timing=True))
-            self.events[-1].record(self.stream)
+def append(path, text):
+    """Appends to a text file by writing old content + text to a temporary file and renaming it (atomic)."""
+    old = Path(path).read_bytes() if Path(path).exists() else b""
+    atomic_save(path, lambda f: f.write(old + text.encode()))
 
 
 class Row:
@@ -90,8 +89,7 @@ class Row:
     def emit(self, line):
         print(line, flush=True)
         if self.out:
-            with open(self.out, "a") as f:
-                f.write(line + "\n")
+            append(self.out, line + "\n")
 
     def __call__(self, what, value, unit, bound=None, better="lower"):
         frac = "" if bound is None else f"{(bound / value if better == 'lower' else value / bound):.2f}"
@@ -105,25 +103,119 @@ def checks(gpt, tok, device, row):
     results = []
     for graphs in (False, True):
         g = torch.Generator(device)
-        step = GraphedDecoder(gpt, 4, True, 1.0, 0, 1.0, g, graphs=graphs)
+        step = GraphedDecoder(gpt, 4, True, **SAMPLING, generator=g, graphs=graphs)
         g.manual_seed(0)
-        results.append(generate(gpt, labels, cfg_scale=4.0, generator=g, decode_fn=step))
+        results.append(generate(gpt, labels, cfg_scale=4.0, **SAMPLING, generator=g, decode_fn=step))
         del step
     row("check: graph tokens == eager tokens (fraction equal)", (results[0] == results[1]).float().mean().item(), "")
     codes = torch.randint(tok.config.vq_codebook_size, (8, tok.config.num_tokens), device=device)
     noise = torch.randn(8, 3, tok.config.image_size, tok.config.image_size, device=device)
     fp32 = tok.decode(codes, noise=noise)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        bf16 = tok.decode(codes, noise=noise)
-    diff = (bf16.float() - fp32).abs()
+    with bf16():
+        diff = (tok.decode(codes, noise=noise).float() - fp32).abs()
     row("check: bf16 vs fp32 decode, max abs diff ([-1,1] units)", diff.max().item(), "")
     row("check: bf16 vs fp32 decode, mean abs diff", diff.mean().item(), "")
     row("check: fp32 decode std (scale of the values)", fp32.std().item(), "")
 
 
+@torch.no_grad()
+def bench_decoder(tok, codes, noise, flops, repeats, peak, row):
+    """Offline decoding of a batch (condition transformer + 8 solver steps) in fp32 and in bf16 autocast."""
+    for name, ctx in (("fp32", nullcontext), ("bf16", bf16)):
+        def decode():
+            with ctx():
+                tok.decode(codes, noise=noise)
+        ms, first = median_ms(decode, repeats)
+        row(f"pixel decoder {name}, batch {len(codes)} (img/s; {flops / 1e12:.2f} TFLOP/img)",
+            len(codes) / ms * 1e3, "img/s", peak / flops, better="higher")
+        row(f"pixel decoder {name}, first call (compilation included)", first / 1e3, "s")
+
+
+@torch.no_grad()
+def latency_ms(gpt, tok, step, generator, repeats):
+    """Batch 1, streamed with CFG: medians of the time to the first preview and to the image (first run: warm-up)."""
+    labels = torch.zeros(1, dtype=torch.long, device=generator.device)
+    first, final = [], []
+    for _ in range(repeats + 1):
+        events = []
+
+        def mark(k, preview):  # runs on the decoder's stream right after solver step k
+            events.append(torch.cuda.Event(enable_timing=True))
+            events[-1].record()
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        sample_batch(gpt, tok, labels, cfg_scale=4.0, **SAMPLING, generator=generator, decode_fn=step,
+                     keep_previews=False, decoder_precision="bf16", on_preview=mark)
+        torch.cuda.synchronize()
+        first.append(start.elapsed_time(events[0]))
+        final.append(start.elapsed_time(events[-1]))
+    return statistics.median(first[1:]), statistics.median(final[1:])
+
+
+@torch.no_grad()
+def bench_model(name, gpt, tok, *, batch, repeats, attention, flops, bw, peak, row, profile_path):
+    """AR start-up and ms/token at batch 1 and `batch`; batch-1 latencies; end to end at `batch`."""
+    device, N = gpt.tok_embeddings.weight.device, gpt.config.block_size
+    for b in (1, batch):
+        g = torch.Generator(device).manual_seed(0)
+        labels = torch.arange(b, device=device) % gpt.config.num_classes
+        start = time.perf_counter()
+        step = GraphedDecoder(gpt, b, True, **SAMPLING, generator=g, attention=BACKENDS[attention])
+        row(f"{name} AR start-up, batch {b} (compilation + {len(step.windows)} graph captures)",
+            time.perf_counter() - start, "s")
+        ms = median_ms(lambda: generate(gpt, labels, cfg_scale=4.0, **SAMPLING, generator=g, decode_fn=step),
+                       repeats)[0]
+        bound = ar_bytes_per_token(gpt, 2 * b, step.windows) / bw * 1e3
+        row(f"{name} AR, batch {b} with CFG", ms / N, "ms/token", bound)
+        if b == 1:
+            first, final = latency_ms(gpt, tok, step, g, repeats)
+            step_bound = flops / tok.config.num_denoising_steps / peak * 1e3  # one solver step of one image
+            row(f"{name} batch-1 latency to the first preview", first, "ms", bound * tok.config.group_size + step_bound)
+            row(f"{name} batch-1 latency to the image", final, "ms", bound * N + step_bound)
+        else:
+            ms = median_ms(lambda: sample_batch(gpt, tok, labels, cfg_scale=4.0, **SAMPLING, generator=g,
+                                                decode_fn=step, keep_previews=False, decoder_precision="bf16"),
+                           repeats)[0]
+            row(f"{name} end to end, batch {b} (bf16 decoder, streamed)", b / ms * 1e3, "img/s",
+                min(1 / (bound * N / 1e3 / b), peak / flops), better="higher")
+        del step
+        if profile_path:
+            profile_ar(gpt, b, g, profile_path, name)
+
+
+def profile_ar(gpt, batch, g, path, name):
+    """Top kernels of 16 AR steps, run eagerly: the kernels the graphs replay.
+    The eager decoder sets up fresh caches, so earlier CUDA graphs of `gpt` are stale afterwards."""
+    device = g.device
+    eager = GraphedDecoder(gpt, batch, True, **SAMPLING, generator=g, graphs=False)
+    token, scale = torch.zeros(batch, dtype=torch.long, device=device), torch.tensor(4.0, device=device)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for p in range(129, 145):  # mid-sequence: a typical cache window
+            eager(gpt, token, torch.tensor([p], device=device), scale, **SAMPLING, generator=g, kv_len=p + 1)
+        torch.cuda.synchronize()
+    append(path, f"## {name}: 16 AR decode steps at batch {batch} with CFG (positions 129-144)\n"
+                 + prof.key_averages().table(sort_by="cuda_time_total", row_limit=20) + "\n")
+
+
+def profile_decoder(tok, codes, noise, path):
+    """Top kernels of one evaluation of the pixel network."""
+    t = torch.full((codes.shape[0],), 0.5, device=codes.device)
+    with torch.no_grad(), bf16():
+        cond = tok.condition(codes)[:, :tok.config.queries_per_step]
+        tok.diff_decoder.net(noise, t, cond)  # compiles for these shapes outside the profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            tok.diff_decoder.net(noise, t, cond)
+            torch.cuda.synchronize()
+    append(path, f"## pixel-decoder network, one step at batch {codes.shape[0]}, bf16\n"
+                 + prof.key_averages().table(sort_by="cuda_time_total", row_limit=20) + "\n")
+
+
 def main(args):
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{PROG}: error: no CUDA GPU is available (bench.py times GPU kernels)")
     device = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # fp32 rows are real fp32: TF32 (cuDNN's default for convolutions) would round their inputs to 10-bit mantissas
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     bw, peak = args.hbm_tbps * 1e12, args.peak_tflops * 1e12
     row = Row(args.out)
@@ -133,15 +225,13 @@ def main(args):
     del x
     with torch.device(device):
         tok = randomise(Tokenizer(TokenizerConfig.from_name("tokenizer_v1")))
+        gpts = {name: randomise(GPT(GPTConfig.from_name(name))).to(torch.bfloat16) for name in args.models}
     cfg = tok.config
     codes = torch.randint(cfg.vq_codebook_size, (args.batch_size, cfg.num_tokens), device=device)
     noise = torch.randn(args.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False) as fc:
         tok.decode(codes[:1], noise=noise[:1])
     flops = fc.get_total_flops()  # per image: condition transformer + 8 network evaluations
-    bf16 = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-    with torch.device(device):
-        gpts = {name: randomise(GPT(GPTConfig.from_name(name))).to(torch.bfloat16) for name in args.models}
     if args.checks:
         checks(gpts[args.models[0]], tok, device, row)
     if args.compile:  # regional: each distinct block is compiled once and shared by its layers
@@ -151,104 +241,44 @@ def main(args):
                 layer.compile()
         for block in tok.diff_decoder.net.blocks:
             block.compile()
-
-    with torch.no_grad():
-        for name, ctx in (("fp32", nullcontext), ("bf16", bf16)):
-            def decode():
-                with ctx():
-                    tok.decode(codes, noise=noise)
-            ms, first = median_ms(decode, args.repeats)
-            row(f"pixel decoder {name}, batch {args.batch_size} (img/s; {flops / 1e12:.2f} TFLOP/img)",
-                args.batch_size / ms * 1e3, "img/s", peak / flops, better="higher")
-            row(f"pixel decoder {name}, first call (compilation included)", first / 1e3, "s")
+    bench_decoder(tok, codes, noise, flops, args.repeats, peak, row)
     if args.profile:
-        profile_decoder(tok, codes, noise, bf16, args.profile)
-
-    # AR model, end to end, latency
+        profile_decoder(tok, codes, noise, args.profile)
     for name, gpt in gpts.items():
-        for batch in (1, args.batch_size):
-            g = torch.Generator(device).manual_seed(0)
-            labels = torch.arange(batch, device=device) % gpt.config.num_classes
-            N = gpt.config.block_size
-            start = time.perf_counter()
-            step = GraphedDecoder(gpt, batch, True, 1.0, 0, 1.0, g, attention=BACKENDS[args.attention])
-            row(f"{name} AR start-up, batch {batch} (compilation + {len(step.windows)} graph captures)",
-                time.perf_counter() - start, "s")
-            ms = median_ms(lambda: generate(gpt, labels, cfg_scale=4.0, generator=g, decode_fn=step), args.repeats)[0]
-            bound = ar_bytes_per_token(gpt, 2 * batch, step.windows) / bw * 1e3
-            row(f"{name} AR, batch {batch} with CFG", ms / N, "ms/token", bound)
-            if batch == 1:
-                first, final = [], []
-
-                def one():
-                    start = torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    stream = TimedStream(tok, torch.randn(1, 3, cfg.image_size, cfg.image_size, device=device,
-                                                          generator=g), "adams2", bf16)
-                    generate(gpt, labels, cfg_scale=4.0, generator=g, decode_fn=step, on_token=stream)
-                    stream.finish()
-                    torch.cuda.synchronize()
-                    first.append(start.elapsed_time(stream.events[0]))
-                    final.append(start.elapsed_time(stream.events[-1]))
-                with torch.no_grad():
-                    for _ in range(args.repeats + 1):
-                        one()
-                step_bound = flops / cfg.num_denoising_steps / peak * 1e3  # one solver step of one image
-                row(f"{name} batch-1 latency to the first preview", statistics.median(first[1:]), "ms",
-                    bound * cfg.group_size + step_bound)
-                row(f"{name} batch-1 latency to the image", statistics.median(final[1:]), "ms", bound * N + step_bound)
-            else:
-                with torch.no_grad():
-                    ms = median_ms(lambda: sample_batch(gpt, tok, labels, sample_args([]), g, step,
-                                                        keep_previews=False, autocast=bf16), args.repeats)[0]
-                row(f"{name} end to end, batch {batch} (bf16 decoder, streamed)", batch / ms * 1e3, "img/s",
-                    min(1 / (bound * N / 1e3 / batch), peak / flops), better="higher")
-            if args.profile:
-                profile_ar(gpt, labels, g, args.profile, name)
-            del step
+        bench_model(name, gpt, tok, batch=args.batch_size, repeats=args.repeats, attention=args.attention,
+                    flops=flops, bw=bw, peak=peak, row=row, profile_path=args.profile)
 
 
-def profile_ar(gpt, labels, g, path, name):
-    """Top kernels of 16 AR steps, run eagerly: the kernels the graphs replay.
-    The eager decoder sets up fresh caches, so earlier CUDA graphs of `gpt` are stale afterwards."""
-    eager = GraphedDecoder(gpt, labels.shape[0], True, 1.0, 0, 1.0, g, graphs=False)
-    eager.pos = 128  # mid-sequence: a typical cache window
-    scale = torch.tensor(4.0, device=labels.device)
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for i in range(129, 145):
-            eager(gpt, labels, torch.tensor([i], device=labels.device), scale, 1.0, 0, 1.0, g)
-        torch.cuda.synchronize()
-    with open(path, "a") as f:
-        f.write(f"## {name}: 16 AR decode steps at batch {labels.shape[0]} with CFG (positions 129-144)\n")
-        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20) + "\n")
-
-
-def profile_decoder(tok, codes, noise, bf16, path):
-    """Top kernels of one evaluation of the pixel network."""
-    t = torch.full((codes.shape[0],), 0.5, device=codes.device)
-    with torch.no_grad(), bf16():
-        cond = tok.condition(codes)[:, :tok.config.queries_per_step]
-        tok.diff_decoder.net(noise, t, cond)  # compiles for these shapes outside the profile
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            tok.diff_decoder.net(noise, t, cond)
-            torch.cuda.synchronize()
-    with open(path, "a") as f:
-        f.write(f"## pixel-decoder network, one step at batch {codes.shape[0]}, bf16\n")
-        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20) + "\n")
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv=None):
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["GPT-L", "GPT-XL"], help="GPT presets to time")
-    p.add_argument("--batch-size", type=int, default=64, help="the large batch (AR, decoder, end to end)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (median)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="the large batch (AR, decoder, end to end)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per figure (median)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (as sample.py)")
     p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
                    help="graph vs eager tokens, bf16 vs fp32 decode")
     p.add_argument("--attention", choices=sorted(BACKENDS), default="auto",
                    help="SDPA backend of the AR decode step (with --compile fixed at the first trace)")
     p.add_argument("--profile", default=None, help="append torch.profiler tables to this file")
-    p.add_argument("--hbm-tbps", type=float, default=3.35, help="memory bandwidth for the bounds (H100 SXM: 3.35)")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for the bounds (H100 SXM: 989)")
+    p.add_argument("--hbm-tbps", type=positive_float, default=3.35,
+                   help="memory bandwidth for the bounds in TB/s (H100 SXM: 3.35)")
+    p.add_argument("--peak-tflops", type=positive_float, default=989.0,
+                   help="dense bf16 peak for the bounds in TFLOP/s (H100 SXM: 989)")
     p.add_argument("--out", default=None, help="also append the table rows to this file")
-    main(p.parse_args())
+    args = p.parse_args(argv)
+    for name in args.models:
+        try:
+            GPTConfig.from_name(name)
+        except ValueError as e:
+            p.error(f"--models {e}")
+    for flag, path in (("--out", args.out), ("--profile", args.profile)):
+        try:
+            if path:
+                check_writable(path)
+        except ValueError as e:
+            p.error(f"{flag} {e}")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())

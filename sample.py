@@ -186,8 +186,9 @@ class GraphedDecoder:
             raise ValueError(f"this GraphedDecoder was captured with {self.settings}, called with {given}: "
                              f"build one for these settings")
         if token.shape[0] != self.batch or (cfg_scale is not None) != self.guided:
-            raise ValueError(f"captured for batch {self.batch} {'with' if self.guided else 'without'} guidance, "
-                             f"called for batch {token.shape[0]} {'with' if cfg_scale is not None else 'without'} guidance")
+            want = f"batch {self.batch} {'with' if self.guided else 'without'} guidance"
+            got = f"batch {token.shape[0]} {'with' if cfg_scale is not None else 'without'} guidance"
+            raise ValueError(f"captured for {want}, called for {got}")
         if model is not self.model or model.layers[0].attention.kv_cache is not self.cache:
             raise ValueError("called with another model, or the model's KV caches were replaced since capture")
 

@@ -228,3 +228,43 @@ def test_damaged_and_non_finite_gpt_files_are_named(tmp_path):
         GPT.from_checkpoint(tmp_path / "list.pt", name="GPT-tiny")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         GPT.from_checkpoint(tmp_path / "missing.pt", name="GPT-tiny")
+
+
+def test_rope_table_stays_float32_under_dtype_casts():
+    gpt = tiny()
+    want = gpt.rope.clone()
+    gpt.to(torch.bfloat16)
+    assert gpt.output.weight.dtype == torch.bfloat16
+    assert gpt.rope.dtype == torch.float32 and torch.equal(gpt.rope, want)
+    gpt.setup_caches(2)
+    gpt.half().float()
+    assert gpt.rope.dtype == torch.float32 and torch.equal(gpt.rope[: len(want)], want)
+
+
+def test_null_class_is_explicit():
+    assert GPT(GPTConfig.from_name("GPT-tiny")).cls_embedding.embedding_table.weight.shape[0] == 11
+    gpt = GPT(GPTConfig.from_name("GPT-tiny", null_class=False, class_dropout_prob=0.0)).eval()
+    assert gpt.cls_embedding.embedding_table.weight.shape[0] == 10
+    gpt.setup_caches(2)
+    assert generate(gpt, torch.tensor([1]), cfg_scale=1.0).shape == (1, 32)
+    with pytest.raises(ValueError, match="null class"):
+        generate(gpt, torch.tensor([1]), cfg_scale=3.0)
+    with pytest.raises(ValueError, match="null_class"):
+        GPTConfig.from_name("GPT-tiny", null_class=False)  # dropout to a class that does not exist
+
+
+def test_forward_admits_block_size_minus_one_tokens():
+    gpt = tiny()
+    assert gpt(torch.zeros(1, 31, dtype=torch.long), torch.tensor([0]))[0].shape == (1, 32, 64)
+    with pytest.raises(ValueError, match="at most 31 input tokens, got 32"):
+        gpt(torch.zeros(1, 32, dtype=torch.long), torch.tensor([0]))
+
+
+def test_checkpoint_written_before_null_class_loads(tmp_path):
+    from dataclasses import asdict
+    gpt = tiny()
+    config = asdict(gpt.config)
+    del config["null_class"]
+    config["cls_token_num"] = 1  # older files carry the official field
+    torch.save({"kind": "gpt", "config": config, "model": gpt.state_dict(), "ema": None}, tmp_path / "old.pt")
+    assert GPT.from_checkpoint(tmp_path / "old.pt").config == gpt.config

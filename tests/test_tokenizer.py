@@ -187,7 +187,8 @@ def official_style_state(tok):
 
 def test_official_tokenizer_file_loads_without_config_util(tmp_path):
     tok = tiny_tokenizer()
-    save_official(tmp_path / "official.pt", tok, official_config_class()({"model": TINY_OFFICIAL, "train": {"lr": 1e-4}}))
+    config = official_config_class()({"model": TINY_OFFICIAL, "train": {"lr": 1e-4}})
+    save_official(tmp_path / "official.pt", tok, config)
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("config_util")
     loaded = Tokenizer.from_checkpoint(tmp_path / "official.pt")
@@ -350,3 +351,46 @@ def test_compiled_model_keys_load(tmp_path):
     loaded = Tokenizer.from_checkpoint(tmp_path / "official.pt", use_ema=False)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     torch.testing.assert_close(loaded.encode_latent(x), tok.encode_latent(x))
+
+
+def test_encoder_and_pixel_decoder_have_their_own_rope_base():
+    cfg = TokenizerConfig.from_official({**TINY_OFFICIAL, "rope_base_len": 100.0,
+                                         "diff_decoder": {**TINY_OFFICIAL["diff_decoder"], "rope_base_len": 5000.0}})
+    assert (cfg.rope_base_len, cfg.dd_rope_base_len) == (100.0, 5000.0)
+    base = tiny_tokenizer()
+    x, xt, t = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 3, 32, 32), torch.tensor([0.2, 0.7])
+    cond = torch.randn(2, 4, 128)
+
+    def variant(**kw):
+        tok = Tokenizer(TokenizerConfig.from_name("tiny", **kw))
+        tok.load_state_dict(base.state_dict())
+        return tok.eval()
+    enc, dec = variant(rope_base_len=100.0), variant(dd_rope_base_len=100.0)
+    assert torch.equal(dec.encode_latent(x), base.encode_latent(x))
+    assert not torch.allclose(enc.encode_latent(x), base.encode_latent(x))
+    assert torch.equal(enc.velocity(xt, t, cond), base.velocity(xt, t, cond))
+    assert not torch.allclose(dec.velocity(xt, t, cond), base.velocity(xt, t, cond))
+
+
+def test_repa_projector_and_table_sizes_are_explicit_fields():
+    assert Tokenizer(TokenizerConfig.from_name("tiny")).diff_decoder.net.repa_out is not None
+    with torch.device("meta"):
+        fmnist = Tokenizer(TokenizerConfig.from_name("fmnist"))
+    assert fmnist.diff_decoder.net.repa_out is None
+    assert fmnist.query_embedding.weight.shape[0] == fmnist.decoder_embedding.weight.shape[0] == 1024
+    # official configs: projector only where its features exist (depth > repa_layer, 8 by default)
+    assert TokenizerConfig.from_official(TINY_OFFICIAL).repa is False
+    with pytest.raises(ValueError, match="repa_layer"):
+        TokenizerConfig.from_name("tiny", repa_layer=2)
+    with pytest.raises(ValueError, match="max_tokens"):
+        TokenizerConfig.from_name("tiny", max_tokens=16)
+
+
+def test_checkpoint_written_before_repa_field_loads(tmp_path):
+    from dataclasses import asdict
+    tok = Tokenizer(TokenizerConfig.from_name("tiny", repa=False)).eval()
+    config = asdict(tok.config)
+    del config["repa"]
+    config["repa_layer"] = config["dd_depth"]  # how such files said "no REPA"
+    torch.save({"kind": "tokenizer", "config": config, "model": tok.state_dict(), "ema": None}, tmp_path / "old.pt")
+    assert Tokenizer.from_checkpoint(tmp_path / "old.pt").diff_decoder.net.repa_out is None

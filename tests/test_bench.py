@@ -1,0 +1,63 @@
+"""Tests of bench.py's parts that run without a GPU: argument checks, the memory-traffic bound, the table file.
+
+    python -m pytest -q tests/test_bench.py
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import bench  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--models", "GPT-Q"], "--models unknown GPT preset 'GPT-Q'"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--repeats", "-1"], "--repeats"),
+    (["--hbm-tbps", "0"], "--hbm-tbps"),
+    (["--peak-tflops", "inf"], "--peak-tflops"),
+    (["--out", "/no/such/dir/t.md"], "--out /no/such/dir/t.md: the folder /no/such/dir does not exist"),
+    (["--attention", "flash3"], "--attention"),
+])
+def test_bad_arguments_end_in_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("bench.py: error: ") and "\n" not in err and message in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_without_a_gpu_one_line():
+    with pytest.raises(SystemExit, match=r"^bench.py: error: no CUDA GPU is available \(bench.py times GPU kernels\)$"):
+        bench.main(bench.parse_args([]))
+
+
+def test_ar_bound_counts_weights_and_the_windows_read():
+    gpt = GPT(GPTConfig.from_name("GPT-tiny"))  # 32 tokens, cache of 40 slots
+    gpt.setup_caches(2)
+    cfg = gpt.config
+    weights = sum(p.numel() for n, p in gpt.named_parameters() if "embed" not in n) * 4
+    slot = cfg.n_layer * 2 * 2 * cfg.n_kv_head * cfg.head_dim * 4
+    assert bench.ar_bytes_per_token(gpt, 2, [40]) == weights + slot * 40  # every step reads the whole cache
+    # windows of 8: position p reads ceil((p + 1) / 8) · 8 slots; the prefill reads all 40
+    slots = [40] + [-(-(p + 1) // 8) * 8 for p in range(1, 32)]
+    assert bench.ar_bytes_per_token(gpt, 2, [8, 16, 24, 32, 40]) == pytest.approx(weights + slot * sum(slots) / 32)
+
+
+def test_rows_are_appended_to_the_table_file(tmp_path, capsys):
+    out = tmp_path / "table.md"
+    out.write_text("earlier run\n")
+    row = bench.Row(out)
+    row("AR, batch 1", 2.0, "ms/token", 1.0)
+    row("decoder", 50.0, "img/s", 100.0, better="higher")
+    lines = out.read_text().splitlines()
+    assert lines[0] == "earlier run" and lines[1].startswith("| measure |")
+    assert lines[3] == "| AR, batch 1 | 2 ms/token | 1 ms/token | 0.50 |"
+    assert lines[4] == "| decoder | 50 img/s | 100 img/s | 0.50 |"
+    assert capsys.readouterr().out.splitlines() == lines[1:]
+    assert os.listdir(tmp_path) == ["table.md"]  # no temporary files left
