@@ -1,4 +1,4 @@
-"""Watch D-AR think: a local web page where tokens stream in and every finished group sharpens the image (paper Fig. 1).
+"""Watch D-AR think: a local page where tokens stream in and each finished group sharpens the image (paper Figure 1).
 
     python demo.py                                   # the shipped Fashion-MNIST model at http://127.0.0.1:8000/
     python demo.py --host 0.0.0.0 --port 8080 --gpt-ckpt D-AR-L-360K.pt --gpt-model GPT-L \
