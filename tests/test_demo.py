@@ -110,8 +110,9 @@ def test_stream_arrives_in_order_and_equals_sample_py(server, models):
 
     # sample.py with the same labels, seed and settings
     tok, gpt = models
+    generator = torch.Generator().manual_seed(3)
     ref_tokens, _, image, ref_previews = sample.sample_batch(gpt, tok, torch.tensor([4, 8]), cfg_scale="1.5,4",
-                                                             temperature=0.9, generator=torch.Generator().manual_seed(3))
+                                                             temperature=0.9, generator=generator)
     assert torch.equal(tokens, ref_tokens)
     assert np.array_equal(previews, ref_previews.numpy())
     assert np.array_equal(previews[:, -1], sample.to_uint8(image).numpy())  # the last preview is the image
@@ -286,9 +287,14 @@ def test_page_shows_every_preview_in_headless_chromium(server, tmp_path):
         assert browser.js("[...document.querySelectorAll('.card')].every(c => c.querySelector('.preview').src === "
                           "c.querySelector('.strip img:last-child').src)")  # the final image is shown
         assert "per sample" in browser.js("$('status').textContent")
-        assert browser.js("!$('gif').disabled")
+        assert browser.js("!$('gif').disabled && gif.startsWith('data:image/gif;base64,')")
         shot = base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"])
         (tmp_path / "demo.png").write_bytes(shot)
         assert Image.open(io.BytesIO(shot)).width == 1280
+        # layout control: the gallery's first image, its first 2 groups kept
+        browser.js("document.querySelector('#gallery img').click(); $('generate').click()")
+        browser.wait("document.body.dataset.state !== 'running'")
+        assert browser.js("document.body.dataset.state") == "done"
+        assert browser.js("document.querySelectorAll('.tokens span.kept').length") == 3 * 16
     finally:
         browser.close()
