@@ -37,7 +37,7 @@ from model import cfg_schedule, decode_one_token
 
 FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                   "Ankle boot")  # the shipped model's 10 classes; a model with another count gets numbers
-MAX_SAMPLES = 16  # per run: the page draws every sample's token grid, and a CPU takes ~1 s per sample
+MAX_SAMPLES = 16  # per run: the page draws every sample's token grid; a CPU takes 0.3-0.6 s per sample
 MAX_UPLOAD = 2 << 20  # bytes of an uploaded reference image
 MAX_BODY = MAX_UPLOAD * 4 // 3 + (64 << 10)  # the image travels base64-encoded inside the JSON request
 GALLERY_PER_CLASS = 2  # Fashion-MNIST test images offered as layout references
@@ -291,7 +291,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise ClientGone(event) from None
         try:
             seconds = stream_run(demo, run, send)
-            self.log_message("%d samples in %.2f s", len(run["labels"]), seconds)
+            self.log_message("run of %d sample(s) done in %.2f s", len(run["labels"]), seconds)
         except ClientGone as e:
             self.log_message("stopped: the client went away (at a %s event)", e)
         except Exception as e:  # a genuine bug: the page shows it, the server keeps serving, the log has the trace
