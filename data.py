@@ -81,7 +81,8 @@ def to_uint8(images):
 
 def from_uint8(images):
     """(B, H, W, 3) uint8 array or tensor → (B, 3, H, W) float in [-1, 1]."""
-    return torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    images = torch.from_numpy(np.array(images)) if isinstance(images, np.ndarray) else images  # (a writable copy)
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def center_crop_arr(image, size):

@@ -206,7 +206,7 @@ def sample_batch(gpt, tok, labels, *, cfg_scale=1.0, temperature=1.0, top_k=0, t
     cfg_scale: a number or "a,b" (model.cfg_schedule); prefix (1, k): codes every sample starts with (layout
     control); decoder_precision: "fp32" or "bf16" (autocast) for the tokenizer's decoder. Hooks for watching the
     stream: on_token(i, tokens) after token i (generation order; on the AR stream on CUDA) and on_preview(k,
-    preview (B, 3, H, W)) after solver step k (on the decoder's stream on CUDA)."""
+    preview (B, 3, H, W)) after solver step k (on the decoder's stream on CUDA); a hook may raise to stop the run."""
     if decoder_precision not in ("fp32", "bf16"):
         raise ValueError(f"decoder_precision {decoder_precision!r}: use 'fp32' or 'bf16'")
     B, device = labels.shape[0], labels.device
@@ -375,26 +375,23 @@ def save_grid(path, images, strips):
 # ---------------------------------------------------------------------------------------------------------------
 # command line
 
-def prepare(args):
-    """Device, models, labels and layout prefix; raises ValueError / FileNotFoundError on a bad input."""
-    rank, world, device = setup_device(args.device)
-    dtype = torch.bfloat16 if args.precision == "bf16" or args.precision == "auto" and device.type == "cuda" \
-        else torch.float32
-    tok, gpt = load_models(args.tokenizer_ckpt, args.gpt_ckpt, args.gpt_model, dtype, device)
-    StreamingDecoder.check(tok)
-    labels = pick_labels(args.labels, args.num_samples, args.seed, gpt.config.num_classes)
-    prefix = None
-    if args.prefix_image is not None:
-        if gpt.config.reverse_order:
-            raise ValueError("--prefix-image: layout control fixes the first (coarse) codes, but this AR model "
-                             "generates fine-to-coarse (reverse_order), so it cannot take a prefix")
-        prefix = prefix_codes(tok, open_image(args.prefix_image), args.prefix_tokens, device)
-    return rank, world, device, tok, gpt, labels, prefix
-
-
 def main(args):
-    try:
-        rank, world, device, tok, gpt, labels, prefix = prepare(args)
+    try:  # everything that can fail on a bad input, before any sampling
+        rank, world, device = setup_device(args.device)
+        dtype = torch.bfloat16 if args.precision == "bf16" or args.precision == "auto" and device.type == "cuda" \
+            else torch.float32
+        tok, gpt = load_models(args.tokenizer_ckpt, args.gpt_ckpt, args.gpt_model, dtype, device)
+        StreamingDecoder.check(tok)
+        if cfg_schedule(args.cfg_scale, gpt.config.block_size)[0] > 1 and not gpt.config.null_class:
+            raise ValueError(f"--cfg-scale {args.cfg_scale}: {args.gpt_ckpt} has no null class, so it cannot use "
+                             f"guidance (use --cfg-scale 1)")
+        labels = pick_labels(args.labels, args.num_samples, args.seed, gpt.config.num_classes)
+        prefix = None
+        if args.prefix_image is not None:
+            if gpt.config.reverse_order:
+                raise ValueError("--prefix-image: layout control fixes the first (coarse) codes, but this AR model "
+                                 "generates fine-to-coarse (reverse_order), so it cannot take a prefix")
+            prefix = prefix_codes(tok, open_image(args.prefix_image), args.prefix_tokens, device)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"{PROG}: error: {str(e).splitlines()[0]}") from None
     # fp32 means fp32: TF32 would round the inputs of fp32 matmuls and convolutions (cuDNN's default) to 10-bit

@@ -493,7 +493,7 @@ class Tokenizer(nn.Module):
         σd (image space, not resized); after the last step it equals x_next / σd."""
         if method not in ("adams2", "euler"):
             raise ValueError(f"unknown solver {method!r}: use 'adams2' or 'euler'")
-        steps = steps or self.config.num_denoising_steps
+        steps = self.check_steps(steps)
         if not 0 <= k < steps:
             raise ValueError(f"step {k} is outside the {steps} solver steps")
         t, t_next = self.schedule(steps)[k:k + 2].tolist()
@@ -501,6 +501,14 @@ class Tokenizer(nn.Module):
         u = v if method == "euler" or v_prev is None else 1.5 * v - 0.5 * v_prev
         preview = (x + (1 - t) * u) / self.config.data_std
         return x + (t_next - t) * u, v, preview
+
+    def check_steps(self, steps):
+        """`steps` of decode / solver_step: None means num_denoising_steps; otherwise a positive int."""
+        if steps is None:
+            return self.config.num_denoising_steps
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        return steps
 
     def steps_for_groups(self, groups, steps):
         """How many of the `steps` solver steps need only the first `groups` token groups (a prefix of the steps)."""
@@ -525,7 +533,7 @@ class Tokenizer(nn.Module):
         groups=k runs only the steps that the first k groups condition and jumps to t = 1 from the last (the
         preview of paper §5.1). noise is x0 in network space (its size sets H, W), else drawn with `generator` at
         sampling_resolution."""
-        steps = steps or self.config.num_denoising_steps
+        steps = self.check_steps(steps)
         K = self.config.num_query_groups
         if groups is not None and not 1 <= groups <= K:
             raise ValueError(f"groups must lie in [1, {K}], got {groups}")
@@ -673,6 +681,8 @@ def load_checkpoint(path, map_location="cpu"):
     """torch.load(weights_only=True) that admits the two official stand-ins above; a file that would need
     anything else (e.g. a pickle calling os.system) is refused without running it. Raises FileNotFoundError, or
     ValueError naming the file when it is empty, truncated, not a checkpoint, or refused."""
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path} is a directory, not a file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if os.path.getsize(path) == 0:

@@ -38,7 +38,8 @@ def ckpts(tmp_path_factory):
     torch.manual_seed(0)
     tok = jitter(Tokenizer(TokenizerConfig.from_name("tiny")), 0.1)
     torch.save(dict(kind="tokenizer", config=asdict(tok.config), model=tok.state_dict(), ema=None), d / "tok.pt")
-    for name, overrides in (("gpt", {}), ("gpt_rev", dict(reverse_order=True)), ("gpt_big", dict(vocab_size=128))):
+    for name, overrides in (("gpt", {}), ("gpt_rev", dict(reverse_order=True)), ("gpt_big", dict(vocab_size=128)),
+                            ("gpt_nonull", dict(null_class=False, class_dropout_prob=0.0))):
         gpt = jitter(GPT(GPTConfig.from_name("GPT-tiny", **overrides)), 0.5)
         torch.save(dict(kind="gpt", config=asdict(gpt.config), model=gpt.state_dict(), ema=None), d / f"{name}.pt")
     (d / "junk.pt").write_bytes(np.random.default_rng(0).bytes(3000))
@@ -231,6 +232,7 @@ BAD_INPUTS = [  # (extra arguments, what the one-line message must say)
     (["--gpt-ckpt", "{d}/junk.pt"], "junk.pt"),
     (["--gpt-ckpt", "{d}/tok.pt"], "not an AR model"),
     (["--gpt-ckpt", "{d}/gpt_big.pt"], "128 codes"),
+    (["--gpt-ckpt", "{d}/gpt_nonull.pt"], "has no null class"),
     (["--gpt-ckpt", "{d}/gpt_rev.pt", "--prefix-image", "{d}/ref.png"], "reverse_order"),
 ]
 if not torch.cuda.is_available():
