@@ -63,21 +63,6 @@ class Upload(io.BytesIO):
         return "the uploaded file"
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# pictures
-
-def previews_gif(previews, f, scale=4, ms=500, hold=4):
-    """previews (B, S, H, W, 3) uint8 → an animated GIF written to the binary file f: frame s shows every sample's
-    preview after step s in a row (upscaled `scale`× without smoothing); the final image stays `hold`× longer."""
-    B, S = previews.shape[:2]
-    frames = []
-    for s in range(S):
-        im = Image.fromarray(sample.grid(previews[:, s], min(B, 8)))
-        frames.append(im.resize((im.width * scale, im.height * scale), Image.NEAREST))
-    frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=[ms] * (S - 1) + [ms * hold],
-                   loop=0)
-
-
 def png_url(image):
     """(H, W, 3) uint8 → a PNG data URL."""
     buf = io.BytesIO()
@@ -161,9 +146,11 @@ def parse_run(req, demo):
     if n > MAX_SAMPLES:
         raise BadRequest(f"samples: at most {MAX_SAMPLES} per run, got {n}")
     labels = [demo.names.index(c) for c in classes] * n  # the classes in turn, as sample.py --labels
-    return dict(labels=labels[:n], cfg=field(req, "cfg", sample.cfg_scale_arg),  # 'a' or a ramp 'a,b'
-                temperature=field(req, "temperature", positive_float), seed=field(req, "seed", nonnegative_int),
-                **parse_reference(req, demo))
+    cfg = field(req, "cfg", sample.cfg_scale_arg)  # 'a' or a ramp 'a,b'
+    if cfg_schedule(cfg, demo.gpt.config.block_size)[0] > 1 and not demo.gpt.config.null_class:
+        raise BadRequest(f"cfg: this AR model has no null class, so it cannot use guidance (use 1), got {cfg}")
+    return dict(labels=labels[:n], cfg=cfg, temperature=field(req, "temperature", positive_float),
+                seed=field(req, "seed", nonnegative_int), **parse_reference(req, demo))
 
 
 def parse_reference(req, demo):
@@ -225,7 +212,7 @@ def stream_run(demo, run, send):
                         prefix=prefix, keep_previews=False, on_token=on_token, on_preview=on_preview)
     seconds = time.perf_counter() - t0
     gif = io.BytesIO()
-    previews_gif(np.stack(previews, 1), gif)
+    sample.previews_gif(np.stack(previews, 1), gif)  # the picture of sample.py --gif
     send("done", dict(seconds=round(seconds, 3), gif="data:image/gif;base64," + base64.b64encode(gif.getvalue())
                       .decode()))
     return seconds

@@ -91,7 +91,7 @@ def png_base64(image):
 RUN = dict(classes=["Coat", "Bag"], samples=2, cfg="1.5,4", temperature=0.9, seed=3)
 
 
-def test_stream_arrives_in_order_and_equals_sample_py(server, models):
+def test_stream_arrives_in_order_and_equals_sample_py(server, models, tmp_path):
     response = post(server, RUN)
     assert response.status == 200 and response.headers["Content-Type"] == "text/event-stream"
     got = list(events(response))
@@ -117,6 +117,20 @@ def test_stream_arrives_in_order_and_equals_sample_py(server, models):
     assert np.array_equal(previews, ref_previews.numpy())
     assert np.array_equal(previews[:, -1], sample.to_uint8(image).numpy())  # the last preview is the image
     assert previews[:, 0].std() != previews[:, -1].std()
+
+    # sample.py --gif draws the same animation as the page's "save GIF"
+    gif_path = tmp_path / "run.gif"
+    sample.main(sample.parse_args(["--labels", "4", "8", "--seed", "3", "--cfg-scale", "1.5,4", "--temperature", "0.9",
+                                   "--device", "cpu", "--out", "", "--gif", str(gif_path)]))
+    assert gif_path.read_bytes() == base64.b64decode(got[-1][1]["gif"].split(",", 1)[1])
+
+
+@pytest.mark.parametrize("argv, message", [(["--gif", "run.png"], "--gif run.png: the file name must end in .gif"),
+                                           (["--gif", "run.gif", "--no-previews"], "cannot go with --no-previews")])
+def test_sample_py_refuses_a_bad_gif_flag(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        sample.parse_args(argv)
+    assert message in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
