@@ -11,8 +11,8 @@ server-sent events, written while sample.py's streaming decoder computes them (p
     preview  {group, images}    after the solver step of group `group` (1-based), each sample's jump estimate of the
                                 final image as a PNG data URL; the last one is the image, equal to sample.py's
                                 for the same labels, seed and settings
-    done     {seconds, gif}            the wall time and the run as an animated GIF (a data URL)
-    error    {message}                 the run failed after it had started
+    done     {seconds, gif}     the wall time and the run as an animated GIF (a data URL; sample.py --gif draws it too)
+    error    {message}          the run failed after it had started
 A request the server refuses gets a 4xx with {"error": message}; one run at a time (409 while another runs); a
 client that goes away stops its run at the next token.
 """
@@ -20,6 +20,7 @@ import base64
 import binascii
 import io
 import json
+import os
 import threading
 import time
 from argparse import ArgumentTypeError
@@ -322,15 +323,26 @@ def main(args):
         server.server_close()
 
 
+def port_arg(text):
+    port = nonnegative_int(text)
+    if port > 65535:
+        raise ArgumentTypeError(f"{text!r} must be a port number, 0..65535")
+    return port
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network interface)")
-    p.add_argument("--port", type=nonnegative_int, default=8000, help="port to listen on (0: any free one)")
+    p.add_argument("--port", type=port_arg, default=8000, help="port to listen on (0: any free one)")
     p.add_argument("--tokenizer-ckpt", default="checkpoints/tokenizer_fmnist.pt", help="our or official tokenizer file")
     p.add_argument("--gpt-ckpt", default="checkpoints/gpt_fmnist.pt", help="our or official AR model file")
     p.add_argument("--gpt-model", default=None, help="GPT preset (GPT-L, GPT-XL): needed for official GPT files")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag, path in (("--tokenizer-ckpt", args.tokenizer_ckpt), ("--gpt-ckpt", args.gpt_ckpt)):
+        if not os.path.isfile(path):
+            p.error(f"{flag} {path}: no such file (the shipped ones are in checkpoints/)")
+    return args
 
 
 if __name__ == "__main__":
