@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import check_finite, load_checkpoint
+from data import check_finite, load_checkpoint
 
 
 @dataclass
