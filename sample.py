@@ -372,6 +372,19 @@ def save_grid(path, images, strips):
     save_image(path, picture)
 
 
+def previews_gif(strips, f, scale=4, ms=500, hold=4):
+    """strips (n, K, H, W, 3) uint8 → an animated GIF written to the binary file f (also demo.py's "save GIF"):
+    frame k shows every sample's preview after group k, up to 8 in a row, enlarged `scale`× without smoothing;
+    the last frame, the images, stays `hold`× longer."""
+    n, K = strips.shape[:2]
+    frames = []
+    for k in range(K):
+        im = Image.fromarray(grid(strips[:, k], min(n, 8)))
+        frames.append(im.resize((im.width * scale, im.height * scale), Image.NEAREST))
+    frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=[ms] * (K - 1) + [ms * hold],
+                   loop=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # command line
 
@@ -400,7 +413,7 @@ def main(args):
     if args.compile:
         compile_blocks(gpt, tok)
     mine = torch.arange(len(labels)).tensor_split(world)[rank]  # this rank's sample indices, contiguous
-    keep_previews = args.previews and not args.npz
+    keep_previews = bool(args.gif) or args.previews and not args.npz
     images, strips = sample_indices(
         gpt, tok, labels, mine, seed=args.seed, batch_size=args.batch_size,
         cuda_graph=args.cuda_graph and device.type == "cuda", progress=rank == 0 and len(labels) > args.batch_size,
@@ -415,6 +428,9 @@ def main(args):
     if rank == 0 and args.out:
         save_grid(args.out, images, strips)
         print(f"wrote {args.out}")
+    if rank == 0 and args.gif:  # under torchrun, of rank 0's samples
+        atomic_save(args.gif, lambda f: previews_gif(strips[:64], f))
+        print(f"wrote {args.gif}")
     if world > 1:
         dist.destroy_process_group()
 
@@ -454,12 +470,16 @@ def check_args(p, args):
         p.error("--prefix-tokens needs --prefix-image (the reference image whose first codes are kept)")
     if args.prefix_image is not None:
         check("--prefix-image", open_image, args.prefix_image)
-    if not (args.out or args.npz or args.save_each):
-        p.error("--out '' without --npz or --save-each: the samples would be written nowhere")
+    if not (args.out or args.npz or args.save_each or args.gif):
+        p.error("--out '' without --npz, --save-each or --gif: the samples would be written nowhere")
     if args.out:
         check("--out", check_writable, args.out, IMAGE_FORMATS)
     if args.npz:  # written at exactly this path (numpy's savez would append .npz to other names)
         check("--npz", check_writable, args.npz, {".npz"})
+    if args.gif:
+        if not args.previews:
+            p.error("--gif animates the previews: it cannot go with --no-previews")
+        check("--gif", check_writable, args.gif, {".gif"})
     if args.save_each:
         folder = Path(args.save_each)
         if folder.exists() and not folder.is_dir():
@@ -490,6 +510,8 @@ def parse_args(argv=None):
                    help="how many leading codes of --prefix-image to keep (default: a quarter, 64 of 256)")
     p.add_argument("--out", default="samples.png", help="PNG/JPEG grid of the samples (empty: none)")
     p.add_argument("--save-each", default=None, help="folder for one PNG per sample (and its preview strip)")
+    p.add_argument("--gif", default=None, help="animated GIF of the first 64 samples: frame k shows the previews "
+                   "after group k, as demo.py's 'save GIF'")
     p.add_argument("--npz", default=None, help="write all samples to this .npz file, ADM-style "
                    "(arr_0 uint8 NHWC, arr_1 int64 labels)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",

@@ -1,0 +1,349 @@
+"""Watch D-AR think: a local page where tokens stream in and each finished group sharpens the image (paper Figure 1).
+
+    python demo.py                                   # the shipped Fashion-MNIST model at http://127.0.0.1:8000/
+    python demo.py --host 0.0.0.0 --port 8080 --gpt-ckpt D-AR-L-360K.pt --gpt-model GPT-L \
+        --tokenizer-ckpt D-AR-tokenizer_v1.pt        # any pair sample.py takes; --host opens it to the network
+
+The page (demo.html, beside this file) posts one JSON request per run to /generate and reads the answer as
+server-sent events, written while sample.py's streaming decoder computes them (paper §3.3):
+    start    {labels, names, num_tokens, group_size, num_groups, prefix}   what is about to be generated
+    token    {index, codes}     the code at position `index` (decoding order) of every sample
+    preview  {group, images}    after the solver step of group `group` (1-based), each sample's jump estimate of the
+                                final image as a PNG data URL; the last one is the image, equal to sample.py's
+                                for the same labels, seed and settings
+    done     {seconds, gif}     the wall time and the run as an animated GIF (a data URL; sample.py --gif draws it too)
+    error    {message}          the run failed after it had started
+A request the server refuses gets a 4xx with {"error": message}; one run at a time (409 while another runs); a
+client that goes away stops its run at the next token.
+"""
+import base64
+import binascii
+import io
+import json
+import os
+import threading
+import time
+from argparse import ArgumentTypeError
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import sample
+from data import (ArgumentParser, fmnist_rgb32, load_fashion_mnist, nonnegative_int, open_image, positive_float,
+                  positive_int, setup_device, to_uint8)
+from model import cfg_schedule, decode_one_token
+
+FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot")  # the shipped model's 10 classes; a model with another count gets numbers
+MAX_SAMPLES = 16  # per run: the page draws every sample's token grid; a CPU takes 0.3-0.6 s per sample
+MAX_UPLOAD = 2 << 20  # bytes of an uploaded reference image
+MAX_BODY = MAX_UPLOAD * 4 // 3 + (64 << 10)  # the image travels base64-encoded inside the JSON request
+GALLERY_PER_CLASS = 2  # Fashion-MNIST test images offered as layout references
+PAGE = Path(__file__).with_name("demo.html")
+
+
+class BadRequest(ValueError):
+    """A request the server refuses: HTTP `status` and a message the page shows."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.status = status
+
+
+class ClientGone(Exception):
+    """The browser closed the event stream: the run stops."""
+
+
+class Upload(io.BytesIO):
+    """The bytes of an uploaded image, named as such in data.open_image's errors."""
+
+    def __str__(self):
+        return "the uploaded file"
+
+
+def png_url(image):
+    """(H, W, 3) uint8 → a PNG data URL."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the server's state and the requests it accepts
+
+class Demo:
+    """The models, what the page may choose from, and the lock that lets one run at a time."""
+
+    def __init__(self, tok, gpt, device):
+        self.tok, self.gpt, self.device = tok, gpt, device
+        n = gpt.config.num_classes
+        self.names = list(FMNIST_CLASSES) if n == 10 else [str(c) for c in range(n)]
+        self.gallery, self.gallery_labels, self.gallery_note = load_gallery()  # (n, 28, 28) uint8
+        self.generator = torch.Generator(device)  # one for every run: CUDA graphs are captured with it
+        self.graphed = {}  # the AR decode step's CUDA graphs for the last (batch, guided, temperature)
+        self.lock = threading.Lock()
+
+    def decode_fn(self, batch, cfg, temperature):
+        """On a GPU sample.py's CUDA-graph decode step (captured again when the batch or the settings change), else
+        the eager step: the tokens are the same."""
+        if self.device.type != "cuda":
+            return decode_one_token
+        guided = cfg_schedule(cfg, self.gpt.config.block_size)[0].item() > 1
+        key = (batch, guided, temperature)
+        if key not in self.graphed:  # one at a time: graphs are bound to the KV cache of their batch size
+            self.graphed = {key: sample.GraphedDecoder(self.gpt, batch, guided, temperature=temperature, top_k=0,
+                                                       top_p=1.0, generator=self.generator)}
+        return self.graphed[key]
+
+    def config(self):
+        """What the page needs to draw its controls (GET /config)."""
+        c = self.tok.config
+        return dict(names=self.names, num_tokens=c.num_tokens, group_size=c.queries_per_step,
+                    num_groups=c.num_query_groups, max_samples=MAX_SAMPLES, max_upload=MAX_UPLOAD,
+                    layout=not self.gpt.config.reverse_order, gallery_note=self.gallery_note,
+                    gallery=[dict(image=png_url(im), name=FMNIST_CLASSES[c])
+                             for im, c in zip(fmnist_rgb32(self.gallery), self.gallery_labels)])
+
+
+def load_gallery():
+    """The first GALLERY_PER_CLASS test images of each Fashion-MNIST class: (n, 28, 28) uint8, labels, and a note
+    for the page when the data set is not installed."""
+    try:
+        images, labels = load_fashion_mnist("test")
+    except (FileNotFoundError, ValueError) as e:
+        return np.zeros((0, 28, 28), np.uint8), [], f"No gallery: {e}. Upload an image instead."
+    idx = [i for c in range(10) for i in np.flatnonzero(labels == c)[:GALLERY_PER_CLASS]]
+    return images[idx], labels[idx].tolist(), ""
+
+
+def field(req, name, parse):
+    """req[name] through one of data.py's argparse number types; a BadRequest names the field."""
+    if name not in req:
+        raise BadRequest(f"{name}: missing")
+    try:
+        return parse(str(req[name]))
+    except ArgumentTypeError as e:
+        raise BadRequest(f"{name}: {e}") from None
+
+
+def parse_run(req, demo):
+    """The JSON body of POST /generate → the run's settings; raises BadRequest naming what is wrong.
+
+    {"classes": [names], "samples": n, "cfg": "a" or "a,b", "temperature": t, "seed": s,
+     optional "reference": {"gallery": i} or {"upload": base64 PNG/JPEG}, with "keep_groups": g}"""
+    if not isinstance(req, dict):
+        raise BadRequest("the request must be a JSON object")
+    classes = req.get("classes")
+    if not isinstance(classes, list) or not classes:
+        raise BadRequest("classes: choose at least one class")
+    unknown = [c for c in classes if c not in demo.names]
+    if unknown:
+        choices = ", ".join(demo.names) if len(demo.names) <= 20 else f"0 .. {len(demo.names) - 1}"
+        raise BadRequest(f"unknown class {unknown[0]!r}: choose from {choices}")
+    n = field(req, "samples", positive_int)
+    if n > MAX_SAMPLES:
+        raise BadRequest(f"samples: at most {MAX_SAMPLES} per run, got {n}")
+    labels = [demo.names.index(c) for c in classes] * n  # the classes in turn, as sample.py --labels
+    cfg = field(req, "cfg", sample.cfg_scale_arg)  # 'a' or a ramp 'a,b'
+    if cfg_schedule(cfg, demo.gpt.config.block_size)[0] > 1 and not demo.gpt.config.null_class:
+        raise BadRequest(f"cfg: this AR model has no null class, so it cannot use guidance (use 1), got {cfg}")
+    return dict(labels=labels[:n], cfg=cfg, temperature=field(req, "temperature", positive_float),
+                seed=field(req, "seed", nonnegative_int), **parse_reference(req, demo))
+
+
+def parse_reference(req, demo):
+    """The layout reference as a PIL image and how many leading tokens to keep, or None and 0."""
+    ref = req.get("reference")
+    if ref is None:
+        return dict(reference=None, keep=0)
+    if not isinstance(ref, dict) or len(ref) != 1 or not {"gallery", "upload"} & ref.keys():
+        raise BadRequest('reference: expected {"gallery": index} or {"upload": base64 image}')
+    if demo.gpt.config.reverse_order:
+        raise BadRequest("this AR model generates fine-to-coarse (reverse_order): it cannot keep a layout")
+    K = demo.tok.config.num_query_groups
+    keep = field(req, "keep_groups", positive_int)
+    if keep >= K:
+        raise BadRequest(f"keep_groups: at most {K - 1} of the {K} groups, got {keep}")
+    if "gallery" in ref:
+        i = field(ref, "gallery", nonnegative_int)
+        if i >= len(demo.gallery):
+            raise BadRequest(f"reference: the gallery has {len(demo.gallery)} images, got index {i}")
+        image = Image.fromarray(demo.gallery[i]).convert("RGB")  # 28×28: sample.py pads it as in training
+    else:
+        try:
+            raw = base64.b64decode(str(ref["upload"]), validate=True)
+        except binascii.Error:
+            raise BadRequest("reference: the upload is not base64-encoded") from None
+        if len(raw) > MAX_UPLOAD:
+            raise BadRequest(f"the uploaded file has {len(raw)} bytes; at most {MAX_UPLOAD} are allowed", 413)
+        try:
+            image = open_image(Upload(raw))
+        except ValueError as e:
+            raise BadRequest(f"{e}; upload a PNG or JPEG") from None
+    return dict(reference=image, keep=keep * demo.tok.config.queries_per_step)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one run, streamed
+
+def stream_run(demo, run, send):
+    """Generates the run's samples with sample.py, calling send(event, data) for every token and every preview as
+    soon as it is computed; returns the seconds taken."""
+    tok, gpt, device = demo.tok, demo.gpt, demo.device
+    labels = torch.tensor(run["labels"], device=device)
+    prefix = None if run["reference"] is None else sample.prefix_codes(tok, run["reference"], run["keep"], device)
+    c = tok.config
+    send("start", dict(labels=run["labels"], names=[demo.names[i] for i in run["labels"]], num_tokens=c.num_tokens,
+                       group_size=c.queries_per_step, num_groups=c.num_query_groups, prefix=run["keep"]))
+    previews = []
+
+    def on_token(i, tokens):
+        send("token", dict(index=i, codes=tokens[:, i].tolist()))
+
+    def on_preview(k, preview):
+        previews.append(to_uint8(preview).cpu().numpy())  # (B, H, W, 3)
+        send("preview", dict(group=k + 1, images=[png_url(im) for im in previews[-1]]))
+    t0 = time.perf_counter()
+    demo.generator.manual_seed(run["seed"])  # as sample.py seeds its first batch
+    sample.sample_batch(gpt, tok, labels, cfg_scale=run["cfg"], temperature=run["temperature"],
+                        generator=demo.generator, decode_fn=demo.decode_fn(len(labels), run["cfg"], run["temperature"]),
+                        prefix=prefix, keep_previews=False, on_token=on_token, on_preview=on_preview)
+    seconds = time.perf_counter() - t0
+    gif = io.BytesIO()
+    sample.previews_gif(np.stack(previews, 1), gif)  # the picture of sample.py --gif
+    send("done", dict(seconds=round(seconds, 3), gif="data:image/gif;base64," + base64.b64encode(gif.getvalue())
+                      .decode()))
+    return seconds
+
+
+class Handler(BaseHTTPRequestHandler):
+    """GET / (the page), GET /config, POST /generate (a run as server-sent events)."""
+    server_version = "dar-demo"
+
+    def do_GET(self):
+        if self.path == "/":
+            self.reply(200, PAGE.read_bytes(), "text/html; charset=utf-8")
+        elif self.path == "/config":
+            self.reply(200, json.dumps(self.server.demo.config()).encode(), "application/json")
+        else:
+            self.fail(404, f"no page {self.path}: the demo is at /")
+
+    def do_POST(self):
+        if self.path != "/generate":
+            return self.fail(404, f"no endpoint {self.path}: runs are posted to /generate")
+        demo = self.server.demo
+        try:
+            run = parse_run(self.read_json(), demo)
+        except BadRequest as e:
+            return self.fail(e.status, str(e))
+        if not demo.lock.acquire(blocking=False):
+            return self.fail(409, "busy: another run is in progress; try again when it has finished")
+        try:
+            self.stream(demo, run)
+        finally:
+            demo.lock.release()
+
+    def read_json(self):
+        try:
+            size = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise BadRequest("the request needs a Content-Length", 411) from None
+        if size > MAX_BODY:
+            self.discard(size)
+            raise BadRequest(f"the request has {size} bytes; an uploaded image may have at most {MAX_UPLOAD}", 413)
+        try:
+            return json.loads(self.rfile.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadRequest(f"the request is not JSON ({e})") from None
+
+    def discard(self, size):
+        """Reads a refused body (up to a limit), so that the client, still sending, gets the answer."""
+        left = size if size <= 16 * MAX_BODY else 0
+        while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+            left -= len(chunk)
+        self.close_connection = True
+
+    def stream(self, demo, run):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+
+        def send(event, data):
+            try:
+                self.wfile.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+            except (BrokenPipeError, ConnectionResetError):
+                raise ClientGone(event) from None
+        try:
+            seconds = stream_run(demo, run, send)
+            self.log_message("run of %d sample(s) done in %.2f s", len(run["labels"]), seconds)
+        except ClientGone as e:
+            self.log_message("stopped: the client went away (at a %s event)", e)
+        except Exception as e:  # a genuine bug: the page shows it, the server keeps serving, the log has the trace
+            self.log_error("run failed: %r", e)
+            send("error", dict(message=f"the run failed: {e!r}"))
+            raise
+
+    def reply(self, status, body, content_type):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def fail(self, status, message):
+        self.reply(status, json.dumps(dict(error=message)).encode(), "application/json")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def main(args):
+    try:
+        _, _, device = setup_device(args.device)
+        server = ThreadingHTTPServer((args.host, args.port), Handler)  # a taken port fails now, not after loading
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as sample.py --precision auto
+        tok, gpt = sample.load_models(args.tokenizer_ckpt, args.gpt_ckpt, args.gpt_model, dtype, device)
+        sample.StreamingDecoder.check(tok)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"demo.py: error: {str(e).splitlines()[0]}") from None
+    # fp32 means fp32, as in sample.py: no TF32 rounding, so the images equal sample.py's
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    server.daemon_threads = True
+    server.demo = Demo(tok, gpt, device)
+    host, port = server.server_address[:2]
+    print(f"D-AR demo on {device}: open http://{host}:{port}/  (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def port_arg(text):
+    port = nonnegative_int(text)
+    if port > 65535:
+        raise ArgumentTypeError(f"{text!r} must be a port number, 0..65535")
+    return port
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network interface)")
+    p.add_argument("--port", type=port_arg, default=8000, help="port to listen on (0: any free one)")
+    p.add_argument("--tokenizer-ckpt", default="checkpoints/tokenizer_fmnist.pt", help="our or official tokenizer file")
+    p.add_argument("--gpt-ckpt", default="checkpoints/gpt_fmnist.pt", help="our or official AR model file")
+    p.add_argument("--gpt-model", default=None, help="GPT preset (GPT-L, GPT-XL): needed for official GPT files")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    args = p.parse_args(argv)
+    for flag, path in (("--tokenizer-ckpt", args.tokenizer_ckpt), ("--gpt-ckpt", args.gpt_ckpt)):
+        if not os.path.isfile(path):
+            p.error(f"{flag} {path}: no such file (the shipped ones are in checkpoints/)")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
