@@ -664,7 +664,7 @@ def fmnist_reconstruction(tok, classifier=None, num_images=1000, batch_size=100,
     device = next(tok.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     kept, right, psnr, ssims = [], [], [], []
-    for start in range(0, len(images), batch_size):
+    for start in tqdm(range(0, len(images), batch_size), desc="reconstruct", unit="batch"):
         x = torch.from_numpy(images[start:start + batch_size]).to(device)  # B, 32, 32, 3 uint8
         y = reconstruct_uint8(tok, x, solver, steps, groups, generator, precision)
         truth = labels[start:start + batch_size]

@@ -115,7 +115,7 @@ def truncated_npz(path):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, random_inception):
-    """A folder of good and bad input files shared by the bad-input cases."""
+    """A folder of good and bad input files for the bad-input cases."""
     t = tmp_path_factory.mktemp("inputs")
     rng = np.random.default_rng(0)
     np.savez(t / "good.npz", arr_0=rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
