@@ -1,19 +1,22 @@
 """The D-AR autoregressive model: a plain Llama decoder over the tokenizer's 256 codes, class token first.
 
-Nothing here is specific to D-AR (paper §4): RMSNorm, 1-D RoPE, fused wqkv, SwiGLU, a class embedding whose
-last row is the null class for classifier-free guidance, a static KV cache (gpt-fast style) and sampling.
-Module names equal the official checkpoint keys (SPEC.md §10.3), so official state dicts load with the
-plain strict `load_state_dict`.
+Nothing here is specific to D-AR (paper §4): RMSNorm, 1-D RoPE, fused wqkv, SwiGLU, the class label as a single
+prefix token at position 0 (image token j sits at position j + 1), a class table whose last row is the null
+class for classifier-free guidance, a static KV cache (gpt-fast style) and sampling.
+Module names equal the official checkpoint keys, so official state dicts load with the plain strict
+`load_state_dict`.
 
     python -c "import model; print(model.GPTConfig.from_name('GPT-L'))"
 
-References: SPEC.md §8-9; LlamaGen's `gpt.py` and gpt-fast's `model.py`/`generate.py` (structure only).
+References: the official D-AR AR model is LlamaGen's `gpt.py`; gpt-fast's `model.py`/`generate.py` (structure only).
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tokenizer import check_finite, load_checkpoint
 
 
 @dataclass
@@ -29,8 +32,8 @@ class GPTConfig:
     ffn_dim_multiplier: float | None = None
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
-    cls_token_num: int = 1
-    class_dropout_prob: float = 0.1  # > 0 adds the null-class row used by CFG
+    null_class: bool = True          # the class table has an extra last row: the null class of CFG
+    class_dropout_prob: float = 0.1  # training replaces labels by the null class this often (needs null_class)
     token_dropout_p: float = 0.1
     resid_dropout_p: float = 0.1
     ffn_dropout_p: float = 0.1
@@ -41,13 +44,15 @@ class GPTConfig:
             self.n_kv_head = self.n_head
         if self.dim % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError(f"dim {self.dim} / n_head {self.n_head} / n_kv_head {self.n_kv_head} do not divide")
+        if self.class_dropout_prob > 0 and not self.null_class:
+            raise ValueError("class_dropout_prob > 0 needs the null class (null_class=True)")
 
     @property
     def head_dim(self):
         return self.dim // self.n_head
 
     @property
-    def ffn_hidden(self):  # SPEC.md §8.2: 2/3 of 4·dim, optionally scaled, rounded up
+    def ffn_hidden(self):  # 2/3 of 4·dim, optionally scaled, rounded up: 2816 for dim 1024, 3584 for 1280
         h = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
             h = int(self.ffn_dim_multiplier * h)
@@ -175,7 +180,7 @@ class LabelEmbedder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.embedding_table = nn.Embedding(cfg.num_classes + (cfg.class_dropout_prob > 0), cfg.dim)
+        self.embedding_table = nn.Embedding(cfg.num_classes + cfg.null_class, cfg.dim)
 
 
 class GPT(nn.Module):
@@ -190,15 +195,23 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        # the rope table is derived, not state: the official key lists do not contain it
-        self.register_buffer("rope", rope_table(cfg.block_size + cfg.cls_token_num, cfg.head_dim, cfg.rope_base),
-                             persistent=False)
+        # the rope table is derived, not state (the official key lists do not contain it), and float32 always
+        self.register_buffer("rope", rope_table(cfg.block_size + 1, cfg.head_dim, cfg.rope_base), persistent=False)
         self.causal_mask = None
         if self.tok_embeddings.weight.device.type != "meta":
             self.initialize_weights()
 
+    def _apply(self, fn, recurse=True):
+        """Module.to / .cuda / .bfloat16 land here: the rope table follows the device but is rebuilt in float32
+        when a dtype cast reached it (the official table is a float32 attribute; bf16 angles lose precision)."""
+        super()._apply(fn, recurse)
+        if self.rope.dtype != torch.float32:
+            cfg = self.config
+            self.rope = rope_table(self.rope.shape[0], cfg.head_dim, cfg.rope_base).to(self.rope.device)
+        return self
+
     def initialize_weights(self):
-        """Official init (SPEC.md §8.8): N(0, 0.02) everywhere, norms 1, output head 0 (uniform first logits)."""
+        """Official init: N(0, 0.02) everywhere, norms 1, output head 0 (uniform first logits)."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
@@ -222,7 +235,7 @@ class GPT(nn.Module):
 
     def forward(self, tokens, labels, targets=None, drop=None):
         """tokens (B, T), labels (B,) → logits (B, T+1, V): position i predicts token i; mean CE if targets."""
-        if tokens.shape[1] >= self.config.block_size + self.config.cls_token_num:
+        if tokens.shape[1] > self.config.block_size - 1:  # the last token is only ever a target
             raise ValueError(f"at most {self.config.block_size - 1} input tokens, got {tokens.shape[1]}")
         x = self._embed(tokens, labels, drop)  # (B, S, C)
         logits = self._trunk(x, self.rope[: x.shape[1]])
@@ -233,7 +246,7 @@ class GPT(nn.Module):
     def setup_caches(self, max_batch_size, device=None):
         """Static caches for [class token + block_size tokens], length rounded up to a multiple of 8."""
         cfg = self.config
-        seq = (cfg.block_size + cfg.cls_token_num + 7) // 8 * 8
+        seq = (cfg.block_size + 1 + 7) // 8 * 8
         dtype = self.tok_embeddings.weight.dtype
         device = device or self.tok_embeddings.weight.device
         for layer in self.layers:
@@ -253,13 +266,23 @@ class GPT(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, name=None, map_location="cpu", **overrides):
         """Loads one of our checkpoints (config inside) or an official GPT file (the preset must be named)."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        if isinstance(ckpt, dict) and ckpt.get("kind") == "gpt":
-            cfg = GPTConfig(**{**ckpt["config"], **overrides})
+        ckpt = load_checkpoint(path, map_location)
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"{path} is not an AR model checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+        if ckpt.get("kind") == "gpt":
+            config = dict(ckpt["config"])
+            # files written before null_class was a field, and with the official (always 1) cls_token_num
+            config.setdefault("null_class", config.get("class_dropout_prob", 0.1) > 0)
+            if config.pop("cls_token_num", 1) != 1:
+                raise ValueError(f"{path}: only one class token is supported")
+            try:
+                cfg = GPTConfig(**{**config, **overrides})
+            except TypeError as e:
+                raise ValueError(f"{path} holds an unknown AR model config ({e})") from None
             if name is not None and GPTConfig.from_name(name, **overrides) != cfg:
                 raise ValueError(f"{path} holds a {cfg} model, which is not the requested {name}")
             sd = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
-        elif isinstance(ckpt, dict) and ckpt.get("kind") is not None:
+        elif ckpt.get("kind") is not None:
             raise ValueError(f"{path} is a {ckpt['kind']} checkpoint, not an AR model checkpoint")
         else:
             if name is None:
@@ -269,21 +292,23 @@ class GPT(nn.Module):
             for wrapper in ("model", "module", "state_dict"):
                 if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
                     sd = sd[wrapper]
-            sd = {k.removeprefix("_orig_mod."): v for k, v in sd.items()}
+            sd = {k.removeprefix("_orig_mod."): v for k, v in sd.items()}  # saved from a compiled model
             cfg = GPTConfig.from_name(name, **overrides)
+        check_finite(sd, str(path))
         with torch.device("meta"):
             model = cls(cfg)
         try:
             model.load_state_dict(sd, strict=True, assign=True)
         except RuntimeError as e:  # PyTorch names the missing, unexpected and mis-shaped keys
             raise ValueError(f"{path} does not fit {cfg}: is it the right file and preset?\n{e}") from None
-        model.rope = rope_table(cfg.block_size + cfg.cls_token_num, cfg.head_dim, cfg.rope_base)
+        model.rope = rope_table(cfg.block_size + 1, cfg.head_dim, cfg.rope_base)
         return model.float().eval()
 
 
 # ---- generation ----
 def cfg_schedule(cfg_scale, num_tokens):
-    """Guidance scale per token: a number, "a" or "a,b" (linear ramp a→b over the tokens, SPEC.md §9.1)."""
+    """Guidance scale per token: a number, "a" or "a,b" (linear ramp a→b over the tokens, as the official sampler;
+    its FID setting is "1.2,8.0")."""
     if isinstance(cfg_scale, str):
         parts = [float(p) for p in cfg_scale.split(",")]
         if len(parts) not in (1, 2):
@@ -322,7 +347,7 @@ def guide(logits, scale):
 
 
 def prefill(model, labels, cfg_scale, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """Runs the class tokens at position 0 and samples the first image token. labels (B',) already doubled."""
+    """Runs the class token at position 0 and samples the first image token. labels (B',) already doubled."""
     x = model._embed(None, labels)  # (B', 1, C)
     logits = model.forward_cached(x, torch.zeros(1, dtype=torch.long, device=x.device), kv_len=1)[:, -1]
     if cfg_scale is not None:
@@ -348,7 +373,7 @@ def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, 
              on_token=None, decode_fn=decode_one_token):
     """Samples (B, N) int64 tokens for class labels (B,).
 
-    cfg_scale: number or "a,b" schedule; guidance is on when the start scale exceeds 1 (SPEC.md §9.1).
+    cfg_scale: number or "a,b" schedule; guidance is on when the start scale exceeds 1.
     prefix: (B, k) tokens kept fixed (zero-shot layout control); they are teacher-forced through the cache.
     on_token(i, tokens): called after token i is known (streaming decoders consume groups from here).
     decode_fn: the per-token step, e.g. a compiled / CUDA-graph-captured `decode_one_token`; it is called as
@@ -363,7 +388,7 @@ def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, 
     scales = cfg_schedule(cfg_scale, N)
     guided = scales[0].item() > 1.0
     scales = scales.to(device)
-    if guided and cfg.class_dropout_prob <= 0:
+    if guided and not cfg.null_class:
         raise ValueError("this model has no null class, so it cannot use classifier-free guidance")
     cond = torch.cat([labels, torch.full_like(labels, cfg.num_classes)]) if guided else labels
     cache = model.layers[0].attention.kv_cache

@@ -7,22 +7,23 @@ The pixel decoder is a DiT/SiT-style transformer on raw pixel patches trained wi
 attends (cross-attention) only to the k-th group of M = N/K condition tokens, so an image can be decoded while
 its tokens are still being generated, and after every group the solver can jump to a preview of the final image.
 
-Module names equal the official checkpoint keys (SPEC.md §10.2), so official state dicts load unchanged.
-Every numeric detail follows ../shared/SPEC.md; section numbers below refer to it.
+Module names equal the official checkpoint keys, so the released official state dicts load unchanged; where
+the paper leaves a detail open (rounding of the group schedule, the solver's coefficients, initialisation) the
+code follows the official implementation and says so.
 
     python -c "import tokenizer; print(tokenizer.TokenizerConfig.from_name('tokenizer_v1'))"
 """
 import functools
 import math
+import os
 import pickle
-import types
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-HEAD_DIM = 64  # every tokenizer attention uses 64-wide heads (SPEC.md §0)
+HEAD_DIM = 64  # every tokenizer attention uses 64-wide heads (12 heads at width 768)
 
 
 @dataclass
@@ -32,33 +33,40 @@ class TokenizerConfig:
     num_decoder_layers: int = 8
     encoder_dim: int = 768
     decoder_dim: int = 768
-    query_low_rank: bool = True      # queries = Linear(8 → D) of a (1024, 8) table
+    query_low_rank: bool = True      # queries = Linear(8 → D) of a (max_tokens, 8) table
     vq_dim: int = 8                  # code dimension c
     vq_codebook_size: int = 16384    # V
     num_all_queries: int = 256       # N tokens per image
     num_query_groups: int = 8        # K groups; group k conditions diffusion step k
     queries_per_step: int = 32       # M = N / K tokens per group
-    num_denoising_steps: int = 8     # ODE steps of the pixel decoder
+    num_denoising_steps: int = 8     # ODE steps of the pixel decoder (default of decode's `steps`)
+    max_tokens: int = 1024           # rows of the query and decoder-position tables (official: 1024)
     sampling_resolution: int = 256   # image size used for decoding
     output_resolution: int = 0       # if set, decoded images are resized to it (bicubic)
-    rope_base_len: float = 10000.0   # θ of the 2-D RoPE
+    rope_base_len: float = 10000.0   # θ of the encoder's 2-D RoPE
     # the pixel diffusion decoder (official YAML: model.diff_decoder.*)
     dd_dim: int = 768
     dd_patch_size: int = 8
     dd_depth: int = 12
+    dd_rope_base_len: float = 10000.0  # θ of the pixel decoder's 2-D RoPE (its own key officially)
     data_std: float = 0.6            # σd: diffusion runs on σd · image
     time_shift: float = 2.0          # s in shift(t) = t / (t + s(1 - t))
     share_time_encoding: bool = False  # one time embedder for all blocks instead of one per block
-    repa_layer: int = 8              # REPA features are read before this block (needs dd_depth > repa_layer)
+    repa: bool = True                # REPA projector (paper §4): training aligns pixel-decoder features with DINOv2
+    repa_layer: int = 8              # REPA features are read before this block
     repa_hidden: int = 2048          # REPA projector width
     repa_dim: int = 768              # feature width of the REPA target (DINOv2-B)
 
     def __post_init__(self):
         if self.num_all_queries != self.num_query_groups * self.queries_per_step:
             raise ValueError(f"num_all_queries {self.num_all_queries} must equal num_query_groups × queries_per_step")
+        if self.num_all_queries > self.max_tokens:
+            raise ValueError(f"num_all_queries {self.num_all_queries} exceeds max_tokens {self.max_tokens}")
         for d in (self.encoder_dim, self.decoder_dim, self.dd_dim):
             if d % HEAD_DIM:
                 raise ValueError(f"widths must be multiples of {HEAD_DIM}, got {d}")
+        if self.repa and not 0 <= self.repa_layer < self.dd_depth:
+            raise ValueError(f"repa_layer {self.repa_layer} must lie in [0, dd_depth {self.dd_depth}) (or repa=False)")
 
     @property
     def image_size(self):
@@ -104,6 +112,9 @@ class TokenizerConfig:
             out[OFFICIAL_DD_KEYS[key]] = value
         if "queries_per_step" not in out:
             out["queries_per_step"] = out.get("num_all_queries", 256) // out.get("num_query_groups", 8)
+        # the official model always builds the REPA projector but reads features only when depth > repa_layer;
+        # without features the projector is unused, so we leave it out (its keys are accepted and dropped on load)
+        out["repa"] = out.get("dd_depth", cls.dd_depth) > out.get("repa_layer", cls.repa_layer)
         return cls(**out)
 
 
@@ -113,7 +124,7 @@ OFFICIAL_TOP_KEYS = {"encoder_patch_size", "num_encoder_layers", "num_decoder_la
                      "rope_base_len"}
 OFFICIAL_DD_KEYS = {"dim": "dd_dim", "patch_size": "dd_patch_size", "depth": "dd_depth", "data_std": "data_std",
                     "time_shift": "time_shift", "share_time_encoding": "share_time_encoding",
-                    "repa_layer": "repa_layer", "rope_base_len": "rope_base_len"}
+                    "repa_layer": "repa_layer", "rope_base_len": "dd_rope_base_len"}
 
 PRESETS = {
     "tokenizer_v1": {},  # the released 300M tokenizer (configs/tokenizer_v1.yaml)
@@ -125,7 +136,7 @@ PRESETS = {
     # 5.6M parameters so that it ships in the repository (no REPA: no offline DINOv2 weights)
     "fmnist": dict(encoder_patch_size=4, num_encoder_layers=4, num_decoder_layers=4, encoder_dim=128, decoder_dim=128,
                    vq_codebook_size=512, num_all_queries=64, queries_per_step=8, sampling_resolution=32,
-                   dd_dim=192, dd_patch_size=2, dd_depth=4, repa_layer=4),
+                   dd_dim=192, dd_patch_size=2, dd_depth=4, repa=False),
 }
 
 USAGE_BUFFER = "quantize.codebook_used"  # usage statistics of the official trainer: accepted and dropped
@@ -133,7 +144,7 @@ REPA_PREFIX = "diff_decoder.net.repa_out."  # REPA projector: training only, may
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# shared parts: 2-D RoPE, attention with QK-norm, MLP, gated block (§1)
+# shared parts: 2-D RoPE, attention with QK-norm, MLP, gated block
 
 @functools.lru_cache(maxsize=32)
 @torch.inference_mode(False)  # a cached table must stay usable by autograd even if first built in inference mode
@@ -216,12 +227,12 @@ class GatedBlock(nn.Module):
 
 
 def layer_norm(x):
-    """Non-affine LayerNorm, eps 1e-6 (the `LN` of SPEC.md)."""
+    """Non-affine LayerNorm, eps 1e-6: every parameter-free normalisation of the tokenizer."""
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# vector quantizer (§3)
+# vector quantizer (paper §4: ℓ2-normalised codebook of 16384 × 8)
 
 class VectorQuantizer(nn.Module):
     """Nearest code by L2 distance between L2-normalised vectors; the codebook is normalised at use time."""
@@ -244,7 +255,7 @@ class VectorQuantizer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# pixel diffusion decoder (§5)
+# pixel diffusion decoder (paper §4: a DiT on raw pixel patches, 12 blocks of width 768, patch 8)
 
 class TimestepEmbedder(nn.Module):
     """Sinusoidal embedding of 1000·t with as many frequencies as the width (cos first), then an MLP."""
@@ -288,16 +299,16 @@ class DiffusionNet(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         D, p = cfg.dd_dim, cfg.dd_patch_size
-        self.patch_size, self.rope_base, self.repa_layer = p, cfg.rope_base_len, cfg.repa_layer
+        self.patch_size, self.rope_base, self.repa_layer = p, cfg.dd_rope_base_len, cfg.repa_layer
         self.cond_mlp = nn.Linear(cfg.decoder_dim, D)
         self.conv_in = nn.Conv2d(3 * p * p, D, 1)
         self.time_embed = TimestepEmbedder(D) if cfg.share_time_encoding else None
         self.blocks = nn.ModuleList(SiTBlock(D, cfg.share_time_encoding) for _ in range(cfg.dd_depth))
         self.conv_out = nn.Conv2d(D, 3 * p * p, 1)
-        # REPA projector (§7.4): maps block-`repa_layer` tokens to the DINOv2 feature space; training only
+        # REPA projector (paper §4, eq. 7): block-`repa_layer` tokens → DINOv2-B features; used in training only
         self.repa_out = nn.Sequential(nn.Linear(D, cfg.repa_hidden), nn.SiLU(), nn.Linear(cfg.repa_hidden,
                                       cfg.repa_hidden), nn.SiLU(), nn.Linear(cfg.repa_hidden, cfg.repa_dim)) \
-            if cfg.dd_depth > cfg.repa_layer else None
+            if cfg.repa else None
 
     def forward(self, x, t, cond, repa=False):
         """x (B, 3, H, W), t (B,) as given, cond (B, M, Dd) → velocity (B, 3, H, W), REPA features or None."""
@@ -327,18 +338,10 @@ class DiffusionDecoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Diffusion conventions (flow matching, §6):
-#   t = 0 is Gaussian noise x0, t = 1 is data x1 = σd · image;  x_t = t·x1 + (1 − t)·x0;  velocity v = x1 − x0.
-#   Times are warped by shift(t) = t / (t + s(1 − t)), s = 2, which spends more steps near the noise end.
-#   Sampling grid: shift(i / Ks) for i = 0..Ks−1, then 1. Step i is conditioned on token group
-#   start_i = min(N − M, round(i·Kg/Ks)·M) (with Ks = Kg: step i uses group i), so the first group fixes the
-#   coarse layout and later groups add detail. Training draws raw t ~ U[0, 1), picks the group by rounding
-#   t·Kg to the nearest integer (clamped), and feeds shift(t) to the network.
-#   Solvers: Euler, or 2nd-order Adams–Bashforth with the constant coefficients (1.5, −0.5) even on this
-#   non-uniform grid, its first step Euler. After step i the state can jump straight to t = 1 with the
-#   same blended velocity: that jump is the preview after i+1 groups, and after the last step it is the image.
+# the tokenizer
 
 def shift_time(t, s):
+    """shift(t) = t / (t + s(1 − t)): the time warp of paper eq. 8 (s = β = 2 spends more steps near the noise)."""
     return t / (t + s * (1 - t))
 
 
@@ -349,23 +352,23 @@ class Tokenizer(nn.Module):
         super().__init__()
         self.config = cfg
         De, Dd = cfg.encoder_dim, cfg.decoder_dim
-        # encoder (§2)
+        # encoder: image patches + learnable queries (paper eq. 1)
         self.patchify = nn.Conv2d(3, De, cfg.encoder_patch_size, stride=cfg.encoder_patch_size)
-        self.query_embedding = nn.Embedding(1024, 8 if cfg.query_low_rank else De)
+        self.query_embedding = nn.Embedding(cfg.max_tokens, 8 if cfg.query_low_rank else De)
         self.query_linear = nn.Linear(8, De) if cfg.query_low_rank else None
         self.encoder_layers = nn.ModuleList(GatedBlock(De) for _ in range(cfg.num_encoder_layers))
         self.quant_in_conv = nn.Conv2d(De, cfg.vq_dim, 1, bias=False)
         self.quantize = VectorQuantizer(cfg.vq_codebook_size, cfg.vq_dim)
-        # decoder transformer (§4)
+        # causal decoder transformer: codes → condition tokens
         self.quant_out_conv = nn.Conv2d(cfg.vq_dim, Dd, 1, bias=False)
-        self.decoder_embedding = nn.Embedding(1024, Dd)
+        self.decoder_embedding = nn.Embedding(cfg.max_tokens, Dd)
         self.decoder_layers = nn.ModuleList(GatedBlock(Dd) for _ in range(cfg.num_decoder_layers))
         self.diff_decoder = DiffusionDecoder(cfg)
         if self.patchify.weight.device.type != "meta":
             self.initialize_weights()
 
     def initialize_weights(self):
-        """Official init (§10.1): truncated normals, gates / adaLN / conv_out zero so every block starts as identity
+        """Official init: truncated normals, gates / adaLN / conv_out zero so every block starts as identity
         and the first velocity is 0; the codebook uniform then row-normalised; the rest PyTorch defaults."""
         def trunc(w, std):
             nn.init.trunc_normal_(w, std=std, a=-2, b=2)
@@ -392,7 +395,7 @@ class Tokenizer(nn.Module):
             nn.init.uniform_(self.quantize.embedding.weight, -1 / V, 1 / V)
             self.quantize.embedding.weight.copy_(F.normalize(self.quantize.embedding.weight, dim=-1))
 
-    # ---- encoder (§2) ----
+    # ---- encoder ----
     def encode_unquantized(self, images):
         """images (B, 3, H, W) in [-1, 1] → latent (B, N, c) before normalisation."""
         cfg = self.config
@@ -407,8 +410,8 @@ class Tokenizer(nn.Module):
             queries = self.query_linear(queries)  # (N, De)
         x = torch.cat([x, queries[None].expand(B, -1, -1).to(x.dtype)], dim=1)  # (B, h·w + N, De)
         # image tokens get 2-D RoPE, queries the identity (their order lives in the query vectors and the mask)
-        identity = torch.stack([torch.ones(N, HEAD_DIM // 2), torch.zeros(N, HEAD_DIM // 2)], dim=-1)
-        rope = torch.cat([rope_2d(h, w, cfg.rope_base_len), identity]).to(x.device)
+        identity = torch.stack([torch.ones(N, HEAD_DIM // 2), torch.zeros(N, HEAD_DIM // 2)], dim=-1).to(x.device)
+        rope = torch.cat([rope_2d(h, w, cfg.rope_base_len, x.device), identity])  # (h·w + N, 32, 2)
         # image tokens see all image tokens and no query; query k sees all image tokens and queries 0..k
         L = h * w + N
         mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
@@ -428,7 +431,7 @@ class Tokenizer(nn.Module):
         """(B, N) int64 codes, ordered coarse to fine."""
         return self.quantize(self.encode_unquantized(images))[1]
 
-    # ---- decoder transformer (§4) ----
+    # ---- decoder transformer ----
     def new_condition_cache(self):
         return [dict() for _ in self.decoder_layers]
 
@@ -451,14 +454,26 @@ class Tokenizer(nn.Module):
             x = layer(x, mask=mask, is_causal=mask is None, cache=None if cache is None else cache[i])
         return layer_norm(x)
 
-    # ---- pixel decoder (§5, §6) ----
+    # ---- pixel decoder: the diffusion conventions, then the solver ----
+    # Flow matching (paper eqs. 2-4): t = 0 is Gaussian noise x0, t = 1 is data x1 = σd · image (σd = 0.6);
+    #   x_t = t·x1 + (1 − t)·x0, and the network predicts the velocity v = x1 − x0.
+    # Time shift (paper eq. 8): times are warped by shift(t) = t / (t + s(1 − t)) with s = 2, which puts more
+    #   steps near the noise end. An S-step solve visits shift(i / S), i = 0..S−1, then exactly 1; for S = 8:
+    #   0, 1/15, 1/7, 3/13, 1/3, 5/11, 3/5, 7/9, 1.
+    # Which group conditions which step (paper eq. 5, rounded as the official code does): step i uses the group
+    #   nearest to its raw time, g_i = round_half_up(i·K/S) clamped to K − 1, i.e. tokens [g_i·M, (g_i + 1)·M).
+    #   With S = K (8) step i uses group i: the first group fixes the coarse layout, later ones add detail.
+    #   Training draws raw t ~ U[0, 1), picks the group by the same rounding and feeds shift(t) to the network.
+    # Solvers: Euler, or 2nd-order Adams–Bashforth with the constant coefficients (1.5, −0.5) even on this
+    #   non-uniform grid (as officially), its first step Euler. After step i the state can jump to t = 1 with the
+    #   same blended velocity: that jump is the preview after i + 1 groups, and after the last step the image.
     @torch.no_grad()
     def velocity(self, x_t, t, cond_group):
         """One evaluation of the pixel network; t (B,) is used as given (already shifted)."""
         return self.diff_decoder.net(x_t, torch.as_tensor(t, device=x_t.device), cond_group)[0]
 
     def group_slices(self, steps):
-        """Token range of the condition group used by each of `steps` solver steps (§6.2)."""
+        """Token range of the condition group used by each of `steps` solver steps (see the conventions above)."""
         cfg = self.config
         N, M, K = cfg.num_all_queries, cfg.queries_per_step, cfg.num_query_groups
         starts = [min(N - M, int(math.floor(i / steps * K + 0.5) / K * N)) for i in range(steps)]
@@ -478,7 +493,7 @@ class Tokenizer(nn.Module):
         σd (image space, not resized); after the last step it equals x_next / σd."""
         if method not in ("adams2", "euler"):
             raise ValueError(f"unknown solver {method!r}: use 'adams2' or 'euler'")
-        steps = steps or self.config.num_denoising_steps
+        steps = self.check_steps(steps)
         if not 0 <= k < steps:
             raise ValueError(f"step {k} is outside the {steps} solver steps")
         t, t_next = self.schedule(steps)[k:k + 2].tolist()
@@ -486,6 +501,14 @@ class Tokenizer(nn.Module):
         u = v if method == "euler" or v_prev is None else 1.5 * v - 0.5 * v_prev
         preview = (x + (1 - t) * u) / self.config.data_std
         return x + (t_next - t) * u, v, preview
+
+    def check_steps(self, steps):
+        """`steps` of decode / solver_step: None means num_denoising_steps; otherwise a positive int."""
+        if steps is None:
+            return self.config.num_denoising_steps
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        return steps
 
     def steps_for_groups(self, groups, steps):
         """How many of the `steps` solver steps need only the first `groups` token groups (a prefix of the steps)."""
@@ -505,11 +528,12 @@ class Tokenizer(nn.Module):
         """codes (B, N) → image (B, 3, H, W), roughly in [-1, 1], not clamped.
 
         steps: solver steps (default num_denoising_steps) over the same [0, 1] time range; step i is conditioned
-        on the group nearest to its time (§6.2), so 16 steps use each group twice and 4 steps every other group.
+        on the group nearest to its time, so 16 steps use each group twice and 4 steps every other group (the
+        settings of paper Table 2).
         groups=k runs only the steps that the first k groups condition and jumps to t = 1 from the last (the
-        preview of §6.5). noise is x0 in network space (its size sets H, W), else drawn with `generator` at
+        preview of paper §5.1). noise is x0 in network space (its size sets H, W), else drawn with `generator` at
         sampling_resolution."""
-        steps = steps or self.config.num_denoising_steps
+        steps = self.check_steps(steps)
         K = self.config.num_query_groups
         if groups is not None and not 1 <= groups <= K:
             raise ValueError(f"groups must lie in [1, {K}], got {groups}")
@@ -538,7 +562,7 @@ class Tokenizer(nn.Module):
         noise = torch.randn(B, 3, max(R, H), max(R, W), generator=generator, device=images.device)
         return self.decode(self.encode(images), noise, method, groups, steps=steps)
 
-    # ---- training (§7) ----
+    # ---- training (paper eq. 7) ----
     def loss(self, images, t=None, noise=None):
         """Training terms for a batch of images in [-1, 1]. t (B,) raw times in [0, 1) and noise (B, 3, H, W) may
         be given (the trainer draws them per sample); otherwise they come from the global RNG.
@@ -549,7 +573,7 @@ class Tokenizer(nn.Module):
         cfg = self.config
         B, N, M, K = images.shape[0], cfg.num_all_queries, cfg.queries_per_step, cfg.num_query_groups
         t = torch.rand(B, device=images.device) if t is None else t
-        # group from the RAW time by rounding to the nearest grid point, last group clamped (§6.2)
+        # group from the RAW time by rounding to the nearest grid point, last group clamped (as in sampling)
         start = ((torch.floor(t * K + 0.5) / K) * N).long().clamp(0, N - M)  # (B,)
         qids = start[:, None] + torch.arange(M, device=images.device)  # (B, M)
         z, codes, zq = self.quantize(self.encode_unquantized(images))
@@ -583,10 +607,13 @@ class Tokenizer(nn.Module):
     def load_weights(self, state_dict, source):
         """Strict load; only the training-only keys (usage buffer, REPA projector) may be present or absent."""
         repa = self.diff_decoder.net.repa_out
-        # the official model always has a REPA projector; ours only when REPA features exist (dd_depth > repa_layer)
-        sd = {k: v for k, v in state_dict.items() if k != USAGE_BUFFER and (repa is not None or not k.startswith(REPA_PREFIX))}
+        state_dict = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}  # saved from a compiled model
+        # official files always hold a REPA projector; a config with repa=False drops it
+        sd = {k: v for k, v in state_dict.items()
+              if k != USAGE_BUFFER and (repa is not None or not k.startswith(REPA_PREFIX))}
         if repa is not None and not any(k.startswith(REPA_PREFIX) for k in sd):
-            repa.to_empty(device="cpu")  # not in the file: a freshly initialised projector (only training uses it)
+            # not in the file: a freshly initialised projector (only training uses it)
+            repa.to_empty(device=next(iter(sd.values())).device)
             for m in repa:
                 if isinstance(m, nn.Linear):
                     m.reset_parameters()
@@ -600,16 +627,19 @@ class Tokenizer(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu", use_ema=True, official_config=None):
         """Loads one of our checkpoints or an official tokenizer file (config inside, or `official_config` given)."""
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=False, pickle_module=_official_pickle)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"tokenizer checkpoint {path} does not exist") from None
+        ckpt = load_checkpoint(path, map_location)
         if not isinstance(ckpt, dict):
             raise ValueError(f"{path} is not a tokenizer checkpoint")
         if ckpt.get("kind") not in (None, "tokenizer"):
             raise ValueError(f"{path} is a {ckpt['kind']} checkpoint, not a tokenizer checkpoint")
         if ckpt.get("kind") == "tokenizer":
-            cfg = TokenizerConfig(**ckpt["config"])
+            config = dict(ckpt["config"])
+            # files written before `repa` was a field: the projector existed iff REPA features did
+            config.setdefault("repa", config.get("dd_depth", 12) > config.get("repa_layer", 8))
+            try:
+                cfg = TokenizerConfig(**config)
+            except TypeError as e:
+                raise ValueError(f"{path} holds an unknown tokenizer config ({e})") from None
         elif official_config is not None or "config" in ckpt:
             cfg = TokenizerConfig.from_official(official_config or _official_model_config(ckpt["config"]))
         else:
@@ -617,23 +647,10 @@ class Tokenizer(nn.Module):
         key = "ema" if use_ema and ckpt.get("ema") is not None else "model"
         if key not in ckpt:
             raise ValueError(f"{path} holds neither 'ema' nor 'model' weights (keys: {sorted(ckpt)})")
+        check_finite(ckpt[key], f"{path} ['{key}']")
         with torch.device("meta"):
             tok = cls(cfg)
         return tok.load_weights(ckpt[key], f"{path} ['{key}']")
-
-
-class _OfficialConfig:
-    """Stand-in for the official `config_util.Config` pickled inside tokenizer files (its data is in `_data`)."""
-
-
-class _OfficialUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) == ("config_util", "Config"):
-            return _OfficialConfig
-        return super().find_class(module, name)
-
-
-_official_pickle = types.SimpleNamespace(Unpickler=_OfficialUnpickler, load=pickle.load, __name__="pickle")
 
 
 def _official_model_config(config):
@@ -643,3 +660,49 @@ def _official_model_config(config):
         raise ValueError("the official config holds no `model` section")
     model = data["model"]
     return getattr(model, "_data", model)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# safe loading: checkpoints come from the internet, so unpickling may build tensors and plain data only
+
+class _OfficialConfig:
+    """Stand-in for the official `config_util.Config` pickled in tokenizer files: attributes only (`_data`)."""
+
+
+class _PickledNamespace:
+    """Stand-in for the `argparse.Namespace` of training arguments pickled in official files: attributes only."""
+
+
+# torch's weights_only unpickler creates these with __new__ and fills their __dict__; it never calls them
+SAFE_GLOBALS = [(_OfficialConfig, "config_util.Config"), (_PickledNamespace, "argparse.Namespace")]
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load(weights_only=True) that admits the two official stand-ins above; a file that would need
+    anything else (e.g. a pickle calling os.system) is refused without running it. Raises FileNotFoundError, or
+    ValueError naming the file when it is empty, truncated, not a checkpoint, or refused."""
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path} is a directory, not a file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint {path} is empty")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's refusal: the first line that names what was refused
+        skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [line for line in str(e).splitlines() if line.strip() and not line.startswith(skip)]
+        raise ValueError(f"checkpoint {path} was refused: it holds more than tensors and plain data "
+                         f"({lines[0] if lines else 'unreadable pickle'})") from None
+    except Exception as e:  # zip / pickle / storage errors of a damaged file
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ValueError(f"checkpoint {path} is truncated or not a PyTorch checkpoint ({type(e).__name__}: {first})") \
+            from None
+
+
+def check_finite(state_dict, source):
+    """Refuses weights with NaN or infinity (e.g. saved by a run whose loss diverged)."""
+    bad = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise ValueError(f"{source} has non-finite weights in {len(bad)} tensors, e.g. {bad[:3]}")

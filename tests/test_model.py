@@ -174,3 +174,97 @@ def test_generate_passes_the_attention_length():
     want = generate(gpt, torch.tensor([1, 2]), cfg_scale=2.0, top_k=1,
                     decode_fn=lambda *a, kv_len, **kw: decode_one_token(*a, kv_len=None, **kw))  # whole cache
     assert torch.equal(got, want)
+
+
+class Payload:
+    """Pickles as a call to os.system that creates `marker`: what a malicious checkpoint would run on load."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch '{self.marker}'",)
+
+
+@pytest.mark.parametrize("fmt", ["official", "ours", "legacy"])
+def test_malicious_gpt_files_are_refused_without_running(tmp_path, fmt):
+    import argparse
+    from dataclasses import asdict
+    gpt, marker, path = tiny(), tmp_path / "ran", tmp_path / "evil.pt"
+    if fmt == "official":  # a state dict under `model` with training arguments, as the official trainer saves
+        ckpt = {"model": gpt.state_dict(), "steps": 10, "args": argparse.Namespace(hook=Payload(marker))}
+    else:
+        ckpt = {"kind": "gpt", "config": asdict(gpt.config), "model": gpt.state_dict(), "ema": Payload(marker)}
+    torch.save(ckpt, path, _use_new_zipfile_serialization=fmt != "legacy")
+    with pytest.raises(ValueError, match=f"{path}.*refused.*system"):
+        GPT.from_checkpoint(path, name="GPT-tiny" if fmt == "official" else None)
+    assert not marker.exists()
+
+
+def test_official_gpt_file_with_training_arguments_loads(tmp_path):
+    import argparse
+    gpt = tiny()
+    torch.save({"model": gpt.state_dict(), "steps": 10, "args": argparse.Namespace(lr=1e-4, gpt_model="GPT-tiny")},
+               tmp_path / "gpt.pt")
+    loaded = GPT.from_checkpoint(tmp_path / "gpt.pt", name="GPT-tiny")
+    assert torch.equal(loaded.output.weight, gpt.output.weight)
+
+
+def test_damaged_and_non_finite_gpt_files_are_named(tmp_path):
+    sd = tiny().state_dict()
+    torch.save(sd, tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    for name, content in {"empty.pt": b"", "truncated.pt": data[:1000], "random.pt": bytes(range(256)) * 8}.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=name):
+            GPT.from_checkpoint(tmp_path / name, name="GPT-tiny")
+    sd["norm.weight"][3] = float("inf")
+    torch.save(sd, tmp_path / "inf.pt")
+    with pytest.raises(ValueError, match="inf.pt.*non-finite.*norm.weight"):
+        GPT.from_checkpoint(tmp_path / "inf.pt", name="GPT-tiny")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="list.pt"):
+        GPT.from_checkpoint(tmp_path / "list.pt", name="GPT-tiny")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        GPT.from_checkpoint(tmp_path / "missing.pt", name="GPT-tiny")
+
+
+def test_rope_table_stays_float32_under_dtype_casts():
+    gpt = tiny()
+    want = gpt.rope.clone()
+    gpt.to(torch.bfloat16)
+    assert gpt.output.weight.dtype == torch.bfloat16
+    assert gpt.rope.dtype == torch.float32 and torch.equal(gpt.rope, want)
+    gpt.setup_caches(2)
+    gpt.half().float()
+    assert gpt.rope.dtype == torch.float32 and torch.equal(gpt.rope[: len(want)], want)
+
+
+def test_null_class_is_explicit():
+    assert GPT(GPTConfig.from_name("GPT-tiny")).cls_embedding.embedding_table.weight.shape[0] == 11
+    gpt = GPT(GPTConfig.from_name("GPT-tiny", null_class=False, class_dropout_prob=0.0)).eval()
+    assert gpt.cls_embedding.embedding_table.weight.shape[0] == 10
+    gpt.setup_caches(2)
+    assert generate(gpt, torch.tensor([1]), cfg_scale=1.0).shape == (1, 32)
+    with pytest.raises(ValueError, match="null class"):
+        generate(gpt, torch.tensor([1]), cfg_scale=3.0)
+    with pytest.raises(ValueError, match="null_class"):
+        GPTConfig.from_name("GPT-tiny", null_class=False)  # dropout to a class that does not exist
+
+
+def test_forward_admits_block_size_minus_one_tokens():
+    gpt = tiny()
+    assert gpt(torch.zeros(1, 31, dtype=torch.long), torch.tensor([0]))[0].shape == (1, 32, 64)
+    with pytest.raises(ValueError, match="at most 31 input tokens, got 32"):
+        gpt(torch.zeros(1, 32, dtype=torch.long), torch.tensor([0]))
+
+
+def test_checkpoint_written_before_null_class_loads(tmp_path):
+    from dataclasses import asdict
+    gpt = tiny()
+    config = asdict(gpt.config)
+    del config["null_class"]
+    config["cls_token_num"] = 1  # older files carry the official field
+    torch.save({"kind": "gpt", "config": config, "model": gpt.state_dict(), "ema": None}, tmp_path / "old.pt")
+    assert GPT.from_checkpoint(tmp_path / "old.pt").config == gpt.config

@@ -1,6 +1,6 @@
 """Tests of tokenizer.py (the sequential diffusion tokenizer): python -m pytest -q tests/test_tokenizer.py
 
-Parity with the official outputs is checked by ../shared/golden/check_parity.py; these tests cover the rest."""
+Parity with the official outputs is tested in tests/test_parity.py; these tests cover the rest."""
 import argparse
 import importlib
 import json
@@ -13,15 +13,12 @@ import torch
 
 from tokenizer import Tokenizer, TokenizerConfig
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden")
-golden_missing = not os.path.exists(os.path.join(GOLDEN, "official_small.pt"))
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 
 
 @pytest.fixture(scope="module")
 def golden():
-    if golden_missing:
-        pytest.skip("../shared/golden is not beside the project")
-    return torch.load(os.path.join(GOLDEN, "official_small.pt"), weights_only=False)
+    return torch.load(os.path.join(GOLDEN, "official_small.pt"), weights_only=True)
 
 
 def tiny_tokenizer(seed=0):
@@ -123,9 +120,9 @@ def test_reconstruct_shapes_and_bad_size():
 
 
 def test_official_config_conversion():
-    keys = json.load(open(os.path.join(GOLDEN, "official_keys.json"))) if not golden_missing else None
-    if keys:
-        assert TokenizerConfig.from_official(keys["tokenizer_v1_config"]) == TokenizerConfig.from_name("tokenizer_v1")
+    with open(os.path.join(GOLDEN, "official_keys.json")) as f:
+        keys = json.load(f)
+    assert TokenizerConfig.from_official(keys["tokenizer_v1_config"]) == TokenizerConfig.from_name("tokenizer_v1")
     with pytest.raises(ValueError, match="unknown"):
         TokenizerConfig.from_official({"encoder_dim": 768, "fancy": 1})
     with pytest.raises(ValueError, match="num_all_queries"):
@@ -136,7 +133,47 @@ def test_full_size_tokenizer_on_meta_device():
     with torch.device("meta"):
         tok = Tokenizer(TokenizerConfig.from_name("tokenizer_v1"))
     assert tok.patchify.weight.is_meta
-    assert sum(p.numel() for p in tok.parameters()) == 307_444_672  # SPEC.md §12.1, REPA projector included
+    assert sum(p.numel() for p in tok.parameters()) == 307_444_672  # the official count, REPA projector included
+
+
+class Payload:
+    """Pickles as a call to os.system that creates `marker`: what a malicious checkpoint would run on load."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def official_config_class():
+    """A class pickled as the official `config_util.Config` (its data in `_data`), without the official code."""
+    class Config:
+        def __init__(self, data):
+            self._data = data
+    Config.__module__, Config.__qualname__ = "config_util", "Config"
+    return Config
+
+
+TINY_OFFICIAL = {"encoder_patch_size": 8, "num_encoder_layers": 2, "num_decoder_layers": 2, "query_low_rank": True,
+                 "encoder_dim": 128, "decoder_dim": 128, "vq_dim": 8, "vq_codebook_size": 64,
+                 "num_denoising_steps": 8, "num_query_groups": 8, "num_all_queries": 32, "queries_per_step": 4,
+                 "vq_enable": True, "sampling_resolution": 32,
+                 "diff_decoder": {"in_dim": 3, "out_dim": 3, "dim": 128, "cond_dim": 128, "patch_size": 4,
+                                  "depth": 2, "data_std": 0.6, "time_shift": 2.0, "mlp_head": False,
+                                  "share_time_encoding": False}}
+
+
+def save_official(path, tok, config, **extra):
+    """Writes a file the way the official trainer does, config_util.Config object inside."""
+    mod = types.ModuleType("config_util")
+    mod.Config = type(config)
+    sys.modules["config_util"] = mod
+    try:
+        torch.save({"model": official_style_state(tok), "ema": official_style_state(tok), "optimizer": {},
+                    "steps": 5, "args": argparse.Namespace(lr=1e-4), "config": config, **extra}, path)
+    finally:
+        del sys.modules["config_util"]
 
 
 def official_style_state(tok):
@@ -147,29 +184,8 @@ def official_style_state(tok):
 
 def test_official_tokenizer_file_loads_without_config_util(tmp_path):
     tok = tiny_tokenizer()
-    # write a file the way the official trainer does, with its own config_util.Config class pickled inside
-    mod = types.ModuleType("config_util")
-
-    class Config:
-        def __init__(self, data):
-            self._data = data
-    Config.__module__, Config.__qualname__ = "config_util", "Config"
-    mod.Config = Config
-    sys.modules["config_util"] = mod
-    cfg = Config({"model": {"encoder_patch_size": 8, "num_encoder_layers": 2, "num_decoder_layers": 2,
-                            "query_low_rank": True, "encoder_dim": 128, "decoder_dim": 128, "vq_dim": 8,
-                            "vq_codebook_size": 64, "num_denoising_steps": 8, "num_query_groups": 8,
-                            "num_all_queries": 32, "queries_per_step": 4, "vq_enable": True,
-                            "sampling_resolution": 32,
-                            "diff_decoder": {"in_dim": 3, "out_dim": 3, "dim": 128, "cond_dim": 128,
-                                             "patch_size": 4, "depth": 2, "data_std": 0.6, "time_shift": 2.0,
-                                             "mlp_head": False, "share_time_encoding": False}},
-                  "train": {"lr": 1e-4}})
-    try:
-        torch.save({"model": official_style_state(tok), "ema": official_style_state(tok), "optimizer": {},
-                    "steps": 5, "args": argparse.Namespace(lr=1e-4), "config": cfg}, tmp_path / "official.pt")
-    finally:
-        del sys.modules["config_util"]
+    config = official_config_class()({"model": TINY_OFFICIAL, "train": {"lr": 1e-4}})
+    save_official(tmp_path / "official.pt", tok, config)
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("config_util")
     loaded = Tokenizer.from_checkpoint(tmp_path / "official.pt")
@@ -270,6 +286,8 @@ def test_solver_steps_give_decode_and_previews():
     assert torch.equal(preview, tok.decode(codes, noise=noise, groups=2, steps=16))
     with pytest.raises(ValueError, match="outside"):
         tok.solver_step(noise, None, 8, cond[:, :4])
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        tok.decode(codes, noise=noise, steps=0)
 
 
 def test_reconstruct_decodes_at_the_input_size():
@@ -277,3 +295,101 @@ def test_reconstruct_decodes_at_the_input_size():
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     assert tok.reconstruct(x, generator=torch.Generator().manual_seed(0)).shape == (1, 3, 64, 64)
     assert tok.decode(tok.encode(x)).shape == (1, 3, 32, 32)  # codes alone decode at sampling_resolution
+
+
+def test_payload_runs_when_unpickled_unsafely(tmp_path):
+    import pickle
+    pickle.loads(pickle.dumps(Payload(tmp_path / "ran")))  # the refusal tests below are not vacuous
+    assert (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("fmt", ["ours", "official", "legacy"])
+def test_malicious_tokenizer_files_are_refused_without_running(tmp_path, fmt):
+    from dataclasses import asdict
+    tok, marker, path = tiny_tokenizer(), tmp_path / "ran", tmp_path / "evil.pt"
+    if fmt == "official":  # the payload hides inside the pickled Config
+        save_official(path, tok, official_config_class()({"model": TINY_OFFICIAL, "hook": Payload(marker)}))
+    else:
+        ckpt = {"kind": "tokenizer", "config": asdict(tok.config), "model": tok.state_dict(), "ema": Payload(marker)}
+        torch.save(ckpt, path, _use_new_zipfile_serialization=fmt == "ours")  # legacy: torch's pre-1.6 format
+    with pytest.raises(ValueError, match=f"{path}.*refused.*system"):
+        Tokenizer.from_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_damaged_tokenizer_files_are_named(tmp_path):
+    from dataclasses import asdict
+    tok = tiny_tokenizer()
+    ckpt = {"kind": "tokenizer", "config": asdict(tok.config), "model": tok.state_dict(), "ema": None}
+    torch.save(ckpt, tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    files = {"empty.pt": b"", "truncated.pt": data[: len(data) // 2], "random.pt": os.urandom(4096)}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=name):
+            Tokenizer.from_checkpoint(tmp_path / name)
+    torch.save(ckpt, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # benign pre-1.6 files load
+    assert Tokenizer.from_checkpoint(tmp_path / "legacy.pt").config == tok.config
+
+
+def test_non_finite_tokenizer_weights_are_refused(tmp_path):
+    from dataclasses import asdict
+    tok = tiny_tokenizer()
+    sd = tok.state_dict()
+    sd["diff_decoder.net.conv_out.bias"][0] = float("nan")
+    torch.save({"kind": "tokenizer", "config": asdict(tok.config), "model": sd, "ema": None}, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match="nan.pt.*non-finite.*conv_out.bias"):
+        Tokenizer.from_checkpoint(tmp_path / "nan.pt")
+
+
+def test_compiled_model_keys_load(tmp_path):
+    tok = tiny_tokenizer()
+    compiled = {"_orig_mod." + k: v for k, v in official_style_state(tok).items()}  # official trainer: compiled
+    save_official(tmp_path / "official.pt", tok, official_config_class()({"model": TINY_OFFICIAL}), model=compiled,
+                  ema=None)
+    loaded = Tokenizer.from_checkpoint(tmp_path / "official.pt", use_ema=False)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(loaded.encode_latent(x), tok.encode_latent(x))
+
+
+def test_encoder_and_pixel_decoder_have_their_own_rope_base():
+    cfg = TokenizerConfig.from_official({**TINY_OFFICIAL, "rope_base_len": 100.0,
+                                         "diff_decoder": {**TINY_OFFICIAL["diff_decoder"], "rope_base_len": 5000.0}})
+    assert (cfg.rope_base_len, cfg.dd_rope_base_len) == (100.0, 5000.0)
+    base = tiny_tokenizer()
+    x, xt, t = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 3, 32, 32), torch.tensor([0.2, 0.7])
+    cond = torch.randn(2, 4, 128)
+
+    def variant(**kw):
+        tok = Tokenizer(TokenizerConfig.from_name("tiny", **kw))
+        tok.load_state_dict(base.state_dict())
+        return tok.eval()
+    enc, dec = variant(rope_base_len=100.0), variant(dd_rope_base_len=100.0)
+    assert torch.equal(dec.encode_latent(x), base.encode_latent(x))
+    assert not torch.allclose(enc.encode_latent(x), base.encode_latent(x))
+    assert torch.equal(enc.velocity(xt, t, cond), base.velocity(xt, t, cond))
+    assert not torch.allclose(dec.velocity(xt, t, cond), base.velocity(xt, t, cond))
+
+
+def test_repa_projector_and_table_sizes_are_explicit_fields():
+    assert Tokenizer(TokenizerConfig.from_name("tiny")).diff_decoder.net.repa_out is not None
+    with torch.device("meta"):
+        fmnist = Tokenizer(TokenizerConfig.from_name("fmnist"))
+    assert fmnist.diff_decoder.net.repa_out is None
+    assert fmnist.query_embedding.weight.shape[0] == fmnist.decoder_embedding.weight.shape[0] == 1024
+    # official configs: projector only where its features exist (depth > repa_layer, 8 by default)
+    assert TokenizerConfig.from_official(TINY_OFFICIAL).repa is False
+    with pytest.raises(ValueError, match="repa_layer"):
+        TokenizerConfig.from_name("tiny", repa_layer=2)
+    with pytest.raises(ValueError, match="max_tokens"):
+        TokenizerConfig.from_name("tiny", max_tokens=16)
+
+
+def test_checkpoint_written_before_repa_field_loads(tmp_path):
+    from dataclasses import asdict
+    tok = Tokenizer(TokenizerConfig.from_name("tiny", repa=False)).eval()
+    config = asdict(tok.config)
+    del config["repa"]
+    config["repa_layer"] = config["dd_depth"]  # how such files said "no REPA"
+    torch.save({"kind": "tokenizer", "config": config, "model": tok.state_dict(), "ema": None}, tmp_path / "old.pt")
+    assert Tokenizer.from_checkpoint(tmp_path / "old.pt").diff_decoder.net.repa_out is None
