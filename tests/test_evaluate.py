@@ -1,14 +1,17 @@
-"""Tests of evaluate.py: metric formulas, the Inception port, .npz checks, Fashion-MNIST helpers. CPU.
+"""Tests of evaluate.py: metric formulas, the Inception port, SSIM definitions, bad inputs, reconstruction modes.
 
     python -m pytest -q tests/test_evaluate.py
 
 The command-line test runs a random-weight Inception end to end; its two 2048x2048 matrix square roots
 (FID and sFID, as ADM computes them) take most of its ~20 s on 2 cores.
 """
+import io
 import json
 import os
 import subprocess
 import sys
+import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
+from data import fmnist_dir  # noqa: E402
+from tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
+
+HAS_FMNIST = (fmnist_dir() / "t10k-images-idx3-ubyte.gz").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -94,42 +101,131 @@ def test_features_are_fp32_under_bf16_autocast(random_inception):
     torch.testing.assert_close(pool, evaluate.inception(random_inception, images)[0])
 
 
-def test_npz_errors(tmp_path):
-    bad = {"float": dict(arr_0=np.zeros((2, 8, 8, 3), np.float32)), "gray": dict(arr_0=np.zeros((2, 8, 8), np.uint8)),
-           "rgba": dict(arr_0=np.zeros((2, 8, 8, 4), np.uint8)), "no_images": dict(labels=np.zeros(2))}
-    for name, arrays in bad.items():
-        np.savez(tmp_path / f"{name}.npz", **arrays)
-        with pytest.raises(ValueError, match="arr_0"):
-            evaluate.npz_images(str(tmp_path / f"{name}.npz"), 4)
-    (tmp_path / "text.npz").write_text("not an npz")
-    with pytest.raises(ValueError, match="not an .npz"):
-        evaluate.npz_images(str(tmp_path / "text.npz"), 4)
+# ---- bad inputs: one line naming the file or flag, non-zero exit, no traceback --------------------------------
+
+
+def truncated_npz(path):
+    """A zip whose arr_0 header announces 10 images of 8x8 but holds the bytes of one."""
+    npy = io.BytesIO()
+    np.lib.format.write_array_header_1_0(npy, {"descr": "|u1", "fortran_order": False, "shape": (10, 8, 8, 3)})
+    npy.write(bytes(8 * 8 * 3))
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("arr_0.npy", npy.getvalue())
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, random_inception):
+    """A folder of good and bad input files for the bad-input cases."""
+    t = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    np.savez(t / "good.npz", arr_0=rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    np.savez(t / "float.npz", arr_0=np.zeros((6, 8, 8, 3), np.float32))
+    np.savez(t / "gray.npz", arr_0=np.zeros((6, 8, 8), np.uint8))
+    np.savez(t / "no_arr_0.npz", labels=np.zeros(6))
+    np.savez(t / "empty.npz", arr_0=np.zeros((0, 8, 8, 3), np.uint8))
+    np.savez(t / "one.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
+    np.savez(t / "bad_stats.npz", arr_0=np.zeros((6, 8, 8, 3), np.uint8), mu=np.zeros(3), sigma=np.zeros((3, 3)))
+    np.savez(t / "bad_labels.npz", arr_0=np.zeros((6, 32, 32, 3), np.uint8), arr_1=np.arange(5))
+    truncated_npz(t / "truncated.npz")
+    (t / "text.npz").write_text("not an npz")
+    (t / "junk.pt").write_bytes(np.random.default_rng(1).bytes(1000))
+    torch.save(random_inception.state_dict(), t / "inception.pt")
+    torch.manual_seed(0)
+    cfg = TokenizerConfig.from_name("tiny")
+    torch.save({"kind": "tokenizer", "config": asdict(cfg), "model": Tokenizer(cfg).state_dict()}, t / "tok.pt")
+    for folder in ("images", "corrupt", "empty"):
+        (t / folder).mkdir()
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(t / "images" / "a.png")
+    (t / "corrupt" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(50))
+    return t
+
+
+BAD_INPUTS = {  # name: (command line, with {t} the inputs folder; a piece of the expected message)
+    "missing samples": ("{t}/good.npz {t}/nope.npz", "nope.npz: no such file"),
+    "missing reference": ("{t}/nope.npz {t}/good.npz", "nope.npz: no such file"),
+    "not a zip": ("{t}/good.npz {t}/text.npz", "text.npz is not an .npz file"),
+    "float images": ("{t}/good.npz {t}/float.npz", "float.npz: arr_0 must be uint8 images"),
+    "gray images": ("{t}/good.npz {t}/gray.npz", "gray.npz: arr_0 must be uint8 images"),
+    "no arr_0": ("{t}/good.npz {t}/no_arr_0.npz", "no_arr_0.npz has no arr_0"),
+    "no images": ("{t}/good.npz {t}/empty.npz", "empty.npz: only 0 image(s)"),
+    "one image": ("{t}/one.npz {t}/good.npz", "one.npz: only 1 image(s)"),
+    "data shorter than its header": ("{t}/good.npz {t}/truncated.npz", "truncated.npz: arr_0 holds 192 bytes"),
+    "bad reference statistics": ("{t}/bad_stats.npz {t}/good.npz", "bad_stats.npz: reference statistics"),
+    "fmnist: wrong labels": ("fmnist {t}/bad_labels.npz", "bad_labels.npz: arr_1 must hold 6 integer labels"),
+    "fmnist: wrong size": ("fmnist {t}/good.npz", "good.npz: Fashion-MNIST samples are 32 x 32"),
+    "json folder missing, checked first": ("{t}/good.npz {t}/good.npz --json {t}/no/m.json --inception-weights "
+                                           "{t}/nope.pt", "the folder {t}/no does not exist"),
+    "json is a folder": ("{t}/good.npz {t}/good.npz --json {t}", "is a folder"),
+    "missing Inception weights": ("{t}/good.npz {t}/good.npz --inception-weights {t}/nope.pt", "nope.pt: no such"),
+    "junk Inception weights": ("{t}/good.npz {t}/good.npz --inception-weights {t}/junk.pt", "junk.pt is not a"),
+    "zero batch size": ("{t}/good.npz {t}/good.npz --batch-size 0", "--batch-size: '0' must be a whole number"),
+    "no mode": ("", "give REF.npz SAMPLES.npz"),
+    "two modes": ("{t}/good.npz --tokenizer-ckpt {t}/tok.pt --images {t}/images", "reconstruction mode takes"),
+    "missing image folder": ("--tokenizer-ckpt {t}/tok.pt --images {t}/nope", "--images {t}/nope: no such folder"),
+    "empty image folder": ("--tokenizer-ckpt {t}/tok.pt --images {t}/empty", "--images {t}/empty: no images"),
+    "every image corrupt": ("--tokenizer-ckpt {t}/tok.pt --images {t}/corrupt --inception-weights {t}/inception.pt",
+                            "only 0 readable images"),
+    "missing tokenizer": ("--tokenizer-ckpt {t}/nope.pt --images fmnist", "nope.pt"),
+    "corrupt tokenizer": ("--tokenizer-ckpt {t}/junk.pt --images fmnist", "junk.pt"),
+    "too many groups": ("--tokenizer-ckpt {t}/tok.pt --images {t}/images --groups 9", "--groups 9: this tokenizer"),
+    "corrupt classifier": ("--tokenizer-ckpt {t}/tok.pt --images fmnist --fmnist-classifier {t}/junk.pt",
+                           "junk.pt: not a Fashion-MNIST classifier file"),
+    "image size for fmnist": ("--tokenizer-ckpt {t}/tok.pt --images fmnist --image-size 64", "--image-size"),
+    "no GPU": ("{t}/good.npz {t}/good.npz --device cuda", "--device cuda: no CUDA GPU"),
+}
+
+
+def run_main(argv, capsys):
+    """(exit code, message) of evaluate.main(argv) run in this process."""
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(argv)
+    code = exit_.value.code
+    stderr = capsys.readouterr().err
+    return (1, code) if isinstance(code, str) else (code, stderr)
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_inputs_give_one_line_errors(case, inputs, capsys):
+    if case == "no GPU" and torch.cuda.is_available():
+        pytest.skip("a GPU is available")
+    command, expected = (s.replace("{t}", str(inputs)) for s in BAD_INPUTS[case])
+    code, message = run_main(command.split(), capsys)
+    assert code != 0
+    assert message.startswith("evaluate.py: error: ") and len(message.strip().splitlines()) == 1, message
+    assert expected in message and "Traceback" not in message
+
+
+def test_bad_input_as_a_process(inputs):
+    out = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), str(inputs / "good.npz"),
+                          str(inputs / "truncated.npz")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip() == (f"evaluate.py: error: {inputs / 'truncated.npz'}: arr_0 holds 192 bytes of data "
+                                  f"but its header announces 1920 (a truncated file?)")
+
+
+def test_npz_images_reads_batches(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (5, 8, 6, 3), dtype=np.uint8)
     np.savez_compressed(tmp_path / "good.npz", arr_0=images)
-    n, batches = evaluate.npz_images(str(tmp_path / "good.npz"), 2)
-    assert n == 5 and np.array_equal(np.concatenate(list(batches)), images)
+    shape, batches = evaluate.npz_images(str(tmp_path / "good.npz"), 2)
+    assert shape == (5, 8, 6, 3) and np.array_equal(np.concatenate(list(batches)), images)
 
 
-def test_missing_weights_and_data_say_what_to_do(tmp_path, monkeypatch):
-    with pytest.raises(SystemExit, match="do not exist"):
+def test_missing_weights_and_data_say_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
         evaluate.find_inception_weights(str(tmp_path / "missing.pt"))
-    (tmp_path / "junk.pt").write_text("junk")
-    with pytest.raises(SystemExit, match="not a PyTorch"):
-        evaluate.load_inception(str(tmp_path / "junk.pt"))
     torch.save({"layers.conv.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
-    with pytest.raises(SystemExit, match="expected keys"):
+    with pytest.raises(ValueError, match="expected keys"):
         evaluate.load_inception(str(tmp_path / "wrong.pt"))
-    with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
-        evaluate.load_fashion_mnist("test", str(tmp_path))
+    torch.save(evaluate.FMNISTClassifier(), tmp_path / "pickled_module.pt")  # loading it would need unpickling code
+    with pytest.raises(ValueError, match="pickled_module.pt: not a Fashion-MNIST classifier file"):
+        evaluate.load_fmnist_classifier(str(tmp_path / "pickled_module.pt"))
 
 
-def test_command_line_end_to_end_with_random_weights(tmp_path, random_inception):
+def test_command_line_end_to_end_with_random_weights(tmp_path, inputs):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
-    np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
-    torch.save(random_inception.state_dict(), tmp_path / "inception.pt")
-    cmd = [sys.executable, str(ROOT / "evaluate.py"), str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"),
-           "--inception-weights", str(tmp_path / "inception.pt"), "--json", str(tmp_path / "m.json"),
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), str(tmp_path / "ref.npz"), str(inputs / "good.npz"),
+           "--inception-weights", str(inputs / "inception.pt"), "--json", str(tmp_path / "m.json"),
            "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4", "--device", "cpu"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -139,43 +235,134 @@ def test_command_line_end_to_end_with_random_weights(tmp_path, random_inception)
     assert 0 <= metrics["Precision"] <= 1 and 0 <= metrics["Recall"] <= 1
     assert f"FID: {metrics['FID']:.6g}" in out.stdout.splitlines()
     assert len(os.listdir(tmp_path / "cache")) == 1  # the reference features, for the next run
+    assert sorted(os.listdir(tmp_path)) == ["cache", "m.json", "ref.npz"]  # no temporary file left behind
 
 
-def test_reconstruction_metrics(tmp_path, random_inception, monkeypatch):
-    from tokenizer import Tokenizer, TokenizerConfig
+# ---- reconstruction ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_tok():
     torch.manual_seed(0)
     tok = Tokenizer(TokenizerConfig.from_name("tiny")).eval()
+    with torch.no_grad():  # the zero-initialised output layers would make every decoder return its noise
+        for p in tok.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return tok
+
+
+def test_reconstruction_metrics_skip_corrupt_images(tmp_path, random_inception, tiny_tok, monkeypatch):
     for i in range(3):
         image = np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)
         Image.fromarray(image).save(tmp_path / f"{i}.png")
+    (tmp_path / "3.png").write_bytes(b"not a png")
     # the 2048-d square root is covered above; LPIPS would fetch VGG16 weights from the internet
     monkeypatch.setattr(evaluate, "frechet_distance", lambda mu1, s1, mu2, s2: float(((mu1 - mu2) ** 2).sum()))
-    monkeypatch.setattr(evaluate, "load_lpips", lambda device: None)
-    args = evaluate.argparse.Namespace(batch_size=2, method="euler", groups=None, seed=0)
-    paths = sorted(str(p) for p in tmp_path.glob("*.png"))
-    m = evaluate.reconstruction_metrics(tok, paths, random_inception, args, torch.device("cpu"))
+    paths = evaluate.list_images(tmp_path)
+    m = evaluate.reconstruction_metrics(tiny_tok, paths, random_inception, batch_size=2, solver="euler", steps=4)
     assert m["rFID"] > 0 and 0 < m["PSNR"] < 40 and -1 < m["SSIM"] < 1 and m["LPIPS"] is None
-    assert evaluate.load_image(paths[0], 32).shape == (32, 32, 3)
+    assert m["Images"] == 3 and m["Skipped images"] == 1 and m["SSIM definition"].startswith("scikit-image")
 
 
-def test_ssim():
-    a = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(evaluate.ssim(a, a), torch.ones(2))
-    assert (evaluate.ssim(a, torch.rand_like(a)) < 0.1).all()
+def test_steps_and_precision_reach_the_decoder(tiny_tok):
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
+    def run(**kw):
+        return evaluate.reconstruct_uint8(tiny_tok, x, generator=torch.Generator().manual_seed(0), **kw)
+    eight = run()
+    assert eight.shape == x.shape and eight.dtype == torch.uint8
+    assert torch.equal(eight, run(steps=8))  # the default is num_denoising_steps = 8
+    assert not torch.equal(eight, run(steps=4))
+    assert not torch.equal(eight, run(precision="bf16"))
 
 
-@pytest.mark.skipif(not os.path.isdir(evaluate.FMNIST_DIR), reason="apt-get install dataset-fashion-mnist")
-def test_fashion_mnist_reader_and_shipped_classifier():
-    images, labels = evaluate.load_fashion_mnist("test")
-    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8 and labels.shape == (10000,)
-    assert set(np.unique(labels)) == set(range(10))
-    assert evaluate.fmnist_rgb32(images[:2]).shape == (2, 32, 32, 3)
+def slow_ssim(a, b, definition):
+    """SSIM of two (C, H, W) float64 arrays written out window by window."""
+    if definition == "skimage":
+        k, weights, data_range = 7, np.full((7, 7), 1 / 49), 2.0
+    else:
+        g = np.exp(-(np.arange(11) - 5) ** 2 / (2 * 1.5 ** 2))
+        k, weights, data_range = 11, np.outer(g, g) / g.sum() ** 2, 1.0
+    c1, c2, values = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2, []
+    for c in range(a.shape[0]):
+        for i in range(a.shape[1] - k + 1):
+            for j in range(a.shape[2] - k + 1):
+                x, y = a[c, i:i + k, j:j + k].ravel(), b[c, i:i + k, j:j + k].ravel()
+                if definition == "skimage":  # unweighted sample statistics
+                    mx, my, vx, vy = x.mean(), y.mean(), x.var(ddof=1), y.var(ddof=1)
+                    cov = np.cov(x, y)[0, 1]
+                else:  # Gaussian-weighted statistics
+                    w = weights.ravel()
+                    mx, my = w @ x, w @ y
+                    vx, vy, cov = w @ (x - mx) ** 2, w @ (y - my) ** 2, w @ ((x - mx) * (y - my))
+                values.append((2 * mx * my + c1) * (2 * cov + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+    return np.mean(values)
+
+
+@pytest.mark.parametrize("definition", list(evaluate.SSIM_DEFINITIONS))
+def test_ssim_definitions(definition):
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 16, 14, generator=g, dtype=torch.float64)
+    b = (a + 0.2 * torch.randn(a.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    assert torch.allclose(evaluate.ssim(a, a, definition), torch.ones(2))
+    ours = evaluate.ssim(a, b, definition)
+    expected = [slow_ssim(a[i].numpy(), b[i].numpy(), definition) for i in range(2)]
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-5)
+    assert (ours < 0.9).all() and (evaluate.ssim(a, torch.rand_like(a), definition) < 0.2).all()
+
+
+def test_ssim_is_scikit_images_with_the_official_arguments():
+    metrics = pytest.importorskip("skimage.metrics")
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(0, 256, (3, 32, 32, 3), generator=g, dtype=torch.uint8)
+    b = (a.int() + torch.randint(-40, 40, a.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    psnr, ours = evaluate.pixel_metrics(a, b)
+    x, y = a.numpy().astype(np.float32) / 255, b.numpy().astype(np.float32) / 255  # [0, 1], as the script
+    theirs = [metrics.structural_similarity(x[i], y[i], data_range=2.0, channel_axis=-1) for i in range(3)]
+    np.testing.assert_allclose(ours.numpy(), theirs, rtol=1e-4)
+    np.testing.assert_allclose(psnr.numpy(), [metrics.peak_signal_noise_ratio(x[i], y[i]) for i in range(3)],
+                               rtol=1e-4)
+
+
+def test_psnr_of_a_known_error():
+    a = torch.full((1, 8, 8, 3), 100, dtype=torch.uint8)
+    psnr, _ = evaluate.pixel_metrics(a, a + 51)  # error 0.2 of the peak: 10 log10(1 / 0.04) = 13.98 dB
+    assert psnr.item() == pytest.approx(10 * np.log10(25), rel=1e-6)
+
+
+# ---- Fashion-MNIST -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not HAS_FMNIST, reason="apt-get install dataset-fashion-mnist")
+def test_fmnist_reconstruction_mode(tiny_tok):
+    torch.manual_seed(0)
+    classifier = evaluate.FMNISTClassifier().eval()
+    m = evaluate.fmnist_reconstruction(tiny_tok, classifier, num_images=12, batch_size=5, steps=2)
+    assert list(m) == ["Class accuracy of reconstructions", "Class accuracy of originals", "PSNR", "SSIM",
+                       "SSIM definition", "Images"]
+    assert m["Images"] == 12 and 0 <= m["Class accuracy of reconstructions"] <= 1
+    assert 0 <= m["Class accuracy of originals"] <= 1 and 0 < m["PSNR"] < 60 and -1 < m["SSIM"] <= 1
+
+
+@pytest.mark.skipif(not HAS_FMNIST, reason="apt-get install dataset-fashion-mnist")
+def test_fmnist_reconstruction_command_line(inputs, tmp_path, capsys):
+    torch.save({"model": evaluate.FMNISTClassifier().state_dict()}, tmp_path / "clf.pt")
+    evaluate.main(["--tokenizer-ckpt", str(inputs / "tok.pt"), "--images", "fmnist", "--num-images", "6",
+                   "--steps", "2", "--fmnist-classifier", str(tmp_path / "clf.pt"), "--json", str(tmp_path / "m.json"),
+                   "--device", "cpu"])
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["Images"] == 6 and metrics["SSIM definition"] == evaluate.SSIM_DEFINITIONS["skimage"]
+    assert f"SSIM definition: {metrics['SSIM definition']}" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not HAS_FMNIST, reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_shipped_classifier():
     path = ROOT / "checkpoints" / "fmnist_classifier.pt"
     if not path.exists():
         pytest.skip("checkpoints/fmnist_classifier.pt not shipped")
     assert path.stat().st_size < 1e6
     clf = evaluate.load_fmnist_classifier(str(path))
-    x = torch.from_numpy(evaluate.fmnist_rgb32(images[:1000])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    images, labels = evaluate.load_fashion_mnist("test")
+    x = evaluate.from_uint8(evaluate.fmnist_rgb32(images[:1000]))
     assert (clf.classify(x) == torch.from_numpy(labels[:1000])).float().mean() > 0.88
     with pytest.raises(ValueError, match="32, 32"):
         clf.classify(torch.zeros(1, 3, 28, 28))
