@@ -11,7 +11,7 @@ While the AR model produces tokens, every finished group of M tokens goes throug
 after the last token, and the jump estimate x̂1 = x_t + (1 - t)·v after each step is a preview of the final image at
 no extra cost (paper §3.3 and §5.1, Figure 4). On a GPU the pixel steps run on a second CUDA stream beside the token
 generation (the AR model on a high-priority stream), so previews appear while tokens are still being generated; the
-AR decode step is replayed from CUDA graphs (optionally of torch.compile'd blocks): no host synchronisation per
+AR decode step is replayed from one CUDA graph (optionally of torch.compile'd blocks): no host synchronisation per
 token, and sampling is reproducible from --seed through one explicit torch.Generator. bench.py times all of it.
 """
 import argparse

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sample  # noqa: E402
 from data import to_uint8  # noqa: E402
-from model import GPT, GPTConfig, decode_one_token, generate  # noqa: E402
+from model import GPT, GPTConfig, generate  # noqa: E402
 from tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
 
 
@@ -335,9 +335,13 @@ def test_cuda_graph_tokens_equal_eager(ckpts):
         g.manual_seed(0)
         results.append(generate(gpt, labels, cfg_scale=4.0, generator=g, decode_fn=step))
     assert torch.equal(*results)
-    g = torch.Generator("cuda").manual_seed(0)  # the exact-length eager step: same tokens up to rare argmax flips
-    full = generate(gpt, labels, cfg_scale=4.0, generator=g, decode_fn=decode_one_token)
-    assert (full == results[0]).float().mean() > 0.9
+    # the kernel's step against the SDPA step (host-int kv_len) on the caches just filled: bf16 rounding only (one
+    # flipped argmax would change every later token, so the sequences themselves are not compared)
+    x = gpt.tok_embeddings(torch.cat([results[0][:, 20]] * 2))[:, None]  # (8, 1, C): position 21 with CFG
+    p = torch.tensor([21], device="cuda")
+    with torch.no_grad():
+        sdpa, kernel = gpt.forward_cached(x, p, 22).float(), gpt.forward_cached(x, p, torch.tensor([22], device="cuda"))
+    assert ((kernel.float() - sdpa).norm() / sdpa.norm()).item() < 2e-2
     # the streamed decode on its side stream, fed by graph replays, still equals the offline decode (in real fp32:
     # cuDNN would run the pixel network's 1×1 convolutions in TF32 by default)
     g = torch.Generator("cuda").manual_seed(1)
