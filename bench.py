@@ -4,31 +4,31 @@
     python bench.py --models GPT-L --profile prof.txt
 
 Each figure is printed next to its hardware bound and the fraction bound / measured (1.0 = at the bound). The AR
-step is bounded by memory traffic: the bf16 weights plus the KV-cache window it attends over, per token, over
---hbm-tbps. The pixel decoder is bounded by its FLOPs (counted with FlopCounterMode) over --peak-tflops. End to
+step is bounded by memory traffic: the bf16 weights plus the filled KV-cache slots it attends over, per token,
+over --hbm-tbps. The pixel decoder is bounded by its FLOPs (counted with FlopCounterMode) over --peak-tflops. End to
 end, AR and decoder overlap, so its bound is the larger of the two. Warm-up is excluded; medians of --repeats.
 First it checks that the CUDA-graph sampler reproduces the eager tokens and how far a bf16 decode is from fp32.
-fp32 means fp32 here too (TF32 off).
+fp32 means fp32 here too (TF32 off). The AR model runs as sample.py runs it on CUDA: the decode-attention kernel
+in one CUDA graph, w1/w3 fused (kernels.py); the bf16 pixel decoder holds bf16 weights (sample.load_models).
 """
 import argparse
+import copy
 import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import ArgumentParser, atomic_save, check_writable, positive_float, positive_int
+from kernels import fuse_feed_forward
 from model import GPT, GPTConfig, generate
 from sample import GraphedDecoder, sample_batch
 from tokenizer import Tokenizer, TokenizerConfig
 
 PROG = "bench.py"
-BACKENDS = dict(auto=None, cudnn=SDPBackend.CUDNN_ATTENTION, efficient=SDPBackend.EFFICIENT_ATTENTION,
-                math=SDPBackend.MATH)
 SAMPLING = dict(temperature=1.0, top_k=0, top_p=1.0)  # the paper samples without temperature, top-k or top-p
 
 
@@ -61,16 +61,16 @@ def median_ms(fn, repeats):
     return statistics.median(times), first
 
 
-def ar_bytes_per_token(gpt, rows, windows):
+def ar_bytes_per_token(gpt, rows):
     """Bytes one token reads, averaged over the sequence: weights (not the embedding tables: one row each) plus
-    the KV-cache window of every layer at each position (prefill attends over the whole cache)."""
+    the filled KV-cache slots of every layer at each position (position p attends over p + 1 slots, the class
+    token's prefill over 1)."""
     cfg = gpt.config
     size = gpt.tok_embeddings.weight.element_size()
     weights = sum(p.numel() for n, p in gpt.named_parameters() if "embed" not in n) * size
     per_slot = cfg.n_layer * 2 * rows * cfg.n_kv_head * cfg.head_dim * size  # k and v of one cache slot
-    seq = gpt.layers[0].attention.kv_cache.k_cache.shape[2]
-    slots = [seq] + [next(w for w in windows if w >= p + 1) for p in range(1, cfg.block_size)]  # kv_len = p + 1
-    return weights + per_slot * sum(slots) / len(slots)
+    N = cfg.block_size
+    return weights + per_slot * (N + 1) / 2  # mean of 1..N slots
 
 
 def append(path, text):
@@ -97,7 +97,7 @@ class Row:
 
 
 @torch.no_grad()
-def checks(gpt, tok, device, row):
+def checks(gpt, tok, tok_bf16, device, row):
     """The CUDA-graph sampler against the same step run eagerly; bf16 against fp32 decoding of the same tokens."""
     labels = torch.arange(4, device=device)
     results = []
@@ -112,16 +112,18 @@ def checks(gpt, tok, device, row):
     noise = torch.randn(8, 3, tok.config.image_size, tok.config.image_size, device=device)
     fp32 = tok.decode(codes, noise=noise)
     with bf16():
-        diff = (tok.decode(codes, noise=noise).float() - fp32).abs()
-    row("check: bf16 vs fp32 decode, max abs diff ([-1,1] units)", diff.max().item(), "")
-    row("check: bf16 vs fp32 decode, mean abs diff", diff.mean().item(), "")
+        autocast = tok.decode(codes, noise=noise).float()
+    for name, out in (("bf16 weights", tok_bf16.decode(codes, noise=noise).float()), ("bf16 autocast", autocast)):
+        diff = (out - fp32).abs()
+        row(f"check: {name} vs fp32 decode of the same tokens, max / mean abs diff ([-1,1] units)",
+            diff.max().item(), f"/ {diff.mean().item():.2e}")
     row("check: fp32 decode std (scale of the values)", fp32.std().item(), "")
 
 
 @torch.no_grad()
-def bench_decoder(tok, codes, noise, flops, repeats, peak, row):
-    """Offline decoding of a batch (condition transformer + 8 solver steps) in fp32 and in bf16 autocast."""
-    for name, ctx in (("fp32", nullcontext), ("bf16", bf16)):
+def bench_decoder(decoders, codes, noise, flops, repeats, peak, row):
+    """Offline decoding of a batch (condition transformer + 8 solver steps) by each (name, tokenizer, context)."""
+    for name, tok, ctx in decoders:
         def decode():
             with ctx():
                 tok.decode(codes, noise=noise)
@@ -153,19 +155,19 @@ def latency_ms(gpt, tok, step, generator, repeats):
 
 
 @torch.no_grad()
-def bench_model(name, gpt, tok, *, batch, repeats, attention, flops, bw, peak, row, profile_path):
-    """AR start-up and ms/token at batch 1 and `batch`; batch-1 latencies; end to end at `batch`."""
+def bench_model(name, gpt, tok, *, batches, repeats, flops, bw, peak, row, profile_path):
+    """AR start-up and ms/token at batch 1 and each of `batches`; batch-1 latencies; end to end at each batch.
+    tok: the tokenizer whose pixel network holds bf16 weights (sample.py --decoder-precision bf16 on CUDA)."""
     device, N = gpt.tok_embeddings.weight.device, gpt.config.block_size
-    for b in (1, batch):
+    for b in (1, *batches):
         g = torch.Generator(device).manual_seed(0)
         labels = torch.arange(b, device=device) % gpt.config.num_classes
         start = time.perf_counter()
-        step = GraphedDecoder(gpt, b, True, **SAMPLING, generator=g, attention=BACKENDS[attention])
-        row(f"{name} AR start-up, batch {b} (compilation + {len(step.windows)} graph captures)",
-            time.perf_counter() - start, "s")
+        step = GraphedDecoder(gpt, b, True, **SAMPLING, generator=g)
+        row(f"{name} AR start-up, batch {b} (compilation + graph capture)", time.perf_counter() - start, "s")
         ms = median_ms(lambda: generate(gpt, labels, cfg_scale=4.0, **SAMPLING, generator=g, decode_fn=step),
                        repeats)[0]
-        bound = ar_bytes_per_token(gpt, 2 * b, step.windows) / bw * 1e3
+        bound = ar_bytes_per_token(gpt, 2 * b) / bw * 1e3
         row(f"{name} AR, batch {b} with CFG", ms / N, "ms/token", bound)
         if b == 1:
             first, final = latency_ms(gpt, tok, step, g, repeats)
@@ -173,41 +175,43 @@ def bench_model(name, gpt, tok, *, batch, repeats, attention, flops, bw, peak, r
             row(f"{name} batch-1 latency to the first preview", first, "ms", bound * tok.config.group_size + step_bound)
             row(f"{name} batch-1 latency to the image", final, "ms", bound * N + step_bound)
         else:
+            torch.cuda.reset_peak_memory_stats()
             ms = median_ms(lambda: sample_batch(gpt, tok, labels, cfg_scale=4.0, **SAMPLING, generator=g,
                                                 decode_fn=step, keep_previews=False, decoder_precision="bf16"),
                            repeats)[0]
             row(f"{name} end to end, batch {b} (bf16 decoder, streamed)", b / ms * 1e3, "img/s",
                 min(1 / (bound * N / 1e3 / b), peak / flops), better="higher")
+            row(f"{name} end to end, batch {b}: peak GPU memory", torch.cuda.max_memory_allocated() / 2 ** 30, "GiB")
         del step
-        if profile_path:
+        if profile_path and b in (1, batches[0]):
             profile_ar(gpt, b, g, profile_path, name)
 
 
 def profile_ar(gpt, batch, g, path, name):
-    """Top kernels of 16 AR steps, run eagerly: the kernels the graphs replay.
+    """Top kernels of 16 AR steps, run eagerly: the kernels the graph replays.
     The eager decoder sets up fresh caches, so earlier CUDA graphs of `gpt` are stale afterwards."""
     device = g.device
     eager = GraphedDecoder(gpt, batch, True, **SAMPLING, generator=g, graphs=False)
     token, scale = torch.zeros(batch, dtype=torch.long, device=device), torch.tensor(4.0, device=device)
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for p in range(129, 145):  # mid-sequence: a typical cache window
+        for p in range(129, 145):  # mid-sequence
             eager(gpt, token, torch.tensor([p], device=device), scale, **SAMPLING, generator=g, kv_len=p + 1)
         torch.cuda.synchronize()
     append(path, f"## {name}: 16 AR decode steps at batch {batch} with CFG (positions 129-144)\n"
                  + prof.key_averages().table(sort_by="cuda_time_total", row_limit=20) + "\n")
 
 
-def profile_decoder(tok, codes, noise, path):
+def profile_decoder(name, tok, ctx, codes, noise, path):
     """Top kernels of one evaluation of the pixel network."""
     t = torch.full((codes.shape[0],), 0.5, device=codes.device)
-    with torch.no_grad(), bf16():
+    with torch.no_grad(), ctx():
         cond = tok.condition(codes)[:, :tok.config.queries_per_step]
         tok.diff_decoder.net(noise, t, cond)  # compiles for these shapes outside the profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             tok.diff_decoder.net(noise, t, cond)
             torch.cuda.synchronize()
-    append(path, f"## pixel-decoder network, one step at batch {codes.shape[0]}, bf16\n"
-                 + prof.key_averages().table(sort_by="cuda_time_total", row_limit=20) + "\n")
+    append(path, f"## pixel-decoder network, one step at batch {codes.shape[0]}, {name}\n"
+                 + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25) + "\n")
 
 
 def main(args):
@@ -225,40 +229,43 @@ def main(args):
     del x
     with torch.device(device):
         tok = randomise(Tokenizer(TokenizerConfig.from_name("tokenizer_v1")))
-        gpts = {name: randomise(GPT(GPTConfig.from_name(name))).to(torch.bfloat16) for name in args.models}
+        gpts = {name: fuse_feed_forward(randomise(GPT(GPTConfig.from_name(name))).to(torch.bfloat16))
+                for name in args.models}
+    tok_bf16 = copy.deepcopy(tok)
+    tok_bf16.diff_decoder.to(torch.bfloat16)  # as sample.load_models does for --decoder-precision bf16
     cfg = tok.config
-    codes = torch.randint(cfg.vq_codebook_size, (args.batch_size, cfg.num_tokens), device=device)
-    noise = torch.randn(args.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
+    B = args.batch_sizes[0]
+    codes = torch.randint(cfg.vq_codebook_size, (B, cfg.num_tokens), device=device)
+    noise = torch.randn(B, 3, cfg.image_size, cfg.image_size, device=device)
     with FlopCounterMode(display=False) as fc:
         tok.decode(codes[:1], noise=noise[:1])
     flops = fc.get_total_flops()  # per image: condition transformer + 8 network evaluations
     if args.checks:
-        checks(gpts[args.models[0]], tok, device, row)
+        checks(gpts[args.models[0]], tok, tok_bf16, device, row)
     if args.compile:  # regional: each distinct block is compiled once and shared by its layers
         torch._dynamo.config.recompile_limit = 64  # two model sizes and several batch sizes share the code
-        for gpt in gpts.values():
-            for layer in gpt.layers:
-                layer.compile()
-        for block in tok.diff_decoder.net.blocks:
-            block.compile()
-    bench_decoder(tok, codes, noise, flops, args.repeats, peak, row)
+        for module in [*gpts.values(), tok.diff_decoder.net, tok_bf16.diff_decoder.net]:
+            for block in (module.layers if isinstance(module, GPT) else module.blocks):
+                block.compile()
+    decoders = [("fp32", tok, nullcontext), ("bf16 autocast", tok, bf16), ("bf16", tok_bf16, nullcontext)]
+    bench_decoder(decoders, codes, noise, flops, args.repeats, peak, row)
     if args.profile:
-        profile_decoder(tok, codes, noise, args.profile)
+        for name, t, ctx in decoders[1:]:
+            profile_decoder(name, t, ctx, codes, noise, args.profile)
     for name, gpt in gpts.items():
-        bench_model(name, gpt, tok, batch=args.batch_size, repeats=args.repeats, attention=args.attention,
-                    flops=flops, bw=bw, peak=peak, row=row, profile_path=args.profile)
+        bench_model(name, gpt, tok_bf16, batches=args.batch_sizes, repeats=args.repeats, flops=flops, bw=bw,
+                    peak=peak, row=row, profile_path=args.profile)
 
 
 def parse_args(argv=None):
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["GPT-L", "GPT-XL"], help="GPT presets to time")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="the large batch (AR, decoder, end to end)")
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[64, 256],
+                   help="large batches for AR and end to end (the first also times the pixel decoder alone)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per figure (median)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (as sample.py)")
     p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
                    help="graph vs eager tokens, bf16 vs fp32 decode")
-    p.add_argument("--attention", choices=sorted(BACKENDS), default="auto",
-                   help="SDPA backend of the AR decode step (with --compile fixed at the first trace)")
     p.add_argument("--profile", default=None, help="append torch.profiler tables to this file")
     p.add_argument("--hbm-tbps", type=positive_float, default=3.35,
                    help="memory bandwidth for the bounds in TB/s (H100 SXM: 3.35)")

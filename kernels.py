@@ -241,19 +241,6 @@ def bench_swiglu(rows, layers=24, dim=1024, hidden=2816):
         print(f"| swiglu rows {rows} | {name} | {_graph_us(fn, layers):.1f} µs | |")
 
 
-def _attention_forward(attn, kv_len, x, rope, input_pos=None, mask=None):
-    """model.Attention.forward for one decode step with `decode_attention` (prototype: mask ignored)."""
-    from model import apply_rope
-    B, S, _ = x.shape
-    H, Hkv, hd = attn.n_head, attn.n_kv_head, attn.head_dim
-    q, k, v = attn.wqkv(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-    q = apply_rope(q.view(B, S, H, hd), rope).transpose(1, 2)  # (B, H, 1, hd)
-    k = apply_rope(k.view(B, S, Hkv, hd), rope).transpose(1, 2)
-    k_cache, v_cache = attn.kv_cache.update(input_pos, k, v.view(B, S, Hkv, hd).transpose(1, 2))
-    y = decode_attention(q, k_cache, v_cache, kv_len)
-    return attn.resid_dropout(attn.wo(y.transpose(1, 2).reshape(B, S, -1)))
-
-
 def _capture(fn):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -274,8 +261,8 @@ def _relative(a, b):
 @torch.no_grad()
 def bench_ar_step(gpt, batch, variant, label, window=32, repeats=5):
     """ms/token of the decode steps for positions 1..N-1 at `batch` with CFG, each step one CUDA-graph replay.
-    'sdpa': one graph per 32-slot window, as sample.py does; otherwise decode_attention, one graph for all.
-    model.Attention.forward is patched (class-wide, so compiled blocks share one trace) while capturing only."""
+    'sdpa': one graph per 32-slot window (a host-int kv_len: the cache sliced, SDPA, as sample.py did before);
+    otherwise decode_attention with the length in a device buffer, one graph for all (as sample.GraphedDecoder)."""
     import model
     torch._dynamo.reset()  # each variant traces afresh when the blocks are compiled
     gpt.setup_caches(2 * batch)
@@ -292,13 +279,8 @@ def bench_ar_step(gpt, batch, variant, label, window=32, repeats=5):
     else:
         def kernel_step():
             torch.add(input_pos, 1, out=kv_len)  # the length lives on the device: one graph serves every position
-            return model.decode_one_token(gpt, token, input_pos, scale)
-        sdpa_forward = model.Attention.forward
-        model.Attention.forward = lambda attn, *args: _attention_forward(attn, kv_len, *args)
-        try:
-            one = _capture(kernel_step)
-        finally:
-            model.Attention.forward = sdpa_forward
+            return model.decode_one_token(gpt, token, input_pos, scale, kv_len=kv_len)
+        one = _capture(kernel_step)
         graph_for = lambda p: one  # noqa: E731
     times = []
     for _ in range(repeats):
@@ -317,7 +299,6 @@ def bench_ar_step(gpt, batch, variant, label, window=32, repeats=5):
 @torch.no_grad()
 def check_ar_step(gpt, batch, pos=200):
     """Logits of one eager step at `pos` (caches as the last benchmark left them): kernel vs SDPA backends."""
-    import model
     from torch.nn.attention import SDPBackend, sdpa_kernel
     x = gpt.tok_embeddings(torch.randint(gpt.config.vocab_size, (2 * batch,), device="cuda"))[:, None]
     p, w = torch.tensor([pos], device="cuda"), -(-(pos + 1) // 32) * 32
@@ -326,13 +307,7 @@ def check_ar_step(gpt, batch, pos=200):
                           ("math", SDPBackend.MATH)]:
         with sdpa_kernel([backend]):
             out[name] = gpt.forward_cached(x, p, w)
-    kv_len = torch.tensor([pos + 1], device="cuda")
-    sdpa_forward = model.Attention.forward
-    model.Attention.forward = lambda attn, *args: _attention_forward(attn, kv_len, *args)
-    try:
-        out["kernel"] = gpt.forward_cached(x, p, w)
-    finally:
-        model.Attention.forward = sdpa_forward
+    out["kernel"] = gpt.forward_cached(x, p, torch.tensor([pos + 1], device="cuda"))  # decode_attention
     print(f"| GPT-L logits at position {pos}, batch {batch} with CFG, rel. diff to SDPA math | " +
           ", ".join(f"{k} {_relative(v, out['math']):.1e}" for k, v in out.items() if k != "math") + " | | |")
 

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import check_finite, load_checkpoint
+from kernels import decode_attention
 
 
 @dataclass
@@ -131,7 +132,10 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
         self.kv_cache = None
 
-    def forward(self, x, rope, input_pos=None, mask=None):
+    def forward(self, x, rope, input_pos=None, mask=None, kv_len=None):
+        """kv_len: a device tensor (one element) with S == 1 means one decode step over the first kv_len cache slots,
+        with the length read on the device (kernels.decode_attention: one CUDA graph serves every position);
+        otherwise `mask` (1, 1, S, n) selects the first n slots and hides the empty ones among them."""
         B, S, _ = x.shape
         q, k, v = self.wqkv(x).split([self.n_head * self.head_dim] + [self.n_kv_head * self.head_dim] * 2, dim=-1)
         q = apply_rope(q.view(B, S, self.n_head, self.head_dim), rope).transpose(1, 2)  # (B, H, S, hd)
@@ -139,6 +143,9 @@ class Attention(nn.Module):
         v = v.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
+            if S == 1 and torch.is_tensor(kv_len):
+                y = decode_attention(q, k, v, kv_len)  # (B, H, 1, hd); exact filled length, no mask
+                return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, S, -1)))
             # attend over the first mask.shape[-1] slots of the cache only; `mask` hides the empty ones among them
             k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
         rep = self.n_head // self.n_kv_head
@@ -170,8 +177,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, rope, input_pos=None, mask=None):
-        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask)
+    def forward(self, x, rope, input_pos=None, mask=None, kv_len=None):
+        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -228,9 +235,9 @@ class GPT(nn.Module):
             x = torch.cat([x, self.tok_embeddings(tokens)], dim=1)  # (B, 1 + T, C)
         return self.tok_dropout(x)
 
-    def _trunk(self, x, rope, input_pos=None, mask=None):
+    def _trunk(self, x, rope, input_pos=None, mask=None, kv_len=None):
         for layer in self.layers:
-            x = layer(x, rope, input_pos, mask)
+            x = layer(x, rope, input_pos, mask, kv_len)
         return self.output(self.norm(x)).float()
 
     def forward(self, tokens, labels, targets=None, drop=None):
@@ -259,7 +266,11 @@ class GPT(nn.Module):
         """x (B, S, C) embedded inputs at positions input_pos (S,) → logits (B, S, V), updating the caches.
 
         kv_len: attend over only the first kv_len cache slots (must exceed input_pos); None = the whole cache.
-        Decoding early tokens then reads a fraction of the cache, which is what bounds large-batch decoding."""
+        Decoding early tokens then reads a fraction of the cache, which is what bounds large-batch decoding. A
+        one-element device tensor (one token, S == 1) is read on the device by the decode-attention kernel, so the
+        step needs no host value and one CUDA graph serves every position; a host int slices the cache (SDPA)."""
+        if x.shape[1] == 1 and torch.is_tensor(kv_len):
+            return self._trunk(x, self.rope[input_pos], input_pos, None, kv_len)
         mask = self.causal_mask[None, None, input_pos, :kv_len]  # (1, 1, S, kv_len): only written slots are visible
         return self._trunk(x, self.rope[input_pos], input_pos, mask)
 
@@ -359,7 +370,8 @@ def decode_one_token(model, token, input_pos, cfg_scale, temperature=1.0, top_k=
                      kv_len=None):
     """token (B,), input_pos (1,) tensor → next token (B,). CFG doubles the batch inside.
 
-    kv_len: attend over only the first kv_len cache slots (generate passes input_pos + 1); None = the whole cache."""
+    kv_len: attend over only the first kv_len cache slots (generate passes input_pos + 1), a host int or a device
+    tensor (see GPT.forward_cached); None = the whole cache."""
     if cfg_scale is not None:
         token = torch.cat([token, token])
     logits = model.forward_cached(model.tok_embeddings(token)[:, None], input_pos, kv_len)[:, -1]

@@ -11,7 +11,7 @@ While the AR model produces tokens, every finished group of M tokens goes throug
 after the last token, and the jump estimate x̂1 = x_t + (1 - t)·v after each step is a preview of the final image at
 no extra cost (paper §3.3 and §5.1, Figure 4). On a GPU the pixel steps run on a second CUDA stream beside the token
 generation (the AR model on a high-priority stream), so previews appear while tokens are still being generated; the
-AR decode step is replayed from CUDA graphs (optionally of torch.compile'd blocks): no host synchronisation per
+AR decode step is replayed from one CUDA graph (optionally of torch.compile'd blocks): no host synchronisation per
 token, and sampling is reproducible from --seed through one explicit torch.Generator. bench.py times all of it.
 """
 import argparse
@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.nn.attention import sdpa_kernel
 from tqdm import tqdm
 
 from data import (ArgumentParser, atomic_save, center_crop_arr, check_writable, from_uint8, nonnegative_int,
                   open_image, positive_float, positive_int, setup_device, to_uint8)
+from kernels import fuse_feed_forward
 from model import GPT, GPTConfig, cfg_schedule, decode_one_token, generate
 from tokenizer import Tokenizer
 
@@ -113,72 +113,67 @@ class StreamingDecoder:
 # fast AR decoding
 
 class GraphedDecoder:
-    """`decode_fn` for model.generate: decode_one_token replayed from CUDA graphs.
+    """`decode_fn` for model.generate: decode_one_token replayed from one CUDA graph for every position.
 
-    One graph per attention window: generate passes kv_len, the number of cache slots the token attends over, and
-    the step attends over kv_len rounded up to a multiple of `window` instead of the whole cache (at batch 64 with
-    CFG the cache, not the weights, is most of the bytes each step reads). Inputs are copied into static buffers, so
-    a step is a few copies and one graph launch, with no host synchronisation. The sampling settings are frozen into
-    the graphs, so a call with other settings (or another model, batch, guidance or KV cache) raises ValueError.
-    The generator is registered with every graph: replays advance it exactly like the eager calls, so the tokens
-    equal those of the same steps run eagerly (`graphs=False`, also the CPU path) for the same seed."""
+    The step attends over exactly the filled cache slots: the graph computes kv_len = input_pos + 1 into a device
+    buffer and the decode-attention kernel (kernels.decode_attention) reads the length there, so no slot past the
+    filled ones is read and no host value is baked into the graph. Inputs are copied into static buffers, so a step
+    is a few copies and one graph launch, with no host synchronisation. The sampling settings are frozen into the
+    graph, so a call with other settings (or another model, batch, guidance or KV cache) raises ValueError. The
+    generator is registered with the graph: replays advance it exactly like the eager calls, so the tokens equal
+    those of the same step run eagerly (`graphs=False`, also the CPU path; same kernel) for the same seed."""
 
     @torch.no_grad()
-    def __init__(self, model, batch, guided, *, temperature, top_k, top_p, generator, window=32, graphs=True,
-                 attention=None):
+    def __init__(self, model, batch, guided, *, temperature, top_k, top_p, generator, graphs=True):
         device = model.tok_embeddings.weight.device
         if graphs and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, this one is on {device}: use graphs=False")
         self.model, self.batch, self.guided, self.graphs = model, batch, guided, graphs
-        self.attention = attention  # an SDPA backend to insist on (torch.nn.attention.SDPBackend), or None
         self.settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         model.setup_caches(2 * batch if guided else batch, device=device)  # generate() keeps caches of this size
         self.cache = model.layers[0].attention.kv_cache
-        seq = self.cache.k_cache.shape[2]
-        self.windows = [min(seq, w) for w in range(window, seq + window, window)]
+        self.slots = self.cache.k_cache.shape[2]
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
         self.input_pos = torch.ones(1, dtype=torch.long, device=device)
+        self.kv_len = torch.ones(1, dtype=torch.long, device=device)  # input_pos + 1, written by the step itself
         self.scale = torch.ones((), device=device) if guided else None
         if graphs:
             self.capture(generator, device)
 
     def capture(self, generator, device):
-        self.cuda_graphs, self.out = {}, {}
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up (and compilation, with --compile) outside the capture
             state = generator.get_state()
             for _ in range(2):
-                for w in self.windows:
-                    self.step(w)
+                self.step()
             generator.set_state(state)
         torch.cuda.current_stream(device).wait_stream(side)
-        pool = None
-        for w in self.windows:
-            g = torch.cuda.CUDAGraph()
-            g.register_generator_state(generator)
-            with torch.cuda.graph(g, pool=pool):
-                self.out[w] = self.step(w)
-            pool, self.cuda_graphs[w] = g.pool(), g
+        self.graph = torch.cuda.CUDAGraph()
+        self.graph.register_generator_state(generator)
+        with torch.cuda.graph(self.graph):
+            self.out = self.step()
 
-    def step(self, window):
-        with nullcontext() if self.attention is None else sdpa_kernel([self.attention]):
-            return decode_one_token(self.model, self.token, self.input_pos, self.scale, kv_len=window, **self.settings)
+    def step(self):
+        torch.add(self.input_pos, 1, out=self.kv_len)  # on the device: one graph serves every position
+        return decode_one_token(self.model, self.token, self.input_pos, self.scale, kv_len=self.kv_len,
+                                **self.settings)
 
     def __call__(self, model, token, input_pos, cfg_scale, *, temperature, top_k, top_p, generator, kv_len):
+        """kv_len (a host int, input_pos + 1 as generate passes it) is only range-checked: the step derives the
+        length from input_pos on the device."""
         self.check(model, token, cfg_scale, dict(temperature=temperature, top_k=top_k, top_p=top_p,
                                                   generator=generator))
-        w = next((w for w in self.windows if w >= kv_len), None)
-        if w is None:
-            raise ValueError(f"kv_len {kv_len} exceeds the {self.windows[-1]} cache slots")
+        if not 1 <= kv_len <= self.slots:
+            raise ValueError(f"kv_len {kv_len} is outside the {self.slots} cache slots")
         self.token.copy_(token)
         self.input_pos.copy_(input_pos)
         if cfg_scale is not None:
             self.scale.copy_(cfg_scale)
         if not self.graphs:
-            return self.step(w)
-        self.cuda_graphs[w].replay()
-        return self.out[w]
+            return self.step()
+        self.graph.replay()
+        return self.out
 
     def check(self, model, token, cfg_scale, settings):
         if settings != self.settings:
@@ -273,16 +268,25 @@ def sample_indices(gpt, tok, labels, indices, *, seed, batch_size, cuda_graph, p
 # ---------------------------------------------------------------------------------------------------------------
 # loading and set-up
 
-def load_models(tokenizer_ckpt, gpt_ckpt, gpt_model, dtype, device):
+def load_models(tokenizer_ckpt, gpt_ckpt, gpt_model, dtype, device, decoder_precision="fp32"):
     """The tokenizer (fp32) and the AR model (in `dtype`) on `device`. The loaders raise FileNotFoundError or
-    ValueError naming a missing or bad file; a pair that does not fit together raises ValueError."""
+    ValueError naming a missing or bad file; a pair that does not fit together raises ValueError.
+
+    On CUDA the sampler's exact fast paths are set up: the AR model's SwiGLU in-projections become one GEMM
+    (kernels.fuse_feed_forward; same weights and state-dict keys), and with decoder_precision "bf16" the pixel
+    network holds bf16 weights and runs wholly in bf16 (elsewhere "bf16" means autocast, see sample_batch)."""
     tok = Tokenizer.from_checkpoint(tokenizer_ckpt)
     gpt = GPT.from_checkpoint(gpt_ckpt, name=gpt_model)
     tc, gc = tok.config, gpt.config
     if (gc.vocab_size, gc.block_size) != (tc.vq_codebook_size, tc.num_tokens):
         raise ValueError(f"{gpt_ckpt} predicts {gc.block_size} tokens from {gc.vocab_size} codes, but "
                          f"{tokenizer_ckpt} makes {tc.num_tokens} tokens from {tc.vq_codebook_size} codes")
-    return tok.to(device), gpt.to(device, dtype)
+    tok, gpt = tok.to(device), gpt.to(device, dtype)
+    if device.type == "cuda":
+        fuse_feed_forward(gpt)  # after the final .to: w1/w3 become views of the fused weight
+        if decoder_precision == "bf16":
+            tok.diff_decoder.to(torch.bfloat16)
+    return tok, gpt
 
 
 def pick_labels(labels, num_samples, seed, num_classes):
@@ -393,7 +397,8 @@ def main(args):
         rank, world, device = setup_device(args.device)
         dtype = torch.bfloat16 if args.precision == "bf16" or args.precision == "auto" and device.type == "cuda" \
             else torch.float32
-        tok, gpt = load_models(args.tokenizer_ckpt, args.gpt_ckpt, args.gpt_model, dtype, device)
+        tok, gpt = load_models(args.tokenizer_ckpt, args.gpt_ckpt, args.gpt_model, dtype, device,
+                               args.decoder_precision)
         StreamingDecoder.check(tok)
         if cfg_schedule(args.cfg_scale, gpt.config.block_size)[0] > 1 and not gpt.config.null_class:
             raise ValueError(f"--cfg-scale {args.cfg_scale}: {args.gpt_ckpt} has no null class, so it cannot use "
@@ -517,8 +522,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="AR model precision (auto: bf16 on CUDA, else fp32)")
     p.add_argument("--decoder-precision", choices=["fp32", "bf16"], default="fp32",
-                   help="tokenizer decoder precision (bf16 autocast: 2.6x faster on an H100 with --compile, "
-                        "~4e-3 mean difference)")
+                   help="pixel decoder precision (bf16: bf16 weights and activations on CUDA, autocast "
+                        "elsewhere; ~4e-3 mean difference)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="replay the AR decode step from CUDA graphs (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (a few seconds)")

@@ -311,7 +311,19 @@ class DiffusionNet(nn.Module):
             if cfg.repa else None
 
     def forward(self, x, t, cond, repa=False):
-        """x (B, 3, H, W), t (B,) as given, cond (B, M, Dd) → velocity (B, 3, H, W), REPA features or None."""
+        """x (B, 3, H, W), t (B,) as given, cond (B, M, Dd) → velocity (B, 3, H, W), REPA features or None.
+
+        Runs in its parameters' dtype: after `.to(torch.bfloat16)` the whole network, its normalisations and
+        residual stream included, is bf16 (autocast is switched off inside, as it would run LayerNorm in fp32
+        again); the velocity comes back in x's dtype, so the solver's state stays fp32."""
+        dtype = self.conv_in.weight.dtype
+        if dtype == torch.float32:
+            return self.run(x, t, cond, repa)
+        with torch.autocast(x.device.type, enabled=False):
+            v, h_repa = self.run(x.to(dtype), t, cond.to(dtype), repa)
+        return v.to(x.dtype), h_repa
+
+    def run(self, x, t, cond, repa):
         B, _, H, W = x.shape
         h, w = H // self.patch_size, W // self.patch_size
         rope = rope_2d(h, w, self.rope_base, x.device)

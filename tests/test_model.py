@@ -162,6 +162,22 @@ def test_our_checkpoint_format_and_mismatch(tmp_path):
         GPT.from_checkpoint(tmp_path / "tok.pt")
 
 
+def test_device_length_decode_equals_host_length():
+    """kv_len as a device tensor (one decode step: kernels.decode_attention, the SDPA reference on the CPU) gives
+    the logits of the host-int path, and neither reads a slot past kv_len."""
+    gpt = tiny()
+    gpt.setup_caches(2)
+    x = gpt._embed(torch.randint(64, (2, 12)), torch.tensor([1, 2]))  # (2, 13, C)
+    with torch.no_grad():
+        gpt.forward_cached(x[:, :12], torch.arange(12), kv_len=12)
+        for cache in (layer.attention.kv_cache for layer in gpt.layers):
+            cache.k_cache[:, :, 13:], cache.v_cache[:, :, 13:] = float("nan"), 1e4  # slots past kv_len
+        p = torch.tensor([12])
+        host = gpt.forward_cached(x[:, 12:], p, kv_len=13)
+        device = gpt.forward_cached(x[:, 12:], p, kv_len=torch.tensor([13]))
+    assert torch.isfinite(host).all() and torch.equal(device, host)
+
+
 def test_generate_passes_the_attention_length():
     gpt = tiny()
     seen = []
