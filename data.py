@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"  # the shipped model, found from any working folder
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist; FASHION_MNIST_DIR overrides
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # larger images are refused (a decompression bomb would exhaust memory)

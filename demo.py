@@ -32,8 +32,8 @@ import torch
 from PIL import Image
 
 import sample
-from data import (ArgumentParser, fmnist_rgb32, load_fashion_mnist, nonnegative_int, open_image, positive_float,
-                  positive_int, setup_device, to_uint8)
+from data import (CHECKPOINTS, ArgumentParser, fmnist_rgb32, load_fashion_mnist, nonnegative_int, open_image,
+                  positive_float, positive_int, setup_device, to_uint8)
 from model import cfg_schedule, decode_one_token
 
 FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -334,8 +334,9 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network interface)")
     p.add_argument("--port", type=port_arg, default=8000, help="port to listen on (0: any free one)")
-    p.add_argument("--tokenizer-ckpt", default="checkpoints/tokenizer_fmnist.pt", help="our or official tokenizer file")
-    p.add_argument("--gpt-ckpt", default="checkpoints/gpt_fmnist.pt", help="our or official AR model file")
+    p.add_argument("--tokenizer-ckpt", default=str(CHECKPOINTS / "tokenizer_fmnist.pt"),
+                   help="our or official tokenizer file")
+    p.add_argument("--gpt-ckpt", default=str(CHECKPOINTS / "gpt_fmnist.pt"), help="our or official AR model file")
     p.add_argument("--gpt-model", default=None, help="GPT preset (GPT-L, GPT-XL): needed for official GPT files")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     args = p.parse_args(argv)

