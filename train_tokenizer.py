@@ -61,9 +61,19 @@ DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_
 MAX_SKIPS = 5  # this many non-finite steps in a row stop the run
 
 
-def tokenizer_config(preset, image_size, repa):
-    """The preset at the training resolution, checked against the patch sizes and the REPA teacher."""
-    cfg = TokenizerConfig.from_name(preset, **({} if image_size is None else dict(sampling_resolution=image_size)))
+def tokenizer_config(preset, image_size, repa, time_shift=None, groups=None):
+    """The preset at the training resolution, time shift and number of token groups, checked against the patch
+    sizes and the REPA teacher. K groups of N/K tokens are decoded in max(K, 8) steps: fewer than 8 groups still
+    take 8 solver steps (paper Figure 7), each group conditioning several of them."""
+    overrides = {} if image_size is None else dict(sampling_resolution=image_size)
+    if time_shift is not None:
+        overrides["time_shift"] = time_shift
+    if groups is not None:
+        N = TokenizerConfig.from_name(preset).num_all_queries
+        if N % groups:
+            raise ValueError(f"--groups {groups} does not divide preset {preset}'s {N} tokens")
+        overrides.update(num_query_groups=groups, queries_per_step=N // groups, num_denoising_steps=max(groups, 8))
+    cfg = TokenizerConfig.from_name(preset, **overrides)
     S = cfg.image_size
     if S % cfg.encoder_patch_size or S % cfg.dd_patch_size:
         raise ValueError(f"--image-size {S} is not a multiple of preset {preset}'s patch sizes "
@@ -218,17 +228,6 @@ def flops_per_image(objective, images, t, noise):
     return counter.get_total_flops()
 
 
-def flops_per_image(objective, images, t, noise):
-    """Matmul, convolution and attention FLOPs of one training step per image as PyTorch executes it: tokenizer
-    forward + backward, the frozen VGG16 forwards and the backward through its input, the DINOv2 forward. On CUDA
-    the count includes the attention kernels' recomputation of the scores in the backward (about 1.6% of the total
-    for tokenizer_v1); CPU attention kernels are not counted."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        objective(images[:1], t[:1], noise[:1])[0].backward()
-    objective.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
 
 # ---- checkpoints and pictures ----
 def restore(path, tok, ema, opt, cfg):
@@ -263,7 +262,7 @@ def save_reconstructions(tok, images, noise, path):
     """One row per image: input | reconstruction | previews decoded from the first 1, 2, ... groups (paper §3.3)."""
     codes = tok.encode(images)
     cols = [images, tok.decode(codes, noise=noise)]
-    cols += [tok.decode(codes, noise=noise, groups=k) for k in range(1, tok.config.num_denoising_steps)]
+    cols += [tok.decode(codes, noise=noise, groups=k) for k in range(1, tok.config.num_query_groups)]
     grid = torch.stack(cols, dim=1)  # (B, C, 3, H, W)
     B, C, _, H, W = grid.shape
     grid = to_uint8(grid.flatten(0, 1)).reshape(B, C, H, W, 3).permute(0, 2, 1, 3, 4).reshape(B * H, C * W, 3)
@@ -382,7 +381,7 @@ def log(meter, step, lr, used, images_per_step, fpi, peak_flops, master):
 def train_main(args):
     rank, world, device = setup_device(args.device)
     master = rank == 0
-    cfg = tokenizer_config(args.preset, args.image_size, args.repa_weight > 0)
+    cfg = tokenizer_config(args.preset, args.image_size, args.repa_weight > 0, args.time_shift, args.groups)
     B, A = args.global_batch_size, args.grad_accum
     if B % (world * A):
         raise ValueError(f"--global-batch-size {B} is not divisible by {world} ranks × {A} micro-steps")
@@ -452,6 +451,12 @@ def get_args(argv=None):
     p.add_argument("--data", required=True,
                    help="image folder (class sub-folders or flat), 'fashion-mnist', or a folder of its idx .gz files")
     p.add_argument("--image-size", type=positive_int, default=None, help="training resolution (default: the preset's)")
+    p.add_argument("--time-shift", type=positive_float, default=None,
+                   help="flow-matching time shift s of shift(t) = t / (t + s(1 - t)) (default: the preset's, 2; "
+                        "paper Table 6 compares 1, 2, 4)")
+    p.add_argument("--groups", type=positive_int, default=None,
+                   help="number K of token groups (must divide the preset's tokens N): groups of N/K tokens, decoded "
+                        "in max(K, 8) steps (paper Figure 7: 1, 4, 8, 16; default: the preset's, 8)")
     p.add_argument("--out-dir", default="out/tokenizer", help="where ckpt.pt and the reconstruction PNGs go")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")

@@ -211,6 +211,9 @@ def test_unreadable_training_image_is_named(image_folder, tmp_path):
     (["--ckpt-every", 0], "argument --ckpt-every: '0' must be"),
     (["--preset", "huge"], "unknown tokenizer preset 'huge'"),
     (["--image-size", 36], "--image-size 36 is not a multiple of preset tiny's patch sizes 8 and 4"),
+    (["--groups", 3], "--groups 3 does not divide preset tiny's 32 tokens"),
+    (["--groups", 0], "argument --groups: '0' must be a whole number ≥ 1"),
+    (["--time-shift", 0], "argument --time-shift: '0' must be"),
     (["--lpips-weight", 0.5, "--vgg-weights", "BAD"], "--vgg-weights: checkpoint BAD is truncated or not a PyTorch checkpoint"),
 ])
 def test_bad_flags_fail_in_one_line(image_folder, tmp_path, capsys, monkeypatch, flags, message):
@@ -221,3 +224,17 @@ def test_bad_flags_fail_in_one_line(image_folder, tmp_path, capsys, monkeypatch,
     text = capsys.readouterr().err.strip() if isinstance(e.value.code, int) else e.value.code
     assert e.value.code != 0 and text.startswith("train_tokenizer.py: error: ") and "\n" not in text, text
     assert message in text and not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("groups, per_group, steps", [(1, 32, 8), (4, 8, 8), (8, 4, 8), (16, 2, 16)])
+def test_groups_and_time_shift_set_the_trained_config(image_folder, tmp_path, groups, per_group, steps):
+    tt.main(train_args(image_folder, tmp_path, "--max-steps", 1, "--groups", groups, "--time-shift", 4))
+    cfg = Tokenizer.from_checkpoint(tmp_path / "ckpt.pt").config
+    assert (cfg.num_query_groups, cfg.queries_per_step, cfg.num_denoising_steps) == (groups, per_group, steps)
+    assert cfg.time_shift == 4.0 and cfg.num_all_queries == 32
+    assert (tmp_path / "recon_0000001.png").exists()  # previews of the first 1 .. K-1 groups decode
+
+
+def test_preset_defaults_without_the_flags():
+    cfg = tt.tokenizer_config("tiny", None, False)
+    assert (cfg.time_shift, cfg.num_query_groups, cfg.num_denoising_steps) == (2.0, 8, 8)
