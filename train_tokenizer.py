@@ -51,9 +51,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (ArgumentParser, FashionMNIST, atomic_save, from_uint8, check_writable, load_checkpoint, make_dataset, nonnegative_float,
-                  nonnegative_int, positive_float, positive_int, setup_device, to_uint8, probability, default_workers,
-                  checkpoint_path, all_finite, skip_flag)
+from data import (ArgumentParser, FashionMNIST, atomic_save, check_writable, from_uint8, load_checkpoint, make_dataset,
+                  nonnegative_float, nonnegative_int, positive_float, positive_int, setup_device, to_uint8, probability,
+                  default_workers, checkpoint_path, all_finite, skip_flag)
 from tokenizer import Tokenizer, TokenizerConfig
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's ImageNet VGG16
@@ -125,7 +125,7 @@ class DeviceStream:
         return self.perms[epoch]
 
     def __call__(self, step, B, accum):
-        """Step `step`'s `accum` micro-batches [(x, t, noise), ...] of (b, 3, S, S), (b,), (b, 3, S, S), b = B / accum."""
+        """Step `step`'s `accum` micro-batches [(x, t, noise), ...]: (b, 3, S, S), (b,), (b, 3, S, S), b = B/accum."""
         n, first = len(self.images), step * B
         idx = torch.cat([self.perm(e)[max(first - e * n, 0):min(first + B - e * n, n)]
                          for e in range(first // n, (first + B - 1) // n + 1)])  # (B,)
@@ -266,7 +266,6 @@ def flops_per_image(objective, images, t, noise):
         objective(images[:1], t[:1], noise[:1])[0].backward()
     objective.zero_grad(set_to_none=True)
     return counter.get_total_flops()
-
 
 
 # ---- checkpoints and pictures ----
@@ -425,6 +424,8 @@ def train_main(args):
     B, A = args.global_batch_size, args.grad_accum
     if B % (world * A):
         raise ValueError(f"--global-batch-size {B} is not divisible by {world} ranks × {A} micro-steps")
+    if args.data_on_device and world > 1:
+        raise ValueError("--data-on-device is the one-process fast path: launch without torchrun")
     ckpt_path = checkpoint_path(args.out_dir, args.resume, args.overwrite)
     images = make_dataset(args.data, cfg.image_size)
     lpips_net = build_lpips(args.vgg_weights) if args.lpips_weight else None
@@ -433,8 +434,6 @@ def train_main(args):
     tok, ema, objective, opt = build(cfg, device, lpips_net, args.lpips_weight, dino, args.repa_weight, args.lr,
                                      (args.beta1, args.beta2), args.weight_decay)
     step = restore(ckpt_path, tok, ema, opt, cfg) if args.resume else 0
-    if args.data_on_device and world > 1:
-        raise ValueError("--data-on-device is the one-process fast path: launch without torchrun")
     stream = TrainStream(images, args.seed)
     show = torch.stack([images[i][0] for i in range(min(args.num_show, len(images)))]).to(device)  # fixed images
     show_noise = torch.randn(show.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
@@ -442,11 +441,11 @@ def train_main(args):
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest VGG convolutions
-    model = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else objective
     if args.compile:  # regional: the repeated blocks share one compiled graph each, so it takes seconds, not minutes
         for blocks in (tok.encoder_layers, tok.decoder_layers, tok.diff_decoder.net.blocks):
             for block in blocks:
                 block.compile(dynamic=False)
+    model = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else objective
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     if args.data_on_device:
         resident = DeviceStream(resident_images(images, device), args.seed, device)

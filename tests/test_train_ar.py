@@ -235,7 +235,7 @@ def test_training_on_a_fixed_batch_lowers_the_loss(tmp_path, fast):
 def test_resume_is_exact(tmp_path, fast):
     cdir = make_codes(tmp_path / "codes", *learnable_codes(24))
     common = ["--global-batch-size", 8, "--grad-accum", 2, "--epochs", 2, "--decay-epochs", 1, "--ema",
-              "--ema-decay", 0.9, "--dropout", 0.1, *fast]  # 6 steps over 2 epochs, dropout on: its masks must repeat too
+              "--ema-decay", 0.9, "--dropout", 0.1, *fast]  # 6 steps, 2 epochs, dropout on: its masks must repeat
     run(*train_args(cdir, tmp_path / "straight", *common))
     run(*train_args(cdir, tmp_path / "resumed", *common, "--max-steps", 2))
     assert load(tmp_path / "resumed")["step"] == 2
