@@ -51,9 +51,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (ArgumentParser, atomic_save, check_writable, load_checkpoint, make_dataset, nonnegative_float,
-                  nonnegative_int, positive_float, positive_int, setup_device, to_uint8, probability, default_workers,
-                  checkpoint_path, all_finite, skip_flag)
+from data import (ArgumentParser, FashionMNIST, atomic_save, check_writable, from_uint8, load_checkpoint, make_dataset,
+                  nonnegative_float, nonnegative_int, positive_float, positive_int, setup_device, to_uint8, probability,
+                  default_workers, checkpoint_path, all_finite, skip_flag)
 from tokenizer import Tokenizer, TokenizerConfig
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's ImageNet VGG16
@@ -61,9 +61,19 @@ DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_
 MAX_SKIPS = 5  # this many non-finite steps in a row stop the run
 
 
-def tokenizer_config(preset, image_size, repa):
-    """The preset at the training resolution, checked against the patch sizes and the REPA teacher."""
-    cfg = TokenizerConfig.from_name(preset, **({} if image_size is None else dict(sampling_resolution=image_size)))
+def tokenizer_config(preset, image_size, repa, time_shift=None, groups=None):
+    """The preset at the training resolution, time shift and number of token groups, checked against the patch
+    sizes and the REPA teacher. K groups of N/K tokens are decoded in max(K, 8) steps: fewer than 8 groups still
+    take 8 solver steps (paper Figure 7), each group conditioning several of them."""
+    overrides = {} if image_size is None else dict(sampling_resolution=image_size)
+    if time_shift is not None:
+        overrides["time_shift"] = time_shift
+    if groups is not None:
+        N = TokenizerConfig.from_name(preset).num_all_queries
+        if N % groups:
+            raise ValueError(f"--groups {groups} does not divide preset {preset}'s {N} tokens")
+        overrides.update(num_query_groups=groups, queries_per_step=N // groups, num_denoising_steps=max(groups, 8))
+    cfg = TokenizerConfig.from_name(preset, **overrides)
     S = cfg.image_size
     if S % cfg.encoder_patch_size or S % cfg.dd_patch_size:
         raise ValueError(f"--image-size {S} is not a multiple of preset {preset}'s patch sizes "
@@ -93,6 +103,46 @@ class TrainStream(torch.utils.data.Dataset):
         t = torch.tensor(rng.random(), dtype=torch.float32)
         noise = torch.from_numpy(rng.standard_normal(x.shape, dtype=np.float32))  # (3, S, S)
         return x, t, noise
+
+
+class DeviceStream:
+    """The fast path (--data-on-device, one process): the training set resident on the device as uint8 (Fashion-MNIST
+    is 184 MB), and step s's samples made there without the host waiting: stream positions [s·B, (s+1)·B) through
+    epoch e's permutation (a generator seeded by (seed, e)), then flips, raw times and noise from a generator seeded
+    by (seed, s). Resume stays exact; the draws differ from the loader path's (another generator)."""
+
+    def __init__(self, images, seed, device):
+        self.images, self.seed, self.device = images, seed, device  # (n, S, S, 3) uint8 on the device
+        self.perms, self.gen = {}, torch.Generator(device)
+
+    def seeded(self, *key):
+        return self.gen.manual_seed(int(np.random.SeedSequence([self.seed, *key]).generate_state(1)[0]))
+
+    def perm(self, epoch):
+        if epoch not in self.perms:  # keeps the current and the next epoch's
+            self.perms = {e: p for e, p in self.perms.items() if e >= epoch - 1}
+            self.perms[epoch] = torch.randperm(len(self.images), generator=self.seeded(3, epoch), device=self.device)
+        return self.perms[epoch]
+
+    def __call__(self, step, B, accum):
+        """Step `step`'s `accum` micro-batches [(x, t, noise), ...]: (b, 3, S, S), (b,), (b, 3, S, S), b = B/accum."""
+        n, first = len(self.images), step * B
+        idx = torch.cat([self.perm(e)[max(first - e * n, 0):min(first + B - e * n, n)]
+                         for e in range(first // n, (first + B - 1) // n + 1)])  # (B,)
+        x = from_uint8(self.images[idx])  # (B, 3, S, S)
+        g = self.seeded(4, step)
+        flip = torch.rand(B, generator=g, device=self.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        t = torch.rand(B, generator=g, device=self.device)
+        noise = torch.randn(x.shape, generator=g, device=self.device)
+        return list(zip(x.chunk(accum), t.chunk(accum), noise.chunk(accum)))
+
+
+def resident_images(images, device):
+    """The whole dataset as (n, S, S, 3) uint8 on the device: Fashion-MNIST's array, or each image of a folder once."""
+    if isinstance(images, FashionMNIST):
+        return images.images.to(device)
+    return torch.cat([to_uint8(images[i][0][None]) for i in range(len(images))]).to(device)
 
 
 def stream_positions(start_step, global_batch, world, rank):
@@ -218,18 +268,6 @@ def flops_per_image(objective, images, t, noise):
     return counter.get_total_flops()
 
 
-def flops_per_image(objective, images, t, noise):
-    """Matmul, convolution and attention FLOPs of one training step per image as PyTorch executes it: tokenizer
-    forward + backward, the frozen VGG16 forwards and the backward through its input, the DINOv2 forward. On CUDA
-    the count includes the attention kernels' recomputation of the scores in the backward (about 1.6% of the total
-    for tokenizer_v1); CPU attention kernels are not counted."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        objective(images[:1], t[:1], noise[:1])[0].backward()
-    objective.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
 # ---- checkpoints and pictures ----
 def restore(path, tok, ema, opt, cfg):
     """Restores weights, EMA and optimizer from one of our checkpoints; returns the step."""
@@ -263,7 +301,7 @@ def save_reconstructions(tok, images, noise, path):
     """One row per image: input | reconstruction | previews decoded from the first 1, 2, ... groups (paper §3.3)."""
     codes = tok.encode(images)
     cols = [images, tok.decode(codes, noise=noise)]
-    cols += [tok.decode(codes, noise=noise, groups=k) for k in range(1, tok.config.num_denoising_steps)]
+    cols += [tok.decode(codes, noise=noise, groups=k) for k in range(1, tok.config.num_query_groups)]
     grid = torch.stack(cols, dim=1)  # (B, C, 3, H, W)
     B, C, _, H, W = grid.shape
     grid = to_uint8(grid.flatten(0, 1)).reshape(B, C, H, W, 3).permute(0, 2, 1, 3, 4).reshape(B * H, C * W, 3)
@@ -382,10 +420,12 @@ def log(meter, step, lr, used, images_per_step, fpi, peak_flops, master):
 def train_main(args):
     rank, world, device = setup_device(args.device)
     master = rank == 0
-    cfg = tokenizer_config(args.preset, args.image_size, args.repa_weight > 0)
+    cfg = tokenizer_config(args.preset, args.image_size, args.repa_weight > 0, args.time_shift, args.groups)
     B, A = args.global_batch_size, args.grad_accum
     if B % (world * A):
         raise ValueError(f"--global-batch-size {B} is not divisible by {world} ranks × {A} micro-steps")
+    if args.data_on_device and world > 1:
+        raise ValueError("--data-on-device is the one-process fast path: launch without torchrun")
     ckpt_path = checkpoint_path(args.out_dir, args.resume, args.overwrite)
     images = make_dataset(args.data, cfg.image_size)
     lpips_net = build_lpips(args.vgg_weights) if args.lpips_weight else None
@@ -407,7 +447,13 @@ def train_main(args):
                 block.compile(dynamic=False)
     model = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else objective
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    batches = data_loader(stream, B // (world * A), step, B, world, rank, args.num_workers, device)
+    if args.data_on_device:
+        resident = DeviceStream(resident_images(images, device), args.seed, device)
+        batches = (resident(s, B, A) for s in itertools.count(step))
+    else:
+        loader = data_loader(stream, B // (world * A), step, B, world, rank, args.num_workers, device)
+        batches = ([tuple(v.to(device, non_blocking=True) for v in next(loader)) for _ in range(A)]
+                   for _ in itertools.count())
     if master:
         print(f"{cfg}\n{sum(p.numel() for p in tok.parameters()) / 1e6:.1f}M parameters, {len(images)} images, "
               f"micro-batch {B // (world * A)} × {A} accumulation × {world} ranks, {fpi / 1e9:.1f} GFLOP per "
@@ -418,7 +464,7 @@ def train_main(args):
         lr = get_lr(step, args.lr, args.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        micro = [tuple(v.to(device, non_blocking=True) for v in next(batches)) for _ in range(A)]
+        micro = next(batches)
         seeds = [dropout_seed(args.seed, step, rank * A + m) for m in range(A)]
         terms, skip = train_step(model, tok, opt, ema, args.ema_decay, args.grad_clip, micro, seeds, ctx, used)
         meter.add(terms, skip)
@@ -452,6 +498,12 @@ def get_args(argv=None):
     p.add_argument("--data", required=True,
                    help="image folder (class sub-folders or flat), 'fashion-mnist', or a folder of its idx .gz files")
     p.add_argument("--image-size", type=positive_int, default=None, help="training resolution (default: the preset's)")
+    p.add_argument("--time-shift", type=positive_float, default=None,
+                   help="flow-matching time shift s of shift(t) = t / (t + s(1 - t)) (default: the preset's, 2; "
+                        "paper Table 6 compares 1, 2, 4)")
+    p.add_argument("--groups", type=positive_int, default=None,
+                   help="number K of token groups (must divide the preset's tokens N): groups of N/K tokens, decoded "
+                        "in max(K, 8) steps (paper Figure 7: 1, 4, 8, 16; default: the preset's, 8)")
     p.add_argument("--out-dir", default="out/tokenizer", help="where ckpt.pt and the reconstruction PNGs go")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from --out-dir/ckpt.pt")
@@ -476,6 +528,10 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     p.add_argument("--num-workers", type=nonnegative_int, default=default_workers(),
                    help="data loader worker processes per rank (default: the usable cores, at most 8)")
+    p.add_argument("--data-on-device", action="store_true",
+                   help="fast path for small models and data sets, one process (GPU or CPU): the whole data set "
+                        "resident on the device as uint8, its order, flips, times and noise drawn there per step, no "
+                        "loader workers. Another random stream than the loader's, equally exact on --resume")
     p.add_argument("--peak-tflops", type=positive_float, default=989.0,
                    help="per-GPU peak for MFU (H100 SXM bf16 dense: 989)")
     p.add_argument("--log-every", type=positive_int, default=100, help="print a log line every this many steps")

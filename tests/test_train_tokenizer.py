@@ -15,6 +15,15 @@ from tokenizer import Tokenizer, TokenizerConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and several threads crawl on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """8 smooth random images of mixed sizes: 6 in two class folders, 2 at the top (both layouts at once)."""
@@ -211,6 +220,9 @@ def test_unreadable_training_image_is_named(image_folder, tmp_path):
     (["--ckpt-every", 0], "argument --ckpt-every: '0' must be"),
     (["--preset", "huge"], "unknown tokenizer preset 'huge'"),
     (["--image-size", 36], "--image-size 36 is not a multiple of preset tiny's patch sizes 8 and 4"),
+    (["--groups", 3], "--groups 3 does not divide preset tiny's 32 tokens"),
+    (["--groups", 0], "argument --groups: '0' must be a whole number ≥ 1"),
+    (["--time-shift", 0], "argument --time-shift: '0' must be"),
     (["--lpips-weight", 0.5, "--vgg-weights", "BAD"], "--vgg-weights: checkpoint BAD is truncated or not a PyTorch checkpoint"),
 ])
 def test_bad_flags_fail_in_one_line(image_folder, tmp_path, capsys, monkeypatch, flags, message):
@@ -221,3 +233,60 @@ def test_bad_flags_fail_in_one_line(image_folder, tmp_path, capsys, monkeypatch,
     text = capsys.readouterr().err.strip() if isinstance(e.value.code, int) else e.value.code
     assert e.value.code != 0 and text.startswith("train_tokenizer.py: error: ") and "\n" not in text, text
     assert message in text and not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("groups, per_group, steps", [(1, 32, 8), (4, 8, 8), (8, 4, 8), (16, 2, 16)])
+def test_groups_set_the_group_size_and_solver_steps(groups, per_group, steps):
+    cfg = tt.tokenizer_config("tiny", None, False, 4.0, groups)
+    assert (cfg.num_query_groups, cfg.queries_per_step, cfg.num_denoising_steps) == (groups, per_group, steps)
+    assert cfg.time_shift == 4.0 and cfg.num_all_queries == 32
+
+
+def test_groups_and_time_shift_reach_the_checkpoint(image_folder, tmp_path):
+    tt.main(train_args(image_folder, tmp_path, "--max-steps", 1, "--groups", 4, "--time-shift", 1, "--num-show", 1))
+    cfg = Tokenizer.from_checkpoint(tmp_path / "ckpt.pt").config
+    assert (cfg.num_query_groups, cfg.queries_per_step, cfg.time_shift) == (4, 8, 1.0)
+    assert (tmp_path / "recon_0000001.png").exists()  # previews of the first 1 .. K-1 groups decode
+
+
+def test_preset_defaults_without_the_flags():
+    cfg = tt.tokenizer_config("tiny", None, False)
+    assert (cfg.time_shift, cfg.num_query_groups, cfg.num_denoising_steps) == (2.0, 8, 8)
+
+
+def logged_losses(text):
+    return [float(line.split("| loss ")[1].split()[0]) for line in text.splitlines() if "| loss " in line]
+
+
+def test_data_on_device_trains(image_folder, tmp_path, capsys):
+    tt.main(train_args(image_folder, tmp_path, "--max-steps", 30, "--data-on-device", "--lr", "3e-3",
+                       "--log-every", 10, "--num-show", 1))
+    losses = logged_losses(capsys.readouterr().out)
+    assert len(losses) == 3 and losses[-1] < 0.7 * losses[0], losses
+
+
+def test_data_on_device_resumes_exactly(image_folder, tmp_path):
+    # batch 3 of 8 images: steps straddle epoch boundaries, and the resumed run starts inside an epoch
+    common = ["--data-on-device", "--global-batch-size", 3, "--grad-accum", 3]
+    tt.main(train_args(image_folder, tmp_path / "full", "--max-steps", 5, *common))
+    tt.main(train_args(image_folder, tmp_path / "split", "--max-steps", 3, *common))
+    tt.main(train_args(image_folder, tmp_path / "split", "--max-steps", 5, "--resume", *common))
+    full, split = states(tmp_path / "full" / "ckpt.pt"), states(tmp_path / "split" / "ckpt.pt")
+    for a, b in zip(full[:2], split[:2]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_device_stream_takes_each_image_once_per_epoch_and_depends_on_the_step():
+    images = torch.arange(10, dtype=torch.uint8)[:, None, None, None].expand(10, 2, 2, 3).contiguous()
+    stream = tt.DeviceStream(images, 0, torch.device("cpu"))
+    seen = [stream(s, 5, 1)[0] for s in range(4)]  # two epochs of 10 images
+    ids = [torch.round((x[:, 0, 0, 0] + 1) * 127.5).long().tolist() for x, _, _ in seen]
+    assert sorted(ids[0] + ids[1]) == sorted(ids[2] + ids[3]) == list(range(10)) and ids[:2] != ids[2:]
+    again = tt.DeviceStream(images, 0, torch.device("cpu"))(3, 5, 1)[0]  # a fresh stream: the same step-3 draws
+    assert all(torch.equal(a, b) for a, b in zip(again, seen[3]))
+
+
+def test_data_on_device_refuses_torchrun(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(tt, "setup_device", lambda name: (0, 2, torch.device("cpu")))
+    with pytest.raises(SystemExit, match="--data-on-device is the one-process fast path: launch without torchrun"):
+        tt.main(train_args(image_folder, tmp_path, "--data-on-device"))
