@@ -65,7 +65,7 @@ class Recipe:
     reconstruction_images: int  # test images reconstructed per set (rFID, PSNR, class kept)
     codebook_images: int  # test images encoded for the codebook use
     batch_size: int  # sampling and reconstruction batch
-    features: str = "inception"  # "pixels": 4x4 gray pixels, a stand-in that spares the tiny recipe Inception
+    features: str = "inception"  # "pixels": 2x2 mean gray levels, a stand-in that spares the tiny recipe Inception
     train_images: int = 0  # > 0: train on the first n training images only (a subset written into out-dir)
 
 
@@ -91,16 +91,15 @@ RECIPES = {
         ar=("--gpt-model", "GPT-tiny", "--global-batch-size", "128", "--epochs", "4", "--decay-epochs", "1",
             "--lr", "1e-3", "--ema", "--ema-decay", "0.999", "--log-every", "50", "--ckpt-every", "500"),
         fid_images=500, reconstruction_images=500, codebook_images=2000, batch_size=100),
-    # Seconds on a CPU (tests): a few steps of the tiny presets on 64 images, 32-image sets, pixel features.
+    # Seconds on a CPU (tests): a few steps of the tiny presets on 64 images, sets of 8 images, pixel features.
     "tiny": Recipe(
-        tokenizer=("--preset", "tiny", "--global-batch-size", "8", "--max-steps", "2", "--lr", "1e-4",
+        tokenizer=("--preset", "tiny", "--global-batch-size", "8", "--max-steps", "2", "--lr", "1e-3", "--warmup-steps", "0",
                    "--lpips-weight", "0", "--repa-weight", "0", "--num-workers", "0", "--ckpt-every", "2",
-                   "--show-every", "2", "--num-show", "2", "--log-every", "1"),
+                   "--show-every", "2", "--num-show", "1", "--log-every", "1"),
         extract=("--views", "flip", "--batch-size", "64", "--num-workers", "0"),
         ar=("--gpt-model", "GPT-tiny", "--global-batch-size", "16", "--epochs", "1", "--decay-epochs", "0",
             "--lr", "1e-3", "--log-every", "1", "--ckpt-every", "100"),
-        fid_images=32, reconstruction_images=32, codebook_images=64, batch_size=32, features="pixels",
-        train_images=64),
+        fid_images=8, reconstruction_images=8, codebook_images=8, batch_size=8, features="pixels", train_images=64),
 }
 
 
@@ -270,7 +269,7 @@ def samples(ws, cfg_scale, shift=2, groups=8, reverse=False, previews=False):
     """The set of recipe.fid_images samples (classes in turn) of that AR model at guidance `cfg_scale` ("a" or a
     ramp "a,b"); with previews also the previews after 1/4, 1/2 and 3/4 of the groups (paper Table 5). A batch's
     randomness comes from seed + the index of its first sample, as in sample.py."""
-    name = f"gen-{ar_name(shift, groups, reverse)}-cfg{cfg_scale}{'-previews' if previews else ''}.npz"
+    name = f"gen-{ar_name(shift, groups, reverse)}-cfg{cfg_scale.replace(',', '-')}{'-previews' if previews else ''}.npz"
 
     def make():
         gpt_path, tok_path = ws.ar(shift, groups, reverse), ws.tokenizer(shift, groups)
@@ -347,14 +346,15 @@ class Metrics:
         self.reference = self.features(ws.test_images(ws.recipe.fid_images)[0])
 
     def features(self, images):
-        """uint8 (N, H, W, 3) → (N, D) float: Inception-v3 pool_3 (D = 2048), or the 4x4 gray pixels (D = 16)."""
+        """uint8 (N, H, W, 3) → (N, D) float: Inception-v3 pool_3 (D = 2048), or the mean gray level in [0, 1] of
+        each quarter of the image (D = 4)."""
         key = hashlib.sha1(np.ascontiguousarray(images).tobytes()).hexdigest()[:20]
         path = self.cache / f"{self.ws.recipe.features}-{key}.npy"
         if path.is_file():
             return np.load(path)
         if self.ws.recipe.features == "pixels":
-            gray = torch.from_numpy(images).float().mean(-1)[:, None]  # N, 1, H, W
-            feats = F.adaptive_avg_pool2d(gray, 4).flatten(1).numpy()
+            gray = torch.from_numpy(images).float().mean(-1)[:, None] / 255  # N, 1, H, W
+            feats = F.adaptive_avg_pool2d(gray, 2).flatten(1).numpy()
         else:
             if self.net is None:
                 fp32()
@@ -612,7 +612,7 @@ def run_study(ws, table, metrics):
     result = {"table": table, "title": study.title, "recipe": ws.recipe_name, "seed": ws.seed,
               "images": {"samples per set": r.fid_images, "reconstructions per set": r.reconstruction_images,
                          "test images for codebook use": r.codebook_images},
-              "features": "Inception-v3 pool_3" if r.features == "inception" else "4x4 gray pixels (a stand-in)",
+              "features": "Inception-v3 pool_3" if r.features == "inception" else "2x2 mean gray levels (a stand-in)",
               "rows": rows_out, "verdict": study.verdict(rows), "note": study.note}
     if study.generation:
         result["floor"] = metrics.floor()
