@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (ArgumentParser, atomic_save, check_writable, load_checkpoint, make_dataset, nonnegative_float,
+from data import (ArgumentParser, FashionMNIST, atomic_save, from_uint8, check_writable, load_checkpoint, make_dataset, nonnegative_float,
                   nonnegative_int, positive_float, positive_int, setup_device, to_uint8, probability, default_workers,
                   checkpoint_path, all_finite, skip_flag)
 from tokenizer import Tokenizer, TokenizerConfig
@@ -103,6 +103,46 @@ class TrainStream(torch.utils.data.Dataset):
         t = torch.tensor(rng.random(), dtype=torch.float32)
         noise = torch.from_numpy(rng.standard_normal(x.shape, dtype=np.float32))  # (3, S, S)
         return x, t, noise
+
+
+class DeviceStream:
+    """The fast path (--data-on-device, one process): the training set resident on the device as uint8 (Fashion-MNIST
+    is 184 MB), and step s's samples made there without the host waiting: stream positions [s·B, (s+1)·B) through
+    epoch e's permutation (a generator seeded by (seed, e)), then flips, raw times and noise from a generator seeded
+    by (seed, s). Resume stays exact; the draws differ from the loader path's (another generator)."""
+
+    def __init__(self, images, seed, device):
+        self.images, self.seed, self.device = images, seed, device  # (n, S, S, 3) uint8 on the device
+        self.perms, self.gen = {}, torch.Generator(device)
+
+    def seeded(self, *key):
+        return self.gen.manual_seed(int(np.random.SeedSequence([self.seed, *key]).generate_state(1)[0]))
+
+    def perm(self, epoch):
+        if epoch not in self.perms:  # keeps the current and the next epoch's
+            self.perms = {e: p for e, p in self.perms.items() if e >= epoch - 1}
+            self.perms[epoch] = torch.randperm(len(self.images), generator=self.seeded(3, epoch), device=self.device)
+        return self.perms[epoch]
+
+    def __call__(self, step, B, accum):
+        """Step `step`'s `accum` micro-batches [(x, t, noise), ...] of (b, 3, S, S), (b,), (b, 3, S, S), b = B / accum."""
+        n, first = len(self.images), step * B
+        idx = torch.cat([self.perm(e)[max(first - e * n, 0):min(first + B - e * n, n)]
+                         for e in range(first // n, (first + B - 1) // n + 1)])  # (B,)
+        x = from_uint8(self.images[idx])  # (B, 3, S, S)
+        g = self.seeded(4, step)
+        flip = torch.rand(B, generator=g, device=self.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        t = torch.rand(B, generator=g, device=self.device)
+        noise = torch.randn(x.shape, generator=g, device=self.device)
+        return list(zip(x.chunk(accum), t.chunk(accum), noise.chunk(accum)))
+
+
+def resident_images(images, device):
+    """The whole dataset as (n, S, S, 3) uint8 on the device: Fashion-MNIST's array, or each image of a folder once."""
+    if isinstance(images, FashionMNIST):
+        return images.images.to(device)
+    return torch.cat([to_uint8(images[i][0][None]) for i in range(len(images))]).to(device)
 
 
 def stream_positions(start_step, global_batch, world, rank):
@@ -393,6 +433,8 @@ def train_main(args):
     tok, ema, objective, opt = build(cfg, device, lpips_net, args.lpips_weight, dino, args.repa_weight, args.lr,
                                      (args.beta1, args.beta2), args.weight_decay)
     step = restore(ckpt_path, tok, ema, opt, cfg) if args.resume else 0
+    if args.data_on_device and world > 1:
+        raise ValueError("--data-on-device is the one-process fast path: launch without torchrun")
     stream = TrainStream(images, args.seed)
     show = torch.stack([images[i][0] for i in range(min(args.num_show, len(images)))]).to(device)  # fixed images
     show_noise = torch.randn(show.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
@@ -400,13 +442,21 @@ def train_main(args):
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest VGG convolutions
-    if args.compile:  # regional: the repeated blocks share one compiled graph each, so it takes seconds, not minutes
+    model = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else objective
+    if args.compile and args.data_on_device:  # a small model: the whole loss, forward and backward, in one graph
+        model = torch.compile(objective, dynamic=False)
+    elif args.compile:  # regional: the repeated blocks share one compiled graph each, so it takes seconds, not minutes
         for blocks in (tok.encoder_layers, tok.decoder_layers, tok.diff_decoder.net.blocks):
             for block in blocks:
                 block.compile(dynamic=False)
-    model = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else objective
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    batches = data_loader(stream, B // (world * A), step, B, world, rank, args.num_workers, device)
+    if args.data_on_device:
+        resident = DeviceStream(resident_images(images, device), args.seed, device)
+        batches = (resident(s, B, A) for s in itertools.count(step))
+    else:
+        loader = data_loader(stream, B // (world * A), step, B, world, rank, args.num_workers, device)
+        batches = ([tuple(v.to(device, non_blocking=True) for v in next(loader)) for _ in range(A)]
+                   for _ in itertools.count())
     if master:
         print(f"{cfg}\n{sum(p.numel() for p in tok.parameters()) / 1e6:.1f}M parameters, {len(images)} images, "
               f"micro-batch {B // (world * A)} × {A} accumulation × {world} ranks, {fpi / 1e9:.1f} GFLOP per "
@@ -417,7 +467,7 @@ def train_main(args):
         lr = get_lr(step, args.lr, args.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        micro = [tuple(v.to(device, non_blocking=True) for v in next(batches)) for _ in range(A)]
+        micro = next(batches)
         seeds = [dropout_seed(args.seed, step, rank * A + m) for m in range(A)]
         terms, skip = train_step(model, tok, opt, ema, args.ema_decay, args.grad_clip, micro, seeds, ctx, used)
         meter.add(terms, skip)
@@ -481,6 +531,11 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     p.add_argument("--num-workers", type=nonnegative_int, default=default_workers(),
                    help="data loader worker processes per rank (default: the usable cores, at most 8)")
+    p.add_argument("--data-on-device", action="store_true",
+                   help="fast path for small models and data sets, one process (GPU or CPU): the whole data set "
+                        "resident on the device as uint8, its order, flips, times and noise drawn there per step, no "
+                        "loader workers; with --compile the whole loss is compiled. Another random stream than the "
+                        "loader's, equally exact on --resume")
     p.add_argument("--peak-tflops", type=positive_float, default=989.0,
                    help="per-GPU peak for MFU (H100 SXM bf16 dense: 989)")
     p.add_argument("--log-every", type=positive_int, default=100, help="print a log line every this many steps")

@@ -238,3 +238,41 @@ def test_groups_and_time_shift_set_the_trained_config(image_folder, tmp_path, gr
 def test_preset_defaults_without_the_flags():
     cfg = tt.tokenizer_config("tiny", None, False)
     assert (cfg.time_shift, cfg.num_query_groups, cfg.num_denoising_steps) == (2.0, 8, 8)
+
+
+def logged_losses(text):
+    return [float(line.split("| loss ")[1].split()[0]) for line in text.splitlines() if "| loss " in line]
+
+
+def test_data_on_device_trains(image_folder, tmp_path, capsys):
+    tt.main(train_args(image_folder, tmp_path, "--max-steps", 60, "--data-on-device", "--lr", "2e-3",
+                       "--log-every", 20))
+    losses = logged_losses(capsys.readouterr().out)
+    assert len(losses) == 3 and losses[-1] < 0.7 * losses[0], losses
+
+
+def test_data_on_device_resumes_exactly(image_folder, tmp_path):
+    # batch 3 of 8 images: steps straddle epoch boundaries, and the resumed run starts inside an epoch
+    common = ["--data-on-device", "--global-batch-size", 3, "--grad-accum", 3]
+    tt.main(train_args(image_folder, tmp_path / "full", "--max-steps", 5, *common))
+    tt.main(train_args(image_folder, tmp_path / "split", "--max-steps", 3, *common))
+    tt.main(train_args(image_folder, tmp_path / "split", "--max-steps", 5, "--resume", *common))
+    full, split = states(tmp_path / "full" / "ckpt.pt"), states(tmp_path / "split" / "ckpt.pt")
+    for a, b in zip(full[:2], split[:2]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_device_stream_takes_each_image_once_per_epoch_and_depends_on_the_step():
+    images = torch.arange(10, dtype=torch.uint8)[:, None, None, None].expand(10, 2, 2, 3).contiguous()
+    stream = tt.DeviceStream(images, 0, torch.device("cpu"))
+    seen = [stream(s, 5, 1)[0] for s in range(4)]  # two epochs of 10 images
+    ids = [torch.round((x[:, 0, 0, 0] + 1) * 127.5).long().tolist() for x, _, _ in seen]
+    assert sorted(ids[0] + ids[1]) == sorted(ids[2] + ids[3]) == list(range(10)) and ids[:2] != ids[2:]
+    again = tt.DeviceStream(images, 0, torch.device("cpu"))(3, 5, 1)[0]  # a fresh stream: the same step-3 draws
+    assert all(torch.equal(a, b) for a, b in zip(again, seen[3]))
+
+
+def test_data_on_device_refuses_torchrun(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(tt, "setup_device", lambda name: (0, 2, torch.device("cpu")))
+    with pytest.raises(SystemExit, match="--data-on-device is the one-process fast path: launch without torchrun"):
+        tt.main(train_args(image_folder, tmp_path, "--data-on-device"))
