@@ -75,11 +75,11 @@ RECIPES = {
     # samples seconds. The metrics run afterwards on a CPU (Inception-v3 on 2,000 images a set).
     "gpu": Recipe(
         tokenizer=("--preset", "fmnist", "--global-batch-size", "256", "--max-steps", "3000", "--lr", "3e-4",
-                   "--lpips-weight", "0", "--repa-weight", "0", "--compile", "--ckpt-every", "500",
+                   "--lpips-weight", "0", "--repa-weight", "0", "--compile", "--data-on-device", "--ckpt-every", "500",
                    "--show-every", "3000", "--log-every", "100"),
         extract=("--views", "flip", "--batch-size", "500"),
         ar=("--gpt-model", "GPT-fmnist", "--global-batch-size", "256", "--epochs", "20", "--decay-epochs", "5",
-            "--lr", "4e-4", "--ema", "--ema-decay", "0.999", "--compile", "--log-every", "50",
+            "--lr", "4e-4", "--ema", "--ema-decay", "0.999", "--compile", "--data-on-device", "--log-every", "50",
             "--ckpt-every", "1000"),
         fid_images=2000, reconstruction_images=2000, codebook_images=10000, batch_size=500),
     # A CPU-only run (hours on a laptop): the tiny presets on all of Fashion-MNIST, 500 images a set.
@@ -94,11 +94,11 @@ RECIPES = {
     # Seconds on a CPU (tests): a few steps of the tiny presets on 64 images, sets of 8 images, pixel features.
     "tiny": Recipe(
         tokenizer=("--preset", "tiny", "--global-batch-size", "8", "--max-steps", "2", "--lr", "1e-3", "--warmup-steps", "0",
-                   "--lpips-weight", "0", "--repa-weight", "0", "--num-workers", "0", "--ckpt-every", "2",
+                   "--lpips-weight", "0", "--repa-weight", "0", "--data-on-device", "--ckpt-every", "2",
                    "--show-every", "2", "--num-show", "1", "--log-every", "1"),
         extract=("--views", "flip", "--batch-size", "64", "--num-workers", "0"),
         ar=("--gpt-model", "GPT-tiny", "--global-batch-size", "16", "--epochs", "1", "--decay-epochs", "0",
-            "--lr", "1e-3", "--log-every", "1", "--ckpt-every", "100"),
+            "--lr", "1e-3", "--data-on-device", "--log-every", "1", "--ckpt-every", "100"),
         fid_images=8, reconstruction_images=8, codebook_images=8, batch_size=8, features="pixels", train_images=64),
 }
 
