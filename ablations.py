@@ -42,7 +42,7 @@ import train_tokenizer
 from data import (ArgumentParser, atomic_save, fmnist_dir, fmnist_rgb32, from_uint8, load_fashion_mnist,
                   nonnegative_int, setup_device, to_uint8)
 from model import GPT, generate
-from sample import StreamingDecoder, sample_batch
+from sample import sample_batch
 from tokenizer import Tokenizer
 
 PROG = "ablations.py"
@@ -82,7 +82,9 @@ RECIPES = {
             "--lr", "4e-4", "--ema", "--ema-decay", "0.999", "--compile", "--data-on-device", "--log-every", "50",
             "--ckpt-every", "1000"),
         fid_images=2000, reconstruction_images=2000, codebook_images=10000, batch_size=500),
-    # A CPU-only run (hours on a laptop): the tiny presets on all of Fashion-MNIST, 500 images a set.
+    # A CPU-only run: the tiny presets on all of Fashion-MNIST, 500 images a set. On 2 shared cores (~95 img/s for
+    # the tokenizer, one thread) ≈ 20 min per tokenizer, 5 min per AR model, 2-3 min of Inception per set: ≈ 4 h for
+    # all six studies (6 tokenizers, 5 AR models, ~28 sets); a free 8-core machine takes about a third of that.
     "cpu": Recipe(
         tokenizer=("--preset", "tiny", "--global-batch-size", "64", "--max-steps", "2000", "--lr", "3e-4",
                    "--lpips-weight", "0", "--repa-weight", "0", "--ckpt-every", "250", "--show-every", "2000",
@@ -93,9 +95,9 @@ RECIPES = {
         fid_images=500, reconstruction_images=500, codebook_images=2000, batch_size=100),
     # Seconds on a CPU (tests): a few steps of the tiny presets on 64 images, sets of 8 images, pixel features.
     "tiny": Recipe(
-        tokenizer=("--preset", "tiny", "--global-batch-size", "8", "--max-steps", "2", "--lr", "1e-3", "--warmup-steps", "0",
-                   "--lpips-weight", "0", "--repa-weight", "0", "--data-on-device", "--ckpt-every", "2",
-                   "--show-every", "2", "--num-show", "1", "--log-every", "1"),
+        tokenizer=("--preset", "tiny", "--global-batch-size", "8", "--max-steps", "2", "--lr", "1e-3",
+                   "--warmup-steps", "0", "--lpips-weight", "0", "--repa-weight", "0", "--data-on-device",
+                   "--ckpt-every", "2", "--show-every", "2", "--num-show", "1", "--log-every", "1"),
         extract=("--views", "flip", "--batch-size", "64", "--num-workers", "0"),
         ar=("--gpt-model", "GPT-tiny", "--global-batch-size", "16", "--epochs", "1", "--decay-epochs", "0",
             "--lr", "1e-3", "--data-on-device", "--log-every", "1", "--ckpt-every", "100"),
@@ -131,6 +133,7 @@ def train_once(folder, main, argv):
         return
     folder.mkdir(parents=True, exist_ok=True)
     resume = ["--resume"] if (folder / "ckpt.pt").is_file() else []
+    torch.compiler.reset()  # a fresh compile per model, as in its own process (no recompile limit reached)
     print(f"{PROG}: {main.__module__}.py {' '.join(argv + resume)}", flush=True)
     with open(folder / "train.log", "a") as log, contextlib.redirect_stdout(Tee(sys.stdout, log)):
         main(argv + resume)
@@ -269,7 +272,8 @@ def samples(ws, cfg_scale, shift=2, groups=8, reverse=False, previews=False):
     """The set of recipe.fid_images samples (classes in turn) of that AR model at guidance `cfg_scale` ("a" or a
     ramp "a,b"); with previews also the previews after 1/4, 1/2 and 3/4 of the groups (paper Table 5). A batch's
     randomness comes from seed + the index of its first sample, as in sample.py."""
-    name = f"gen-{ar_name(shift, groups, reverse)}-cfg{cfg_scale.replace(',', '-')}{'-previews' if previews else ''}.npz"
+    name = f"gen-{ar_name(shift, groups, reverse)}-cfg{cfg_scale.replace(',', '-')}"
+    name += "-previews.npz" if previews else ".npz"
 
     def make():
         gpt_path, tok_path = ws.ar(shift, groups, reverse), ws.tokenizer(shift, groups)
@@ -547,9 +551,10 @@ STUDIES = {
                     "One tokenizer (β = 2, K = 8), decoded with Euler in 4 / 8 / 12 / 16 steps and Adams-2 in 8; "
                     "the paper's numbers are ImageNet 256 with its 300M tokenizer.", False),
     "table4": Study("CFG schedules (paper Table 4)", table4, verdict_table4,
-                    f"The ramp here is {RAMP.replace(',', '→')} instead of the paper's ImageNet 1.1→8.0: on Fashion-"
-                    f"MNIST a constant 3.0 already gives 85% class accuracy at no gain in FID (the shipped model), "
-                    f"so the ramp starts nearly unguided for the coarse tokens and ends a little above 3.", True),
+                    f"The ramp here is {RAMP.replace(',', '→')} instead of the paper's ImageNet 1.1→8.0: on "
+                    f"Fashion-MNIST a constant 3.0 already gives 85% class accuracy at no gain in FID (the shipped "
+                    f"model), so the ramp starts nearly unguided for the coarse tokens and ends a little above 3.",
+                    True),
     "table5": Study("Previews from partial token sequences (paper Table 5)", table5, verdict_table5,
                     f"One sampling run at CFG {RAMP.replace(',', '→')}: the jump estimate after 1/4, 1/2 and 3/4 "
                     f"of the token groups, and the final image (paper: 64 / 128 / 192 / 256 tokens, D-AR-L).", True),
