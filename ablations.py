@@ -495,7 +495,7 @@ def verdict_table2(rows):
     euler = {n: r[f"euler-{n}"] for n in (4, 8, 12, 16)}
     best = min(euler, key=euler.get)
     return (f"Paper: Euler is best at 8 steps, and Adams-2 beats Euler at 8 steps. Here Euler is best at {best} "
-            f"steps ({holds(best == 8)}); Adams-2 {r['adams2-8']:.2f} vs Euler {euler[8]:.2f} rFID "
+            f"steps ({holds(best == 8)}); Adams-2 {r['adams2-8']:.3g} vs Euler {euler[8]:.3g} rFID "
             f"({holds(r['adams2-8'] < euler[8])}).")
 
 
@@ -503,28 +503,28 @@ def verdict_table4(rows):
     fid = ours(rows, "FID")
     best = min(fid, key=fid.get)
     return (f"Paper: the linear ramp gives the best FID. Here the best is {cfg_label(best)} with FID "
-            f"{fid[best]:.2f} ({holds(best == RAMP)}).")
+            f"{fid[best]:.3g} ({holds(best == RAMP)}).")
 
 
 def verdict_table5(rows):
     fid = list(ours(rows, "FID").values())
     return (f"Paper: FID falls as more of the tokens are generated (7.38 → 3.94 → 2.93 → 2.44). Here "
-            f"{' → '.join(f'{v:.2f}' for v in fid)} ({holds(all(a > b for a, b in zip(fid, fid[1:])))}).")
+            f"{' → '.join(f'{v:.3g}' for v in fid)} ({holds(all(a > b for a, b in zip(fid, fid[1:])))}).")
 
 
 def verdict_table6(rows):
     r, c = ours(rows, "rFID"), ours(rows, "Codebook use")
     return (f"Paper: β = 1 is clearly worse than β = 2 and 4 in rFID and codebook use. Here rFID "
-            f"{r[1]:.2f} / {r[2]:.2f} / {r[4]:.2f} ({holds(r[1] > max(r[2], r[4]))}), codebook use "
+            f"{r[1]:.3g} / {r[2]:.3g} / {r[4]:.3g} ({holds(r[1] > max(r[2], r[4]))}), codebook use "
             f"{c[1]:.1%} / {c[2]:.1%} / {c[4]:.1%} ({holds(c[1] < min(c[2], c[4]))}).")
 
 
 def verdict_figure7(rows):
     r, g, loss = (list(ours(rows, m).values()) for m in ("rFID", "FID", "AR loss"))
     return (f"Paper: rFID rises with K; gFID about flat up to K = 8 and worse at 16; larger K lowers the AR loss. "
-            f"Here rFID {' / '.join(f'{v:.2f}' for v in r)} ({holds(all(a <= b for a, b in zip(r, r[1:])))}); "
-            f"gFID {' / '.join(f'{v:.2f}' for v in g)} (worst at 16: {holds(g[3] > max(g[:3]))}); "
-            f"AR loss {' / '.join(f'{v:.3f}' for v in loss)} ({holds(all(a > b for a, b in zip(loss, loss[1:])))}).")
+            f"Here rFID {' / '.join(f'{v:.3g}' for v in r)} ({holds(all(a <= b for a, b in zip(r, r[1:])))}); "
+            f"gFID {' / '.join(f'{v:.3g}' for v in g)} (worst at 16: {holds(g[3] > max(g[:3]))}); "
+            f"AR loss {' / '.join(f'{v:.4g}' for v in loss)} ({holds(all(a > b for a, b in zip(loss, loss[1:])))}).")
 
 
 def verdict_table7(rows):
@@ -533,7 +533,7 @@ def verdict_table7(rows):
     worse = sum(rev > normal for normal, rev in pairs)
     best_normal, best_rev = min(p[0] for p in pairs), min(p[1] for p in pairs)
     return (f"Paper: the reversed (fine-to-coarse) model is worse at every CFG setting, 4.17 vs 2.44 at best. Here "
-            f"it is worse at {worse} of {len(pairs)} settings, {best_rev:.2f} vs {best_normal:.2f} at best "
+            f"it is worse at {worse} of {len(pairs)} settings, {best_rev:.3g} vs {best_normal:.3g} at best "
             f"({holds(worse == len(pairs) and best_rev > best_normal)}).")
 
 
