@@ -273,7 +273,8 @@ class DeviceBatches:
         V = cfg.vocab_size
         if len(codes) and not 0 <= codes.min() <= codes.max() < V:  # checked once on the host
             raise ValueError(f"codes.npy holds tokens outside the vocabulary [0, {V})")
-        self.codes, self.labels = torch.from_numpy(np.asarray(codes)).to(device), torch.from_numpy(labels).to(device)
+        self.codes = torch.from_numpy(np.array(codes)).to(device)  # (rows, N), read once from the memmap
+        self.labels = torch.from_numpy(labels).to(device)  # (rows,)
         self.images, self.n = torch.from_numpy(images).to(device), len(codes) // views
         self.views, self.B, self.accum, self.seed, self.class_dropout = views, B, accum, seed, class_dropout
         self.reverse, self.device, self.gen = cfg.reverse_order, device, torch.Generator(device)

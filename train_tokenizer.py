@@ -443,9 +443,7 @@ def train_main(args):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest VGG convolutions
     model = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else objective
-    if args.compile and args.data_on_device:  # a small model: the whole loss, forward and backward, in one graph
-        model = torch.compile(objective, dynamic=False)
-    elif args.compile:  # regional: the repeated blocks share one compiled graph each, so it takes seconds, not minutes
+    if args.compile:  # regional: the repeated blocks share one compiled graph each, so it takes seconds, not minutes
         for blocks in (tok.encoder_layers, tok.decoder_layers, tok.diff_decoder.net.blocks):
             for block in blocks:
                 block.compile(dynamic=False)
@@ -534,8 +532,7 @@ def get_args(argv=None):
     p.add_argument("--data-on-device", action="store_true",
                    help="fast path for small models and data sets, one process (GPU or CPU): the whole data set "
                         "resident on the device as uint8, its order, flips, times and noise drawn there per step, no "
-                        "loader workers; with --compile the whole loss is compiled. Another random stream than the "
-                        "loader's, equally exact on --resume")
+                        "loader workers. Another random stream than the loader's, equally exact on --resume")
     p.add_argument("--peak-tflops", type=positive_float, default=989.0,
                    help="per-GPU peak for MFU (H100 SXM bf16 dense: 989)")
     p.add_argument("--log-every", type=positive_int, default=100, help="print a log line every this many steps")

@@ -212,11 +212,15 @@ def test_epoch_order_takes_each_image_once_in_one_view():
     assert (train_ar.epoch_order(0, 3, images, n, 1) < n).all()
 
 
-def test_training_on_a_fixed_batch_lowers_the_loss(tmp_path):
+FAST = pytest.mark.parametrize("fast", [[], ["--data-on-device"]], ids=["loader", "on-device"])
+
+
+@FAST
+def test_training_on_a_fixed_batch_lowers_the_loss(tmp_path, fast):
     codes, labels = learnable_codes(16)
     cdir = make_codes(tmp_path / "codes", codes, labels)
     run(*train_args(cdir, tmp_path / "run", "--global-batch-size", 16, "--epochs", 40, "--decay-epochs", 0,
-                    "--lr", 3e-3, "--class-dropout", 0))
+                    "--lr", 3e-3, "--class-dropout", 0, *fast))
     x, y = torch.from_numpy(codes).long(), torch.from_numpy(labels)
     torch.manual_seed(0)
     before = GPT(GPT.from_checkpoint(tmp_path / "run" / "ckpt.pt").config).eval()
@@ -227,10 +231,11 @@ def test_training_on_a_fixed_batch_lowers_the_loss(tmp_path):
     assert loss1 < loss0 - 1.0, (loss0, loss1)
 
 
-def test_resume_is_exact(tmp_path):
+@FAST
+def test_resume_is_exact(tmp_path, fast):
     cdir = make_codes(tmp_path / "codes", *learnable_codes(24))
     common = ["--global-batch-size", 8, "--grad-accum", 2, "--epochs", 2, "--decay-epochs", 1, "--ema",
-              "--ema-decay", 0.9, "--dropout", 0.1]  # 6 steps over 2 epochs, dropout on: its masks must repeat too
+              "--ema-decay", 0.9, "--dropout", 0.1, *fast]  # 6 steps over 2 epochs, dropout on: its masks must repeat too
     run(*train_args(cdir, tmp_path / "straight", *common))
     run(*train_args(cdir, tmp_path / "resumed", *common, "--max-steps", 2))
     assert load(tmp_path / "resumed")["step"] == 2
@@ -347,11 +352,12 @@ def test_bad_flags_fail_in_one_line(tmp_path, capsys, flags, message):
     assert message in text
 
 
-def test_reverse_order_flips_the_sequence(tmp_path):
+@FAST
+def test_reverse_order_flips_the_sequence(tmp_path, fast):
     codes, labels = learnable_codes(8)
     fwd = make_codes(tmp_path / "fwd", codes, labels)
     rev = make_codes(tmp_path / "rev", codes[:, ::-1], labels)
-    common = ["--global-batch-size", 4, "--epochs", 1]
+    common = ["--global-batch-size", 4, "--epochs", 1, *fast]
     run(*train_args(rev, tmp_path / "a", *common, "--reverse-order"))  # reversed twice = the plain sequences
     run(*train_args(fwd, tmp_path / "b", *common))
     a, b = load(tmp_path / "a"), load(tmp_path / "b")
@@ -377,3 +383,19 @@ def test_torchrun_step_matches_one_process(tmp_path, flags):
     torch.manual_seed(0)  # the trainer's initial weights: the step must have moved them
     init = GPT(GPTConfig(**a["config"])).state_dict()
     assert any(not torch.equal(a["model"][k], init[k]) for k in init)
+
+
+def test_data_on_device_draws_each_image_once_per_epoch_and_refuses_torchrun(tmp_path, monkeypatch):
+    codes, labels = learnable_codes(12)
+    cdir = make_codes(tmp_path / "codes", codes, labels, views=2, num_images=6)
+    codes, labels, meta, images = train_ar.load_codes(cdir)
+    cfg = train_ar.gpt_config("GPT-tiny", meta, 0.5, None, False)
+    data = train_ar.DeviceBatches(codes, labels, images, 2, 3, 1, 0, 0.5, cfg, torch.device("cpu"))
+    epoch = torch.cat([data(s)[0][0] for s in range(2)])  # (6, N): each image once, in one of its 2 views
+    rows = [int(np.flatnonzero((codes == x.numpy()).all(1))[0]) for x in epoch]
+    assert sorted(r % 6 for r in rows) == list(range(6))
+    again = train_ar.DeviceBatches(codes, labels, images, 2, 3, 1, 0, 0.5, cfg, torch.device("cpu"))(1)[0]
+    assert all(torch.equal(a, b) for a, b in zip(again, data(1)[0]))  # a function of (seed, step) alone
+    monkeypatch.setattr(train_ar, "setup_device", lambda name: (0, 2, torch.device("cpu")))
+    with pytest.raises(SystemExit, match="--data-on-device is the one-process fast path"):
+        run(*train_args(cdir, tmp_path / "run", "--global-batch-size", 4, "--epochs", 1, "--data-on-device"))

@@ -15,6 +15,15 @@ from tokenizer import Tokenizer, TokenizerConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and several threads crawl on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """8 smooth random images of mixed sizes: 6 in two class folders, 2 at the top (both layouts at once)."""
@@ -227,11 +236,16 @@ def test_bad_flags_fail_in_one_line(image_folder, tmp_path, capsys, monkeypatch,
 
 
 @pytest.mark.parametrize("groups, per_group, steps", [(1, 32, 8), (4, 8, 8), (8, 4, 8), (16, 2, 16)])
-def test_groups_and_time_shift_set_the_trained_config(image_folder, tmp_path, groups, per_group, steps):
-    tt.main(train_args(image_folder, tmp_path, "--max-steps", 1, "--groups", groups, "--time-shift", 4))
-    cfg = Tokenizer.from_checkpoint(tmp_path / "ckpt.pt").config
+def test_groups_set_the_group_size_and_solver_steps(groups, per_group, steps):
+    cfg = tt.tokenizer_config("tiny", None, False, 4.0, groups)
     assert (cfg.num_query_groups, cfg.queries_per_step, cfg.num_denoising_steps) == (groups, per_group, steps)
     assert cfg.time_shift == 4.0 and cfg.num_all_queries == 32
+
+
+def test_groups_and_time_shift_reach_the_checkpoint(image_folder, tmp_path):
+    tt.main(train_args(image_folder, tmp_path, "--max-steps", 1, "--groups", 4, "--time-shift", 1, "--num-show", 1))
+    cfg = Tokenizer.from_checkpoint(tmp_path / "ckpt.pt").config
+    assert (cfg.num_query_groups, cfg.queries_per_step, cfg.time_shift) == (4, 8, 1.0)
     assert (tmp_path / "recon_0000001.png").exists()  # previews of the first 1 .. K-1 groups decode
 
 
@@ -245,8 +259,8 @@ def logged_losses(text):
 
 
 def test_data_on_device_trains(image_folder, tmp_path, capsys):
-    tt.main(train_args(image_folder, tmp_path, "--max-steps", 60, "--data-on-device", "--lr", "2e-3",
-                       "--log-every", 20))
+    tt.main(train_args(image_folder, tmp_path, "--max-steps", 30, "--data-on-device", "--lr", "3e-3",
+                       "--log-every", 10, "--num-show", 1))
     losses = logged_losses(capsys.readouterr().out)
     assert len(losses) == 3 and losses[-1] < 0.7 * losses[0], losses
 
