@@ -82,16 +82,17 @@ RECIPES = {
             "--lr", "4e-4", "--ema", "--ema-decay", "0.999", "--compile", "--data-on-device", "--log-every", "50",
             "--ckpt-every", "1000"),
         fid_images=2000, reconstruction_images=2000, codebook_images=10000, batch_size=500),
-    # A CPU-only run: the tiny presets on all of Fashion-MNIST, 500 images a set. On 2 shared cores (~95 img/s for
-    # the tokenizer, one thread) ≈ 20 min per tokenizer, 5 min per AR model, 2-3 min of Inception per set: ≈ 4 h for
-    # all six studies (6 tokenizers, 5 AR models, ~28 sets); a free 8-core machine takes about a third of that.
+    # A CPU-only run: the fmnist-cpu presets (16 tokens in 8 groups of 2) on all of Fashion-MNIST, 500 images a
+    # set. On 2 shared cores (~70 img/s for the tokenizer on one thread) ≈ 25 min per tokenizer, a few minutes per
+    # AR model, 2-3 min of Inception per set: ≈ 4-5 h for all six studies (6 tokenizers, 5 AR models, ~28 sets).
     "cpu": Recipe(
-        tokenizer=("--preset", "tiny", "--global-batch-size", "64", "--max-steps", "2000", "--lr", "3e-4",
-                   "--lpips-weight", "0", "--repa-weight", "0", "--ckpt-every", "250", "--show-every", "2000",
-                   "--log-every", "50"),
+        tokenizer=("--preset", "fmnist-cpu", "--global-batch-size", "64", "--max-steps", "1500", "--lr", "5e-4",
+                   "--warmup-steps", "100", "--lpips-weight", "0", "--repa-weight", "0", "--data-on-device",
+                   "--ckpt-every", "250", "--show-every", "1500", "--log-every", "50"),
         extract=("--views", "flip", "--batch-size", "250"),
-        ar=("--gpt-model", "GPT-tiny", "--global-batch-size", "128", "--epochs", "4", "--decay-epochs", "1",
-            "--lr", "1e-3", "--ema", "--ema-decay", "0.999", "--log-every", "50", "--ckpt-every", "500"),
+        ar=("--gpt-model", "GPT-fmnist-cpu", "--global-batch-size", "128", "--epochs", "4", "--decay-epochs", "1",
+            "--lr", "1e-3", "--ema", "--ema-decay", "0.999", "--data-on-device", "--log-every", "50",
+            "--ckpt-every", "500"),
         fid_images=500, reconstruction_images=500, codebook_images=2000, batch_size=100),
     # Seconds on a CPU (tests): a few steps of the tiny presets on 64 images, sets of 8 images, pixel features.
     "tiny": Recipe(
