@@ -1,17 +1,20 @@
-"""Images in and out, shared by every script: the process set-up, the image format, datasets and safe writes.
+"""What every script shares: command lines, the device, the image format, datasets, checkpoints and safe writes.
 
     images in the model's format: (B, 3, H, W) float in [-1, 1];  on disk and for FID: (B, H, W, 3) uint8
 
-One definition of each thing the scripts share, so that training, sampling and evaluation see the same pixels:
-`center_crop_arr` (ADM's centre crop, which the official AR trainer and evaluation use), `to_uint8` (the
-conversion of the official FID script), the Fashion-MNIST reader (28×28 gray, padded with black to 32×32 RGB) and
-`atomic_save` (a file is either the old one or the complete new one, never half written).
+One definition of each thing the scripts share, so that training, sampling and evaluation see the same pixels and
+handle files the same way: `center_crop_arr` (ADM's centre crop, which the official AR trainer and evaluation use),
+`to_uint8` (the conversion of the official FID script), the Fashion-MNIST reader (28×28 gray, padded with black to
+32×32 RGB), `load_checkpoint` (tensors and plain data only: a file never runs code), `atomic_save` (a file is either
+the old one or the complete new one, never half written), and the few pieces both trainers use to refuse
+non-finite steps and checkpoints.
 """
 import argparse
 import gzip
 import os
 import pickle
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -280,6 +283,9 @@ def check_finite(state_dict, source):
 
 
 # ---- training runs: what both trainers share ----
+MAX_SKIPS = 5  # this many non-finite steps in a row stop the run
+
+
 def default_workers():
     """Data loader workers per rank: at most 8, and no more than this rank's share of the usable cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -317,3 +323,41 @@ def skip_flag(loss, grad_norm):
     if dist.is_initialized():  # the same decision on every rank (an asynchronous collective on the GPU)
         dist.all_reduce(skip, op=dist.ReduceOp.MAX)
     return skip
+
+
+class Meter:
+    """Device-side sums between two log lines: the terms of the applied steps, the skipped steps and the longest run
+    of consecutive skips. Only `check` and `read` wait for the GPU."""
+
+    def __init__(self, names, device):
+        self.names, self.sums = names, torch.zeros(len(names), device=device)
+        self.skips, self.run, self.longest = (torch.zeros((), device=device) for _ in range(3))
+        self.steps, self.t0 = 0, time.time()
+
+    def add(self, terms, skip):
+        self.sums += torch.where(skip > 0, 0.0, terms)
+        self.skips += skip
+        self.run.add_(1).mul_(skip)  # consecutive skips up to this step
+        torch.maximum(self.longest, self.run, out=self.longest)
+        self.steps += 1
+
+    def check(self, step):
+        """Raises once MAX_SKIPS steps in a row were skipped."""
+        if self.longest.item() >= MAX_SKIPS:
+            raise ValueError(f"stopped at step {step}: {self.longest.item():.0f} steps in a row had a non-finite "
+                             f"loss or gradient norm and were skipped (at most {MAX_SKIPS - 1} allowed); lower --lr "
+                             f"or check the data")
+
+    def read(self, step):
+        """({term: mean over the applied steps and the ranks}, skipped steps, steps, seconds) since the last read."""
+        self.check(step)
+        sums = self.sums.clone()
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+            sums /= dist.get_world_size()
+        applied = self.steps - int(self.skips.item())
+        means = dict(zip(self.names, (sums / applied).tolist() if applied else [float("nan")] * len(self.names)))
+        out = means, self.steps - applied, self.steps, time.time() - self.t0
+        self.sums.zero_(), self.skips.zero_(), self.longest.copy_(self.run)
+        self.steps, self.t0 = 0, time.time()
+        return out

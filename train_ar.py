@@ -28,10 +28,8 @@ A step whose loss or gradient norm is not finite is skipped on the device, witho
 AdamW moments and EMA stay as they were. The next log line counts the skips, 5 skips in a row stop the run, and a
 checkpoint whose weights are not all finite is never written (the previous one is kept).
 """
-import argparse
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -44,14 +42,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (ArgumentParser, FashionMNIST, atomic_save, center_crop_arr, check_writable, from_uint8,
-                  load_checkpoint, make_dataset, nonnegative_float, nonnegative_int, open_image, positive_float,
-                  positive_int, setup_device, probability, default_workers, checkpoint_path, all_finite, skip_flag)
+from data import (ArgumentParser, FashionMNIST, Meter, all_finite, atomic_save, center_crop_arr, check_writable,
+                  checkpoint_path, default_workers, from_uint8, load_checkpoint, make_dataset, nonnegative_float,
+                  nonnegative_int, open_image, positive_float, positive_int, probability, setup_device, skip_flag)
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
 VIEWS = {"ten-crop": 10, "flip": 2, "single": 1}  # stored views per image
-MAX_SKIPS = 5  # this many non-finite steps in a row stop the run
 
 
 def barrier():
@@ -403,38 +400,6 @@ def train_step(model, raw, opt, ema, ema_decay, grad_clip, batches, ctx):
     return loss_sum, grad_norm, skip
 
 
-class Meter:
-    """Device-side sums between two log lines: the loss of the applied steps, the skipped steps and the longest run of
-    consecutive skips. Only `read` waits for the GPU."""
-
-    def __init__(self, device):
-        self.loss, self.skips, self.run, self.longest = (torch.zeros((), device=device) for _ in range(4))
-        self.steps, self.t0 = 0, time.time()
-
-    def add(self, loss, skip):
-        self.loss += torch.where(skip > 0, 0.0, loss)
-        self.skips += skip
-        self.run.add_(1).mul_(skip)  # consecutive skips up to this step
-        torch.maximum(self.longest, self.run, out=self.longest)
-        self.steps += 1
-
-    def check(self, step):
-        """Raises once MAX_SKIPS steps in a row were skipped (waits for the GPU)."""
-        if self.longest.item() >= MAX_SKIPS:
-            raise ValueError(f"stopped at step {step}: {self.longest.item():.0f} steps in a row had a non-finite "
-                             f"loss or gradient norm and were skipped (at most {MAX_SKIPS - 1} allowed); lower --lr "
-                             f"or check the data")
-
-    def read(self, step):
-        """(mean loss, skipped steps, seconds) since the last read, after `check`."""
-        self.check(step)
-        loss, skips = self.loss.item(), int(self.skips.item())
-        out = loss / (self.steps - skips) if skips < self.steps else float("nan"), skips, time.time() - self.t0
-        self.loss.zero_(), self.skips.zero_(), self.longest.copy_(self.run)
-        self.steps, self.t0 = 0, time.time()
-        return out
-
-
 # ---- training ----
 def gpt_config(name, meta, class_dropout, dropout, reverse_order):
     """The --gpt-model preset sized to the codes (vocabulary, sequence length, classes)."""
@@ -482,7 +447,7 @@ def train_main(args):
         print(f"{cfg}\n{sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M parameters, {len(images)} images × "
               f"{meta['views']} views, {data.steps_per_epoch} steps/epoch, steps {step} -> {end} of {total}, "
               f"micro-batch {B // (world * A)} × {A} accumulation × {world} ranks")
-    meter = Meter(device)
+    meter = Meter(["loss"], device)
     while step < end:
         lr = get_lr(step, args.lr, args.min_lr, warmup, decay_start, total)
         for group in opt.param_groups:
@@ -502,8 +467,8 @@ def train_main(args):
 
 
 def log(meter, step, total, lr, grad_norm, tokens_per_step, peak, rank):
-    steps = meter.steps
-    loss, skips, dt = meter.read(step)  # waits for the GPU, so the timing is honest
+    means, skips, steps, dt = meter.read(step)  # waits for the GPU, so the timing is honest
+    loss = means["loss"]
     tok_s = steps * tokens_per_step / dt
     mfu = f" | MFU {100 * tok_s / peak:.1f}%" if peak else ""
     if rank == 0:

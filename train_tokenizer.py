@@ -32,11 +32,8 @@ A step whose loss or gradient norm is not finite is skipped on the device, witho
 AdamW moments and EMA stay as they were. The next log line counts the skips, 5 skips in a row stop the run, and a
 checkpoint whose weights are not all finite is never written (the previous one is kept).
 """
-import argparse
 import itertools
 import math
-import os
-import time
 import warnings
 from contextlib import nullcontext
 from copy import deepcopy
@@ -51,14 +48,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (ArgumentParser, FashionMNIST, atomic_save, check_writable, from_uint8, load_checkpoint, make_dataset,
-                  nonnegative_float, nonnegative_int, positive_float, positive_int, setup_device, to_uint8, probability,
-                  default_workers, checkpoint_path, all_finite, skip_flag)
+from data import (ArgumentParser, FashionMNIST, Meter, all_finite, atomic_save, checkpoint_path, default_workers,
+                  from_uint8, load_checkpoint, make_dataset, nonnegative_float, nonnegative_int, positive_float,
+                  positive_int, probability, setup_device, skip_flag, to_uint8)
 from tokenizer import Tokenizer, TokenizerConfig
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's ImageNet VGG16
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"
-MAX_SKIPS = 5  # this many non-finite steps in a row stop the run
 
 
 def tokenizer_config(preset, image_size, repa, time_shift=None, groups=None):
@@ -343,44 +339,6 @@ def train_step(model, tok, opt, ema, ema_decay, grad_clip, batches, seeds, ctx, 
     opt.zero_grad(set_to_none=True)
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in params], (1 - ema_decay) * (1 - skip))
     return torch.cat([terms, grad_norm.float()[None]]), skip
-
-
-class Meter:
-    """Device-side sums between two log lines: the terms of the applied steps, the skipped steps and the longest run
-    of consecutive skips. Only `check` and `read` wait for the GPU."""
-
-    def __init__(self, names, device):
-        self.names, self.sums = names, torch.zeros(len(names), device=device)
-        self.skips, self.run, self.longest = (torch.zeros((), device=device) for _ in range(3))
-        self.steps, self.t0 = 0, time.time()
-
-    def add(self, terms, skip):
-        self.sums += torch.where(skip > 0, 0.0, terms)
-        self.skips += skip
-        self.run.add_(1).mul_(skip)  # consecutive skips up to this step
-        torch.maximum(self.longest, self.run, out=self.longest)
-        self.steps += 1
-
-    def check(self, step):
-        """Raises once MAX_SKIPS steps in a row were skipped."""
-        if self.longest.item() >= MAX_SKIPS:
-            raise ValueError(f"stopped at step {step}: {self.longest.item():.0f} steps in a row had a non-finite "
-                             f"loss or gradient norm and were skipped (at most {MAX_SKIPS - 1} allowed); lower --lr "
-                             f"or check the data")
-
-    def read(self, step):
-        """({term: mean over the applied steps and the ranks}, skipped steps, steps, seconds) since the last read."""
-        self.check(step)
-        sums = self.sums.clone()
-        if dist.is_initialized():
-            dist.all_reduce(sums)
-            sums /= dist.get_world_size()
-        applied = self.steps - int(self.skips.item())
-        means = dict(zip(self.names, (sums / applied).tolist() if applied else [float("nan")] * len(self.names)))
-        out = means, self.steps - applied, self.steps, time.time() - self.t0
-        self.sums.zero_(), self.skips.zero_(), self.longest.copy_(self.run)
-        self.steps, self.t0 = 0, time.time()
-        return out
 
 
 # ---- training ----
