@@ -5,13 +5,13 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 import ablations
 from data import fmnist_dir
 
-pytestmark = pytest.mark.skipif(not (fmnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
-                                reason="Fashion-MNIST is not installed")
+pytestmark = [pytest.mark.skipif(not (fmnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
+                                 reason="Fashion-MNIST is not installed"),
+              pytest.mark.usefixtures("one_thread")]
 
 # per study: rows, the metrics of our rows, the paper's columns, and whether there is a real-vs-real floor
 RECON, GEN = {"rFID", "PSNR", "Class kept"}, {"FID", "Precision", "Recall", "Class accuracy"}
@@ -27,11 +27,7 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def out_dir(tmp_path_factory):
-    # one thread: on a CPU shared with other jobs, two threads of tiny matmuls spin-wait and run ~50x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tmp_path_factory.mktemp("ablations")
-    torch.set_num_threads(threads)
+    return tmp_path_factory.mktemp("ablations")
 
 
 def run(out_dir, *args):

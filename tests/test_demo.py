@@ -31,14 +31,7 @@ from data import fmnist_rgb32, from_uint8, load_fashion_mnist, open_image  # noq
 CHROMIUM = shutil.which("chromium")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are small: one thread each for the server and the test, which beats two threads fighting over
-    shared cores by 10× or more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the server process gets OMP_NUM_THREADS=1
 
 
 @pytest.fixture(scope="module")

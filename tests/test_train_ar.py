@@ -27,13 +27,7 @@ from tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
 V, N = 64, 32  # the tiny tokenizer's codebook and token count
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and several threads crawl on a busy 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(*argv):
