@@ -308,7 +308,7 @@ def reference_image(image, size):
     Fashion-MNIST training images are."""
     if image.size == (28, 28) and size == 32:
         return from_uint8(np.pad(np.asarray(image), ((2, 2), (2, 2), (0, 0)))[None])
-    return from_uint8(np.array(center_crop_arr(image, size))[None])  # a writable copy for torch
+    return from_uint8(center_crop_arr(image, size)[None])
 
 
 def prefix_codes(tok, image, k, device):
