@@ -8,6 +8,8 @@ step is bounded by memory traffic: the bf16 weights plus the filled KV-cache slo
 over --hbm-tbps. The pixel decoder is bounded by its FLOPs (counted with FlopCounterMode) over --peak-tflops. End to
 end, AR and decoder overlap, so its bound is the larger of the two. Warm-up is excluded; medians of --repeats.
 First it checks that the CUDA-graph sampler reproduces the eager tokens and how far a bf16 decode is from fp32.
+With --fp8 the AR model is also timed with the float8 KV cache (sample.py --fp8; bound: 1-byte keys and values
+plus their scales), and its greedy tokens are compared with those of the bf16 cache.
 fp32 means fp32 here too (TF32 off). The AR model runs as sample.py runs it on CUDA: the decode-attention kernel
 in one CUDA graph, w1/w3 fused (kernels.py); the bf16 pixel decoder holds bf16 weights (sample.load_models).
 """
@@ -30,6 +32,7 @@ from tokenizer import Tokenizer, TokenizerConfig
 
 PROG = "bench.py"
 SAMPLING = dict(temperature=1.0, top_k=0, top_p=1.0)  # the paper samples without temperature, top-k or top-p
+GREEDY = dict(temperature=1.0, top_k=1, top_p=1.0)  # deterministic tokens: what the fp8 cache changes, and nothing else
 
 
 def bf16():
@@ -61,16 +64,20 @@ def median_ms(fn, repeats):
     return statistics.median(times), first
 
 
-def ar_bytes_per_token(gpt, rows):
+def ar_bytes_per_token(gpt, rows, fp8=False):
     """Bytes one token reads, averaged over the sequence: weights (not the embedding tables: one row each) plus
     the filled KV-cache slots of every layer at each position (position p attends over p + 1 slots, the class
-    token's prefill over 1)."""
+    token's prefill over 1). fp8: every slot but the class token's (kept in the model's dtype) holds 1-byte keys
+    and values and a 4-byte scale for each (model.FP8KVCache)."""
     cfg = gpt.config
     size = gpt.tok_embeddings.weight.element_size()
     weights = sum(p.numel() for n, p in gpt.named_parameters() if "embed" not in n) * size
-    per_slot = cfg.n_layer * 2 * rows * cfg.n_kv_head * cfg.head_dim * size  # k and v of one cache slot
+    vectors = cfg.n_layer * 2 * rows * cfg.n_kv_head  # k and v of one cache slot
+    per_slot = vectors * cfg.head_dim * size
     N = cfg.block_size
-    return weights + per_slot * (N + 1) / 2  # mean of 1..N slots
+    if not fp8:
+        return weights + per_slot * (N + 1) / 2  # mean of 1..N slots
+    return weights + per_slot + vectors * (cfg.head_dim + 4) * ((N + 1) / 2 - 1)  # slot 0 exact, the rest fp8
 
 
 def append(path, text):
@@ -155,9 +162,28 @@ def latency_ms(gpt, tok, step, generator, repeats):
 
 
 @torch.no_grad()
-def bench_model(name, gpt, tok, *, batches, repeats, flops, bw, peak, row, profile_path):
+def fp8_agreement(gpt, batch):
+    """Greedy tokens (top_k=1, CFG 4) of the same labels with the bf16 and the fp8 KV cache → (fraction of tokens
+    equal, fraction of positions before a row's first difference, averaged over rows). Once a token differs the
+    rest of the row follows another prefix, so the second figure is the one that tells how soon fp8 deviates."""
+    device, N = gpt.tok_embeddings.weight.device, gpt.config.block_size
+    labels = torch.arange(batch, device=device) % gpt.config.num_classes
+    tokens = []
+    for fp8 in (False, True):
+        g = torch.Generator(device).manual_seed(0)
+        step = GraphedDecoder(gpt, batch, True, **GREEDY, generator=g, fp8=fp8)
+        tokens.append(generate(gpt, labels, cfg_scale=4.0, **GREEDY, generator=g, decode_fn=step))
+        del step
+    same = tokens[0] == tokens[1]  # (B, N)
+    first = torch.where(same.all(1), N, (~same).int().argmax(1))  # (B,) position of the first difference
+    return same.float().mean().item(), (first.float() / N).mean().item()
+
+
+@torch.no_grad()
+def bench_model(name, gpt, tok, *, batches, repeats, flops, bw, peak, row, profile_path, fp8=False):
     """AR start-up and ms/token at batch 1 and each of `batches`; batch-1 latencies; end to end at each batch.
-    tok: the tokenizer whose pixel network holds bf16 weights (sample.py --decoder-precision bf16 on CUDA)."""
+    tok: the tokenizer whose pixel network holds bf16 weights (sample.py --decoder-precision bf16 on CUDA).
+    fp8: also ms/token with the fp8 KV cache at each batch, and its greedy tokens against bf16's."""
     device, N = gpt.tok_embeddings.weight.device, gpt.config.block_size
     for b in (1, *batches):
         g = torch.Generator(device).manual_seed(0)
@@ -183,8 +209,20 @@ def bench_model(name, gpt, tok, *, batches, repeats, flops, bw, peak, row, profi
                 min(1 / (bound * N / 1e3 / b), peak / flops), better="higher")
             row(f"{name} end to end, batch {b}: peak GPU memory", torch.cuda.max_memory_allocated() / 2 ** 30, "GiB")
         del step
+        if fp8:
+            step = GraphedDecoder(gpt, b, True, **SAMPLING, generator=g, fp8=True)
+            ms = median_ms(lambda: generate(gpt, labels, cfg_scale=4.0, **SAMPLING, generator=g, decode_fn=step),
+                           repeats)[0]
+            row(f"{name} AR, batch {b} with CFG, fp8 KV cache", ms / N, "ms/token",
+                ar_bytes_per_token(gpt, 2 * b, fp8=True) / bw * 1e3)
+            del step
         if profile_path and b in (1, batches[0]):
             profile_ar(gpt, b, g, profile_path, name)
+    if fp8:
+        equal, before = fp8_agreement(gpt, batches[0])
+        row(f"{name} fp8 vs bf16 KV cache, greedy, batch {batches[0]} with CFG: fraction of tokens equal", equal, "")
+        row(f"{name} fp8 vs bf16 KV cache, greedy: fraction of positions before a row's first difference", before,
+            "")
 
 
 def profile_ar(gpt, batch, g, path, name):
@@ -216,6 +254,8 @@ def profile_decoder(name, tok, ctx, codes, noise, path):
 
 def main(args):
     if not torch.cuda.is_available():
+        if args.fp8:
+            raise SystemExit(f"{PROG}: error: --fp8 needs a CUDA GPU")
         raise SystemExit(f"{PROG}: error: no CUDA GPU is available (bench.py times GPU kernels)")
     device = torch.device("cuda")
     # fp32 rows are real fp32: TF32 (cuDNN's default for convolutions) would round their inputs to 10-bit mantissas
@@ -254,7 +294,7 @@ def main(args):
             profile_decoder(name, t, ctx, codes, noise, args.profile)
     for name, gpt in gpts.items():
         bench_model(name, gpt, tok_bf16, batches=args.batch_sizes, repeats=args.repeats, flops=flops, bw=bw,
-                    peak=peak, row=row, profile_path=args.profile)
+                    peak=peak, row=row, profile_path=args.profile, fp8=args.fp8)
 
 
 def parse_args(argv=None):
@@ -266,6 +306,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (as sample.py)")
     p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
                    help="graph vs eager tokens, bf16 vs fp32 decode")
+    p.add_argument("--fp8", action="store_true", help="also time the AR model with the float8 KV cache "
+                   "(sample.py --fp8) and compare its greedy tokens with the bf16 cache's")
     p.add_argument("--profile", default=None, help="append torch.profiler tables to this file")
     p.add_argument("--hbm-tbps", type=positive_float, default=3.35,
                    help="memory bandwidth for the bounds in TB/s (H100 SXM: 3.35)")

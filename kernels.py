@@ -9,6 +9,11 @@
 The fallbacks (`decode_attention_reference`, the PyTorch branch of `silu_mul`) define the functions: the
 kernels compute the same thing with fp32 softmax/accumulation and differ by bf16 rounding only.
 
+One fast path is not exact, and only taken on request (sample.py --fp8): `decode_attention_fp8` reads a KV cache
+stored as float8 e4m3 with one scale per (row, head, slot), dequantised in registers, which halves the cache
+traffic that bounds large-batch decoding. Slot 0, the class token (the condition), comes from an exact copy.
+Its definition is `decode_attention_fp8_reference`: dequantise (`dequantise_window`), then SDPA.
+
 Measured on one H200 (`python kernels.py`, medians of CUDA-graph replays): decode attention at 128 rows × 16
 heads × d64 takes 11 / 24 / 39 µs at 40 / 144 / 257 filled slots, against 33 / 46 / 58 µs for cuDNN SDPA over the
 32-slot window; w1/w3 in one GEMM with silu_mul take 8.2 µs per GPT-L layer at 128 rows, against 14.4.
@@ -62,15 +67,18 @@ def decode_attention(q, k_cache, v_cache, kv_len):
     return _decode_attention_op(q, k_cache, v_cache, kv_len).transpose(1, 2)
 
 
+def _launch_config(q):
+    """Measured on an H200 (`python kernels.py`): many (row, head) programs run best small, 32 slots a step with
+    2 warps; a few (batch 1) best wide. Splitting the length over several programs was slower at 257 slots."""
+    B, H = q.shape[:2]
+    return (32, 2) if B * H >= torch.cuda.get_device_properties(q.device).multi_processor_count else (128, 8)
+
+
 @torch.library.custom_op("dar::decode_attention", mutates_args=(), device_types="cuda")
 def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          kv_len: torch.Tensor) -> torch.Tensor:
-    """The Triton launch as one opaque operator (B, 1, H, hd), so torch.compile keeps it whole.
-    Measured on an H200 (`python kernels.py`): many (row, head) programs run best small, 32 slots a step with
-    2 warps; a few (batch 1) best wide. Splitting the length over several programs was slower at 257 slots."""
-    B, H = q.shape[:2]
-    many = B * H >= torch.cuda.get_device_properties(q.device).multi_processor_count
-    return _decode_attention(q, k_cache, v_cache, kv_len, *((32, 2) if many else (128, 8)))
+    """The Triton launch as one opaque operator (B, 1, H, hd), so torch.compile keeps it whole."""
+    return _decode_attention(q, k_cache, v_cache, kv_len, *_launch_config(q))
 
 
 @_decode_attention_op.register_fake
@@ -78,17 +86,23 @@ def _(q, k_cache, v_cache, kv_len):
     return q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3])
 
 
-def _decode_attention(q, k_cache, v_cache, kv_len, block_n, num_warps):
-    """Launches the kernel with an explicit configuration → (B, 1, H, hd)."""
+def _decode_attention(q, k_cache, v_cache, kv_len, block_n, num_warps, fp8=None):
+    """Launches the kernel with an explicit configuration → (B, 1, H, hd). fp8: None, or (k_scale, v_scale,
+    k_first, v_first) of an e4m3 cache (see decode_attention_fp8)."""
     B, H, _, hd = q.shape
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("decode_attention: the head dimension must be contiguous")
     out = torch.empty(B, 1, H, hd, dtype=q.dtype, device=q.device)
+    k_scale, v_scale, k_first, v_first = fp8 or (q, q, q, q)  # unread without fp8: any pointer will do
+    if fp8 is not None and (k_scale.stride() != v_scale.stride() or k_first.stride() != v_first.stride()
+                            or k_first.stride(-1) != 1 or k_scale.stride(-1) != 1):
+        raise ValueError("decode_attention_fp8: the K and V scales / first slots must share one contiguous layout")
     _decode_attention_kernel[(B * H,)](
         q, k_cache, v_cache, kv_len.reshape(-1), out, q.stride(0), q.stride(1), *k_cache.stride()[:3],
         *v_cache.stride()[:3], out.stride(0), out.stride(2), H, k_cache.shape[2], H // k_cache.shape[1],
-        hd ** -0.5 * 1.4426950408889634, HD=hd, BLOCK_D=triton.next_power_of_2(hd), BLOCK_N=block_n,
-        num_warps=num_warps)
+        hd ** -0.5 * 1.4426950408889634, k_scale, v_scale, k_scale.stride(0), k_scale.stride(1), k_first, v_first,
+        k_first.stride(0), k_first.stride(1), HD=hd, BLOCK_D=triton.next_power_of_2(hd), BLOCK_N=block_n,
+        FP8=fp8 is not None, num_warps=num_warps)
     return out
 
 
@@ -96,12 +110,15 @@ if triton is not None:
     @triton.jit
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, sq_b, sq_h, sk_b, sk_h, sk_s,
                                  sv_b, sv_h, sv_s, so_b, so_h, H, S, rep, qk_scale,
-                                 HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                                 ks_ptr, vs_ptr, ss_b, ss_h, k0_ptr, v0_ptr, s0_b, s0_h,
+                                 HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr):
         """Program row·H + head: online softmax (base 2, fp32) over the first kv_len slots, BLOCK_N at a time.
 
         Each of the BLOCK_N slot lanes keeps its own running max, sum and output row, so the loop has no
         reduction across warps (only the q·k dot product, within a warp); the lanes are merged once at the end
-        (3.0 against 2.6 TB/s for one merge per step, 128 rows × 16 heads × 257 slots on an H200)."""
+        (3.0 against 2.6 TB/s for one merge per step, 128 rows × 16 heads × 257 slots on an H200).
+        FP8: K and V are e4m3 with one fp32 scale per slot (k = k8·ks), applied to the logit and to the softmax
+        weight instead of to every element; slot 0 is read from the exact copy (k0, v0) and seeds lane 0."""
         bh = tl.program_id(0)
         b, h = bh // H, bh % H
         n = tl.minimum(tl.load(len_ptr).to(tl.int32), S)
@@ -113,22 +130,99 @@ if triton is not None:
         m = tl.full([BLOCK_N], -1e30, tl.float32)  # finite: a lane that never sees a slot gets weight exp2(-inf) = 0
         l = tl.zeros([BLOCK_N], tl.float32)
         acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        for s0 in range(0, n, BLOCK_N):
+        start = 0
+        if FP8:  # the class token's exact entry: lane 0 starts having seen slot 0 (weight exp2(s - s) = 1)
+            k0 = tl.load(k0_ptr + b * s0_b + (h // rep) * s0_h + d, mask=d_ok, other=0.0).to(tl.float32)
+            v0 = tl.load(v0_ptr + b * s0_b + (h // rep) * s0_h + d, mask=d_ok, other=0.0).to(tl.float32)
+            lane0 = tl.arange(0, BLOCK_N) == 0
+            m = tl.where(lane0, tl.sum(k0 * q, 0), m)
+            l = tl.where(lane0, 1.0, l)
+            acc = tl.where(lane0[:, None], v0[None, :], acc)
+            start = 1
+        for s0 in range(start, n, BLOCK_N):
             slots = s0 + tl.arange(0, BLOCK_N)
             ok = (slots < n)[:, None] & d_ok[None, :]
-            # both loads issued before any use, so K and V stream from memory together
+            # all loads issued before any use, so K and V stream from memory together
             k = tl.load(k_base + slots[:, None] * sk_s + d[None, :], mask=ok, other=0.0)  # (N, D)
             v = tl.load(v_base + slots[:, None] * sv_s + d[None, :], mask=ok, other=0.0)
+            if FP8:
+                ks = tl.load(ks_ptr + b * ss_b + (h // rep) * ss_h + slots, mask=slots < n, other=0.0)  # (N,)
+                vs = tl.load(vs_ptr + b * ss_b + (h // rep) * ss_h + slots, mask=slots < n, other=0.0)
             s = tl.sum(k.to(tl.float32) * q[None, :], 1)  # (N,) logits · log2(e)
+            if FP8:
+                s = s * ks
             s = tl.where(slots < n, s, float("-inf"))
             m_new = tl.maximum(m, s)
             alpha, p = tl.exp2(m - m_new), tl.exp2(s - m_new)
             l = l * alpha + p
+            if FP8:
+                p = p * vs  # the weight of v8·vs
             acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
             m = m_new
         w = tl.exp2(m - tl.max(m, 0))  # (N,) the lanes merged
         o = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)  # (D,)
         tl.store(out_ptr + b * so_b + h * so_h + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decode attention over an fp8 KV cache (not exact: sample.py --fp8)
+
+FP8_MAX = 448.0  # the largest finite float8 e4m3fn value
+
+
+def quantise_fp8(x):
+    """x (..., hd) → e4m3 values (..., hd) and fp32 scales (...) with x ≈ values · scale: the scale maps each
+    vector's largest |x| to 448, so 3 mantissa bits give every element a relative error ≤ 2⁻⁴ (plus 2⁻¹⁰·scale
+    for the subnormals)."""
+    scale = x.abs().amax(-1).float() / FP8_MAX  # (...)
+    values = x.float() / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None]  # an all-zero vector stays 0
+    return values.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def dequantise_window(values, scale, first, n, dtype):
+    """The first n slots (B, Hkv, n, hd) in dtype of an fp8 cache: values (B, Hkv, S, hd) e4m3, scale (B, Hkv, S),
+    and slot 0 taken from its exact copy first[:, :, :1] (B, Hkv, ≥1, hd)."""
+    rest = values[:, :, 1:n].float() * scale[:, :, 1:n, None]
+    return torch.cat([first[:, :, :1].to(dtype), rest.to(dtype)], dim=2)
+
+
+def decode_attention_fp8_reference(q, k_cache, v_cache, k_scale, v_scale, k_first, v_first, kv_len):
+    """The definition of decode_attention_fp8: the window dequantised, then SDPA in q's dtype."""
+    n = int(kv_len)  # a host synchronisation: the slow path
+    k = dequantise_window(k_cache, k_scale, k_first, n, q.dtype)
+    v = dequantise_window(v_cache, v_scale, v_first, n, q.dtype)
+    return decode_attention_reference(q, k, v, n)
+
+
+def decode_attention_fp8(q, k_cache, v_cache, k_scale, v_scale, k_first, v_first, kv_len):
+    """decode_attention over an fp8 cache (1 ≤ kv_len ≤ S): k_cache, v_cache (B, Hkv, S, hd) float8_e4m3fn,
+    k_scale, v_scale (B, Hkv, S) float32 (entry = value · scale, see quantise_fp8), k_first, v_first (B, Hkv, ≥1, hd)
+    whose slot 0 is the exact entry used for cache slot 0. Same kv_len, graph capture and output as
+    decode_attention; on CUDA the values are dequantised in registers."""
+    B, H, _, hd = q.shape
+    Hkv, S = k_cache.shape[1:3]
+    if (q.shape[2] != 1 or k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != hd
+            or H % Hkv or k_scale.shape != (B, Hkv, S) or v_scale.shape != (B, Hkv, S)
+            or k_first.shape[:2] != (B, Hkv) or k_first.shape[3] != hd or v_first.shape != k_first.shape):
+        raise ValueError(f"decode_attention_fp8: q {tuple(q.shape)} / cache {tuple(k_cache.shape)} / scales "
+                         f"{tuple(k_scale.shape)} / first {tuple(k_first.shape)} do not fit")
+    if not _use_triton(q):
+        return decode_attention_fp8_reference(q, k_cache, v_cache, k_scale, v_scale, k_first, v_first, kv_len)
+    if not torch.is_tensor(kv_len):
+        kv_len = torch.full((1,), kv_len, dtype=torch.int32, device=q.device)
+    return _decode_attention_fp8_op(q, k_cache, v_cache, k_scale, v_scale, k_first, v_first, kv_len).transpose(1, 2)
+
+
+@torch.library.custom_op("dar::decode_attention_fp8", mutates_args=(), device_types="cuda")
+def _decode_attention_fp8_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
+                             v_scale: torch.Tensor, k_first: torch.Tensor, v_first: torch.Tensor,
+                             kv_len: torch.Tensor) -> torch.Tensor:
+    return _decode_attention(q, k_cache, v_cache, kv_len, *_launch_config(q), fp8=(k_scale, v_scale, k_first, v_first))
+
+
+@_decode_attention_fp8_op.register_fake
+def _(q, k_cache, v_cache, k_scale, v_scale, k_first, v_first, kv_len):
+    return q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import check_finite, load_checkpoint
-from kernels import decode_attention
+from kernels import decode_attention, decode_attention_fp8, dequantise_window, quantise_fp8
 
 
 @dataclass
@@ -123,7 +123,51 @@ class KVCache(nn.Module):
     def update(self, input_pos, k, v):  # input_pos (S,), k/v (B, H, S, hd)
         self.k_cache.index_copy_(2, input_pos, k)
         self.v_cache.index_copy_(2, input_pos, v)
-        return self.k_cache, self.v_cache
+
+    def window(self, n):
+        """Keys and values (B, H, n, hd) of the first n slots."""
+        return self.k_cache[:, :, :n], self.v_cache[:, :, :n]
+
+    def decode_attention(self, q, kv_len):
+        return decode_attention(q, self.k_cache, self.v_cache, kv_len)
+
+
+class FP8KVCache(nn.Module):
+    """The KV cache in float8 e4m3 with one fp32 scale per (row, head, slot) (kernels.quantise_fp8): half the bytes
+    of bf16 for every step to read, at a relative error of up to 2⁻⁴ per entry, so sampling is no longer exact.
+    Slot 0, the class token (the condition every token attends to), is also kept exactly, in `first`, and read from
+    there. Buffers: k_cache, v_cache (B, H, S, hd) e4m3; k_scale, v_scale (B, H, S); k_first, v_first (B, H, 2, hd)
+    in the model's dtype, whose slot 1 is scratch: every position but 0 is written there, so that an update needs
+    no host value to tell whether it holds the class token (one CUDA graph serves every position)."""
+
+    def __init__(self, batch_size, seq_len, n_head, head_dim, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, n_head, seq_len, head_dim)
+        for name in ("k", "v"):
+            self.register_buffer(f"{name}_cache", torch.zeros(shape, dtype=torch.float8_e4m3fn, device=device),
+                                 persistent=False)
+            self.register_buffer(f"{name}_scale", torch.zeros(shape[:3], device=device), persistent=False)
+            self.register_buffer(f"{name}_first", torch.zeros(batch_size, n_head, 2, head_dim, dtype=dtype,
+                                                              device=device), persistent=False)
+
+    def update(self, input_pos, k, v):  # input_pos (S,), k/v (B, H, S, hd)
+        first = input_pos.clamp(max=1)  # position 0 → slot 0 of `first`, any other → the scratch slot
+        for x, cache, scale, exact in ((k, self.k_cache, self.k_scale, self.k_first),
+                                       (v, self.v_cache, self.v_scale, self.v_first)):
+            values, s = quantise_fp8(x)
+            cache.view(torch.uint8).index_copy_(2, input_pos, values.view(torch.uint8))  # no fp8 index_copy_
+            scale.index_copy_(2, input_pos, s)
+            exact.index_copy_(2, first, x)
+
+    def window(self, n):
+        """Keys and values (B, H, n, hd) of the first n slots, dequantised, slot 0 exact."""
+        dtype = self.k_first.dtype
+        return (dequantise_window(self.k_cache, self.k_scale, self.k_first, n, dtype),
+                dequantise_window(self.v_cache, self.v_scale, self.v_first, n, dtype))
+
+    def decode_attention(self, q, kv_len):
+        return decode_attention_fp8(q, self.k_cache, self.v_cache, self.k_scale, self.v_scale, self.k_first,
+                                    self.v_first, kv_len)
 
 
 class Attention(nn.Module):
@@ -145,12 +189,12 @@ class Attention(nn.Module):
         k = apply_rope(k.view(B, S, self.n_kv_head, self.head_dim), rope).transpose(1, 2)
         v = v.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
+            self.kv_cache.update(input_pos, k, v)
             if S == 1 and torch.is_tensor(kv_len):
-                y = decode_attention(q, k, v, kv_len)  # (B, H, 1, hd); exact filled length, no mask
+                y = self.kv_cache.decode_attention(q, kv_len)  # (B, H, 1, hd); exact filled length, no mask
                 return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, S, -1)))
             # attend over the first mask.shape[-1] slots of the cache only; `mask` hides the empty ones among them
-            k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
+            k, v = self.kv_cache.window(mask.shape[-1])
         rep = self.n_head // self.n_kv_head
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -253,14 +297,16 @@ class GPT(nn.Module):
         return logits, loss
 
     # ---- cached inference ----
-    def setup_caches(self, max_batch_size, device=None):
-        """Static caches for [class token + block_size tokens], length rounded up to a multiple of 8."""
+    def setup_caches(self, max_batch_size, device=None, fp8=False):
+        """Static caches for [class token + block_size tokens], length rounded up to a multiple of 8.
+        fp8: float8 keys and values with the class token kept exact (FP8KVCache; fast, not exact)."""
         cfg = self.config
         seq = (cfg.block_size + 1 + 7) // 8 * 8
         dtype = self.tok_embeddings.weight.dtype
         device = device or self.tok_embeddings.weight.device
+        cache = FP8KVCache if fp8 else KVCache
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, seq, cfg.n_kv_head, cfg.head_dim, dtype, device)
+            layer.attention.kv_cache = cache(max_batch_size, seq, cfg.n_kv_head, cfg.head_dim, dtype, device)
         self.causal_mask = torch.tril(torch.ones(seq, seq, dtype=torch.bool, device=device))
         if self.rope.shape[0] < seq:  # positions past the sequence are never written, but index_select needs rows
             self.rope = rope_table(seq, cfg.head_dim, cfg.rope_base).to(device)

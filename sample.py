@@ -121,16 +121,17 @@ class GraphedDecoder:
     is a few copies and one graph launch, with no host synchronisation. The sampling settings are frozen into the
     graph, so a call with other settings (or another model, batch, guidance or KV cache) raises ValueError. The
     generator is registered with the graph: replays advance it exactly like the eager calls, so the tokens equal
-    those of the same step run eagerly (`graphs=False`, also the CPU path; same kernel) for the same seed."""
+    those of the same step run eagerly (`graphs=False`, also the CPU path; same kernel) for the same seed.
+    fp8: the KV cache in float8 with the class token exact (model.FP8KVCache): faster, not exact."""
 
     @torch.no_grad()
-    def __init__(self, model, batch, guided, *, temperature, top_k, top_p, generator, graphs=True):
+    def __init__(self, model, batch, guided, *, temperature, top_k, top_p, generator, graphs=True, fp8=False):
         device = model.tok_embeddings.weight.device
         if graphs and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, this one is on {device}: use graphs=False")
         self.model, self.batch, self.guided, self.graphs = model, batch, guided, graphs
         self.settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        model.setup_caches(2 * batch if guided else batch, device=device)  # generate() keeps caches of this size
+        model.setup_caches(2 * batch if guided else batch, device=device, fp8=fp8)  # generate() keeps these
         self.cache = model.layers[0].attention.kv_cache
         self.slots = self.cache.k_cache.shape[2]
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
@@ -234,10 +235,11 @@ def sample_batch(gpt, tok, labels, *, cfg_scale=1.0, temperature=1.0, top_k=0, t
 
 
 def sample_indices(gpt, tok, labels, indices, *, seed, batch_size, cuda_graph, progress, cfg_scale, temperature,
-                   top_k, top_p, solver, prefix, keep_previews, decoder_precision):
+                   top_k, top_p, solver, prefix, keep_previews, decoder_precision, fp8=False):
     """Samples labels[indices] in batches → images (n, H, W, 3) uint8 and preview strips (n, K, H, W, 3) uint8, or
     None without keep_previews. A batch draws from a generator seeded with seed + the index of its first sample, so
-    a sample does not depend on how many processes share the work (as long as batches start at the same indices)."""
+    a sample does not depend on how many processes share the work (as long as batches start at the same indices).
+    fp8: float8 KV cache (GraphedDecoder sets it up, replaying graphs only with cuda_graph)."""
     device = tok.quantize.embedding.weight.device
     generator = torch.Generator(device)
     guided = cfg_schedule(cfg_scale, gpt.config.block_size)[0].item() > 1
@@ -248,10 +250,10 @@ def sample_indices(gpt, tok, labels, indices, *, seed, batch_size, cuda_graph, p
         idx = indices[start:start + batch_size]
         generator.manual_seed(seed + int(idx[0]))
         decode_fn = decode_one_token
-        if cuda_graph:
+        if cuda_graph or fp8:
             if len(idx) not in decoders:
                 decoders[len(idx)] = GraphedDecoder(gpt, len(idx), guided, temperature=temperature, top_k=top_k,
-                                                    top_p=top_p, generator=generator)
+                                                    top_p=top_p, generator=generator, graphs=cuda_graph, fp8=fp8)
             decode_fn = decoders[len(idx)]
         _, _, image, previews = sample_batch(
             gpt, tok, labels[idx].to(device), cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -395,6 +397,8 @@ def previews_gif(strips, f, scale=4, ms=500, hold=4):
 def main(args):
     try:  # everything that can fail on a bad input, before any sampling
         rank, world, device = setup_device(args.device)
+        if args.fp8 and device.type != "cuda":
+            raise ValueError("--fp8 needs a CUDA GPU")
         dtype = torch.bfloat16 if args.precision == "bf16" or args.precision == "auto" and device.type == "cuda" \
             else torch.float32
         tok, gpt = load_models(args.tokenizer_ckpt, args.gpt_ckpt, args.gpt_model, dtype, device,
@@ -423,7 +427,8 @@ def main(args):
         gpt, tok, labels, mine, seed=args.seed, batch_size=args.batch_size,
         cuda_graph=args.cuda_graph and device.type == "cuda", progress=rank == 0 and len(labels) > args.batch_size,
         cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        solver=args.solver, prefix=prefix, keep_previews=keep_previews, decoder_precision=args.decoder_precision)
+        solver=args.solver, prefix=prefix, keep_previews=keep_previews, decoder_precision=args.decoder_precision,
+        fp8=args.fp8)
     if args.save_each:
         save_each(args.save_each, images, strips, mine, labels)
     if args.npz:
@@ -528,6 +533,8 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="replay the AR decode step from CUDA graphs (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (a few seconds)")
+    p.add_argument("--fp8", action="store_true", help="float8 KV cache for the AR model (CUDA): faster at large "
+                   "batches, but not exact (the class token stays exact)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     args = p.parse_args(argv)
     check_args(p, args)

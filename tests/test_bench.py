@@ -36,6 +36,24 @@ def test_without_a_gpu_one_line():
         bench.main(bench.parse_args([]))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_fp8_without_a_gpu_one_line():
+    with pytest.raises(SystemExit, match=r"^bench.py: error: --fp8 needs a CUDA GPU$"):
+        bench.main(bench.parse_args(["--fp8"]))
+
+
+def test_ar_bound_with_fp8_counts_one_byte_entries_their_scales_and_the_exact_class_token():
+    gpt = GPT(GPTConfig.from_name("GPT-tiny"))
+    cfg = gpt.config
+    weights = sum(p.numel() for n, p in gpt.named_parameters() if "embed" not in n) * 4
+    vectors = cfg.n_layer * 2 * 2 * cfg.n_kv_head
+    # 1..32 slots read, the class token's in fp32 (4 bytes an element), each other one 1 byte an element + its scale
+    slots = sum(range(1, 33)) / 32
+    want = weights + vectors * cfg.head_dim * 4 + vectors * (cfg.head_dim + 4) * (slots - 1)
+    assert bench.ar_bytes_per_token(gpt, 2, fp8=True) == pytest.approx(want)
+    assert bench.ar_bytes_per_token(gpt, 2, fp8=True) < bench.ar_bytes_per_token(gpt, 2)
+
+
 def test_ar_bound_counts_weights_and_the_filled_slots_read():
     gpt = GPT(GPTConfig.from_name("GPT-tiny"))  # 32 tokens, cache of 40 slots
     gpt.setup_caches(2)
