@@ -2,6 +2,7 @@
 
     python bench.py --compile                       # D-AR-L and D-AR-XL (GPT-L / GPT-XL + tokenizer_v1), bf16
     python bench.py --models GPT-L --profile prof.txt
+    python bench.py --compile --models GPT-L --ar-only --fp8   # AR rows only, also with the fp8 KV cache
 
 Each figure is printed next to its hardware bound and the fraction bound / measured (1.0 = at the bound). The AR
 step is bounded by memory traffic: the bf16 weights plus the filled KV-cache slots it attends over, per token,
@@ -180,10 +181,11 @@ def fp8_agreement(gpt, batch):
 
 
 @torch.no_grad()
-def bench_model(name, gpt, tok, *, batches, repeats, flops, bw, peak, row, profile_path, fp8=False):
+def bench_model(name, gpt, tok, *, batches, repeats, flops, bw, peak, row, profile_path, fp8=False, ar_only=False):
     """AR start-up and ms/token at batch 1 and each of `batches`; batch-1 latencies; end to end at each batch.
     tok: the tokenizer whose pixel network holds bf16 weights (sample.py --decoder-precision bf16 on CUDA).
-    fp8: also ms/token with the fp8 KV cache at each batch, and its greedy tokens against bf16's."""
+    fp8: also ms/token with the fp8 KV cache at each batch, and its greedy tokens against bf16's.
+    ar_only: no latencies and no end to end (no pixel decoder)."""
     device, N = gpt.tok_embeddings.weight.device, gpt.config.block_size
     for b in (1, *batches):
         g = torch.Generator(device).manual_seed(0)
@@ -195,12 +197,12 @@ def bench_model(name, gpt, tok, *, batches, repeats, flops, bw, peak, row, profi
                        repeats)[0]
         bound = ar_bytes_per_token(gpt, 2 * b) / bw * 1e3
         row(f"{name} AR, batch {b} with CFG", ms / N, "ms/token", bound)
-        if b == 1:
+        if b == 1 and not ar_only:
             first, final = latency_ms(gpt, tok, step, g, repeats)
             step_bound = flops / tok.config.num_denoising_steps / peak * 1e3  # one solver step of one image
             row(f"{name} batch-1 latency to the first preview", first, "ms", bound * tok.config.group_size + step_bound)
             row(f"{name} batch-1 latency to the image", final, "ms", bound * N + step_bound)
-        else:
+        elif not ar_only:
             torch.cuda.reset_peak_memory_stats()
             ms = median_ms(lambda: sample_batch(gpt, tok, labels, cfg_scale=4.0, **SAMPLING, generator=g,
                                                 decode_fn=step, keep_previews=False, decoder_precision="bf16"),
@@ -288,13 +290,14 @@ def main(args):
             for block in (module.layers if isinstance(module, GPT) else module.blocks):
                 block.compile()
     decoders = [("fp32", tok, nullcontext), ("bf16 autocast", tok, bf16), ("bf16", tok_bf16, nullcontext)]
-    bench_decoder(decoders, codes, noise, flops, args.repeats, peak, row)
-    if args.profile:
+    if not args.ar_only:
+        bench_decoder(decoders, codes, noise, flops, args.repeats, peak, row)
+    if args.profile and not args.ar_only:
         for name, t, ctx in decoders[1:]:
             profile_decoder(name, t, ctx, codes, noise, args.profile)
     for name, gpt in gpts.items():
         bench_model(name, gpt, tok_bf16, batches=args.batch_sizes, repeats=args.repeats, flops=flops, bw=bw,
-                    peak=peak, row=row, profile_path=args.profile, fp8=args.fp8)
+                    peak=peak, row=row, profile_path=args.profile, fp8=args.fp8, ar_only=args.ar_only)
 
 
 def parse_args(argv=None):
@@ -308,6 +311,8 @@ def parse_args(argv=None):
                    help="graph vs eager tokens, bf16 vs fp32 decode")
     p.add_argument("--fp8", action="store_true", help="also time the AR model with the float8 KV cache "
                    "(sample.py --fp8) and compare its greedy tokens with the bf16 cache's")
+    p.add_argument("--ar-only", action="store_true", help="time the AR model only: no pixel decoder, latency or "
+                   "end-to-end rows (a quick run)")
     p.add_argument("--profile", default=None, help="append torch.profiler tables to this file")
     p.add_argument("--hbm-tbps", type=positive_float, default=3.35,
                    help="memory bandwidth for the bounds in TB/s (H100 SXM: 3.35)")

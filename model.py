@@ -2,7 +2,7 @@
 
 Nothing here is specific to D-AR (paper §4): RMSNorm, 1-D RoPE, fused wqkv, SwiGLU, the class label as a single
 prefix token at position 0 (image token j sits at position j + 1), a class table whose last row is the null
-class for classifier-free guidance, a static KV cache (gpt-fast style) and sampling.
+class for classifier-free guidance, a static KV cache (gpt-fast style; optionally float8, not exact) and sampling.
 Module names equal the official checkpoint keys, so official state dicts load with the plain strict
 `load_state_dict`.
 

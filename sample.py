@@ -4,6 +4,7 @@
     python sample.py --gpt-ckpt D-AR-L-360K.pt --gpt-model GPT-L --tokenizer-ckpt D-AR-tokenizer_v1.pt \
         --labels 207 360 388 --cfg-scale 4.0 --compile
     python sample.py ... --prefix-image ref.png --prefix-tokens 64 --labels 1 2 3   # zero-shot layout control
+    python sample.py ... --batch-size 256 --fp8     # float8 KV cache on CUDA: faster AR decoding, not exact
     torchrun --standalone --nproc_per_node=8 sample.py ... --cfg-scale 1.1,8.0 --num-samples 50000 --npz fid.npz
 
 While the AR model produces tokens, every finished group of M tokens goes through the causal decoder transformer

@@ -2,6 +2,7 @@
 
     python -m pytest -q tests/test_bench.py
 """
+import functools
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
+import sample  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 
@@ -52,6 +54,21 @@ def test_ar_bound_with_fp8_counts_one_byte_entries_their_scales_and_the_exact_cl
     want = weights + vectors * cfg.head_dim * 4 + vectors * (cfg.head_dim + 4) * (slots - 1)
     assert bench.ar_bytes_per_token(gpt, 2, fp8=True) == pytest.approx(want)
     assert bench.ar_bytes_per_token(gpt, 2, fp8=True) < bench.ar_bytes_per_token(gpt, 2)
+
+
+def test_fp8_agreement_counts_equal_tokens_and_the_prefix_before_the_first_difference(monkeypatch):
+    """On the CPU, with eager steps (no CUDA graphs) and the reference attention: identical caches agree fully; the
+    fp8 cache agrees partly, and the equal prefix never exceeds the equal tokens."""
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig.from_name("GPT-tiny"))
+    with torch.no_grad():
+        gpt.output.weight.normal_(std=0.5)
+    eager = functools.partial(sample.GraphedDecoder, graphs=False)
+    monkeypatch.setattr(bench, "GraphedDecoder", lambda *a, fp8, **k: eager(*a, **k, fp8=fp8))
+    equal, before = bench.fp8_agreement(gpt.eval(), 8)
+    assert 0.5 < equal < 1 and 0 < before <= equal
+    monkeypatch.setattr(bench, "GraphedDecoder", lambda *a, fp8, **k: eager(*a, **k, fp8=False))
+    assert bench.fp8_agreement(gpt, 8) == (1.0, 1.0)
 
 
 def test_ar_bound_counts_weights_and_the_filled_slots_read():

@@ -269,7 +269,7 @@ def test_fp8_kernel_equals_the_reference(B, H, Hkv, lengths):
         out = decode_attention_fp8(q, *cache, torch.tensor([n], device="cuda"))
         ref = decode_attention_fp8_reference(q.float(), *cache, n)  # dequantised to fp32, fp32 SDPA
         assert not out.isnan().any(), n
-        assert rel_err(out, ref) < 4e-3, (n, rel_err(out, ref))
+        assert rel_err(out, ref) < 5e-3, (n, rel_err(out, ref))  # bf16 rounding of the output: ~3.3e-3
 
 
 @cuda
@@ -281,7 +281,7 @@ def test_fp8_kernel_in_every_launch_configuration(block_n, num_warps):
         k8, v8, ks, vs, k0, v0 = cache
         out = _decode_attention(q, k8, v8, torch.tensor([n], device="cuda"), block_n, num_warps,
                                 fp8=(ks, vs, k0, v0)).transpose(1, 2)
-        assert rel_err(out, decode_attention_fp8_reference(q.float(), *cache, n)) < 4e-3, n
+        assert rel_err(out, decode_attention_fp8_reference(q.float(), *cache, n)) < 5e-3, n
 
 
 @cuda
@@ -297,7 +297,7 @@ def test_fp8_kernel_in_one_cuda_graph_and_under_torch_compile():
         kv_len.fill_(n)
         out.fill_(float("nan"))
         g.replay()
-        assert rel_err(out, decode_attention_fp8_reference(q.float(), *cache, n)) < 4e-3, n
+        assert rel_err(out, decode_attention_fp8_reference(q.float(), *cache, n)) < 5e-3, n
 
     def attend(q, *cache):
         return decode_attention_fp8(q * 2, *cache).transpose(1, 2).reshape(8, 1, -1)
