@@ -43,8 +43,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (ArgumentParser, FashionMNIST, Meter, all_finite, atomic_save, center_crop_arr, check_writable,
-                  checkpoint_path, default_workers, from_uint8, load_checkpoint, make_dataset, nonnegative_float,
-                  nonnegative_int, open_image, positive_float, positive_int, probability, setup_device, skip_flag)
+                  checkpoint_path, default_workers, ema_update, from_uint8, load_checkpoint, make_dataset,
+                  nonnegative_float, nonnegative_int, open_image, positive_float, positive_int, probability,
+                  setup_device, skip_flag)
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -396,7 +397,7 @@ def train_step(model, raw, opt, ema, ema_decay, grad_clip, batches, ctx):
     opt.step()
     opt.zero_grad(set_to_none=True)
     if ema is not None:  # a skipped step leaves the EMA as it was: weight 0
-        torch._foreach_lerp_(ema, [p.detach() for p in params], (1 - ema_decay) * (1 - skip))
+        ema_update(ema, params, ema_decay, skip)
     return loss_sum, grad_norm, skip
 
 

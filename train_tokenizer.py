@@ -49,8 +49,8 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (ArgumentParser, FashionMNIST, Meter, all_finite, atomic_save, checkpoint_path, default_workers,
-                  from_uint8, load_checkpoint, make_dataset, nonnegative_float, nonnegative_int, positive_float,
-                  positive_int, probability, setup_device, skip_flag, to_uint8)
+                  ema_update, from_uint8, load_checkpoint, make_dataset, nonnegative_float, nonnegative_int,
+                  positive_float, positive_int, probability, setup_device, skip_flag, to_uint8)
 from tokenizer import Tokenizer, TokenizerConfig
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's ImageNet VGG16
@@ -330,14 +330,14 @@ def train_step(model, tok, opt, ema, ema_decay, grad_clip, batches, seeds, ctx, 
             loss, parts, codes = model(x, t, noise)
         (loss / len(batches)).backward()
         terms = terms + torch.stack([loss, *parts.values()]).detach().float() / len(batches)
-        used[codes.flatten()] = 1
+        used.index_fill_(0, codes.flatten(), 1)  # no sort, unlike used[codes] = 1
     params = list(tok.parameters())
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     skip = skip_flag(terms[0], grad_norm)
     opt.found_inf.copy_(skip)  # the fused kernel leaves weights, moments and step count as they were
     opt.step()
     opt.zero_grad(set_to_none=True)
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in params], (1 - ema_decay) * (1 - skip))
+    ema_update(list(ema.parameters()), params, ema_decay, skip)
     return torch.cat([terms, grad_norm.float()[None]]), skip
 
 

@@ -136,3 +136,14 @@ def test_setup_device_refuses_unknown_and_missing_devices():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             data.setup_device("cuda")
     assert data.setup_device("cpu") == (0, 1, torch.device("cpu"))
+
+
+def test_ema_update_follows_lerp_and_leaves_a_skipped_step_alone():
+    torch.manual_seed(0)
+    ema, params = [torch.randn(3, 4), torch.randn(5)], [torch.randn(3, 4), torch.randn(5)]
+    expected = [e.lerp(p, 0.1) for e, p in zip(ema, params)]
+    kept = [e.clone() for e in ema]
+    data.ema_update(kept, params, 0.9, torch.tensor(1.0))  # skipped: unchanged
+    assert all(torch.equal(a, b) for a, b in zip(kept, ema))
+    data.ema_update(ema, params, 0.9, torch.tensor(0.0))
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(ema, expected))
