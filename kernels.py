@@ -179,10 +179,15 @@ def quantise_fp8(x):
     return values.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
+def as_e4m3(values):
+    """An fp8 cache as float8_e4m3fn: stored as such, or as its bytes (uint8, how model.FP8KVCache keeps it)."""
+    return values.view(torch.float8_e4m3fn) if values.dtype == torch.uint8 else values
+
+
 def dequantise_window(values, scale, first, n, dtype):
-    """The first n slots (B, Hkv, n, hd) in dtype of an fp8 cache: values (B, Hkv, S, hd) e4m3, scale (B, Hkv, S),
-    and slot 0 taken from its exact copy first[:, :, :1] (B, Hkv, ≥1, hd)."""
-    rest = values[:, :, 1:n].float() * scale[:, :, 1:n, None]
+    """The first n slots (B, Hkv, n, hd) in dtype of an fp8 cache: values (B, Hkv, S, hd) e4m3 (or its bytes), scale
+    (B, Hkv, S), and slot 0 taken from its exact copy first[:, :, :1] (B, Hkv, ≥1, hd)."""
+    rest = as_e4m3(values[:, :, 1:n]).float() * scale[:, :, 1:n, None]
     return torch.cat([first[:, :, :1].to(dtype), rest.to(dtype)], dim=2)
 
 
@@ -196,7 +201,7 @@ def decode_attention_fp8_reference(q, k_cache, v_cache, k_scale, v_scale, k_firs
 
 def decode_attention_fp8(q, k_cache, v_cache, k_scale, v_scale, k_first, v_first, kv_len):
     """decode_attention over an fp8 cache (1 ≤ kv_len ≤ S): k_cache, v_cache (B, Hkv, S, hd) float8_e4m3fn,
-    k_scale, v_scale (B, Hkv, S) float32 (entry = value · scale, see quantise_fp8), k_first, v_first (B, Hkv, ≥1, hd)
+    (or uint8: their bytes, read as e4m3 inside the kernel), k_scale, v_scale (B, Hkv, S) float32 (entry = value · scale, see quantise_fp8), k_first, v_first (B, Hkv, ≥1, hd)
     whose slot 0 is the exact entry used for cache slot 0. Same kv_len, graph capture and output as
     decode_attention; on CUDA the values are dequantised in registers."""
     B, H, _, hd = q.shape
@@ -217,7 +222,9 @@ def decode_attention_fp8(q, k_cache, v_cache, k_scale, v_scale, k_first, v_first
 def _decode_attention_fp8_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor,
                              v_scale: torch.Tensor, k_first: torch.Tensor, v_first: torch.Tensor,
                              kv_len: torch.Tensor) -> torch.Tensor:
-    return _decode_attention(q, k_cache, v_cache, kv_len, *_launch_config(q), fp8=(k_scale, v_scale, k_first, v_first))
+    # uint8 bytes viewed as e4m3 here, inside the opaque operator: free, and no dtype view for inductor to copy
+    return _decode_attention(q, as_e4m3(k_cache), as_e4m3(v_cache), kv_len, *_launch_config(q),
+                             fp8=(k_scale, v_scale, k_first, v_first))
 
 
 @_decode_attention_fp8_op.register_fake

@@ -136,15 +136,19 @@ class FP8KVCache(nn.Module):
     """The KV cache in float8 e4m3 with one fp32 scale per (row, head, slot) (kernels.quantise_fp8): half the bytes
     of bf16 for every step to read, at a relative error of up to 2⁻⁴ per entry, so sampling is no longer exact.
     Slot 0, the class token (the condition every token attends to), is also kept exactly, in `first`, and read from
-    there. Buffers: k_cache, v_cache (B, H, S, hd) e4m3; k_scale, v_scale (B, H, S); k_first, v_first (B, H, 2, hd)
+    there. Buffers: k_cache, v_cache (B, H, S, hd) e4m3 bytes; k_scale, v_scale (B, H, S); k_first, v_first (B, H, 2, hd)
     in the model's dtype, whose slot 1 is scratch: every position but 0 is written there, so that an update needs
-    no host value to tell whether it holds the class token (one CUDA graph serves every position)."""
+    no host value to tell whether it holds the class token (one CUDA graph serves every position).
+    k_cache and v_cache hold the e4m3 values as their bytes (uint8): PyTorch has no fp8 index_copy_, and the update
+    through `cache.view(torch.uint8)` made torch.compile'd blocks rewrite the whole cache of every layer on every
+    step (a functional copy of a dtype view of a buffer, written back), which grows with batch × slots; the kernel
+    reinterprets the bytes itself, so the compiled step writes one slot, as with the bf16 cache."""
 
     def __init__(self, batch_size, seq_len, n_head, head_dim, dtype, device=None):
         super().__init__()
         shape = (batch_size, n_head, seq_len, head_dim)
         for name in ("k", "v"):
-            self.register_buffer(f"{name}_cache", torch.zeros(shape, dtype=torch.float8_e4m3fn, device=device),
+            self.register_buffer(f"{name}_cache", torch.zeros(shape, dtype=torch.uint8, device=device),  # e4m3 bytes
                                  persistent=False)
             self.register_buffer(f"{name}_scale", torch.zeros(shape[:3], device=device), persistent=False)
             self.register_buffer(f"{name}_first", torch.zeros(batch_size, n_head, 2, head_dim, dtype=dtype,
@@ -155,7 +159,7 @@ class FP8KVCache(nn.Module):
         for x, cache, scale, exact in ((k, self.k_cache, self.k_scale, self.k_first),
                                        (v, self.v_cache, self.v_scale, self.v_first)):
             values, s = quantise_fp8(x)
-            cache.view(torch.uint8).index_copy_(2, input_pos, values.view(torch.uint8))  # no fp8 index_copy_
+            cache.index_copy_(2, input_pos, values.view(torch.uint8))  # a view of a fresh tensor, not of the buffer
             scale.index_copy_(2, input_pos, s)
             exact.index_copy_(2, first, x)
 

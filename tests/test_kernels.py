@@ -250,7 +250,15 @@ def test_fp8_caches_leave_the_parameters_and_state_dict_alone():
     keys = list(gpt.state_dict())
     gpt.setup_caches(2, fp8=True)
     assert list(gpt.state_dict()) == keys
-    assert gpt.layers[0].attention.kv_cache.k_cache.dtype == torch.float8_e4m3fn
+    # stored as e4m3 bytes: an update is a plain index_copy_ of the buffer, which torch.compile does in place
+    assert gpt.layers[0].attention.kv_cache.k_cache.dtype == torch.uint8
+
+
+def test_fp8_attention_reads_the_bytes_of_an_e4m3_cache_alike():
+    q, (k8, v8, ks, vs, k0, v0) = fp8_inputs(2, 4, 2, 40)
+    for n in (1, 17, 40):
+        assert torch.equal(decode_attention_fp8(q, k8.view(torch.uint8), v8.view(torch.uint8), ks, vs, k0, v0, n),
+                           decode_attention_fp8(q, k8, v8, ks, vs, k0, v0, n)), n
 
 
 @cuda
