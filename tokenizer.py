@@ -426,7 +426,9 @@ class Tokenizer(nn.Module):
             queries = self.query_linear(queries)  # (N, De)
         x = torch.cat([x, queries[None].expand(B, -1, -1).to(x.dtype)], dim=1)  # (B, h·w + N, De)
         # image tokens get 2-D RoPE, queries the identity (their order lives in the query vectors and the mask)
-        identity = torch.stack([torch.ones(N, HEAD_DIM // 2), torch.zeros(N, HEAD_DIM // 2)], dim=-1).to(x.device)
+        # made on the device: a host tensor copied over would make the host wait for the GPU at every call
+        identity = torch.stack([torch.ones(N, HEAD_DIM // 2, device=x.device),
+                                torch.zeros(N, HEAD_DIM // 2, device=x.device)], dim=-1)  # (N, 32, 2)
         rope = torch.cat([rope_2d(h, w, cfg.rope_base_len, x.device), identity])  # (h·w + N, 32, 2)
         # image tokens see all image tokens and no query; query k sees all image tokens and queries 0..k
         L = h * w + N
