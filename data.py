@@ -326,9 +326,9 @@ def skip_flag(loss, grad_norm):
 
 
 def ema_update(ema, params, decay, skip):
-    """ema ← ema + (1 − decay)(1 − skip)·(param − ema) on every tensor, skip a device flag (1.0: leave the EMA as it
-    was). The weight stays a device tensor: `_foreach_lerp_` takes it as a Python scalar, which would make the host
-    wait for the GPU at every step; `_foreach_mul_` takes a tensor."""
+    """ema ← ema + (1 − decay)(1 − skip)·(param − ema) on every tensor; skip is a device flag (1.0: leave the EMA
+    as it was). The weight stays a device tensor: `_foreach_lerp_` takes it as a Python scalar, which would make
+    the host wait for the GPU at every step; `_foreach_mul_` takes a tensor."""
     params = [p.detach() for p in params]
     delta = torch._foreach_sub(params, ema)
     torch._foreach_mul_(delta, (1 - decay) * (1 - skip))

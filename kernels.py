@@ -200,10 +200,11 @@ def decode_attention_fp8_reference(q, k_cache, v_cache, k_scale, v_scale, k_firs
 
 
 def decode_attention_fp8(q, k_cache, v_cache, k_scale, v_scale, k_first, v_first, kv_len):
-    """decode_attention over an fp8 cache (1 ≤ kv_len ≤ S): k_cache, v_cache (B, Hkv, S, hd) float8_e4m3fn,
-    (or uint8: their bytes, read as e4m3 inside the kernel), k_scale, v_scale (B, Hkv, S) float32 (entry = value · scale, see quantise_fp8), k_first, v_first (B, Hkv, ≥1, hd)
-    whose slot 0 is the exact entry used for cache slot 0. Same kv_len, graph capture and output as
-    decode_attention; on CUDA the values are dequantised in registers."""
+    """decode_attention over an fp8 cache (1 ≤ kv_len ≤ S): k_cache, v_cache (B, Hkv, S, hd) float8_e4m3fn
+    (or uint8: their bytes, read as e4m3 inside the kernel); k_scale, v_scale (B, Hkv, S) float32 (entry = value ·
+    scale, see quantise_fp8); k_first, v_first (B, Hkv, ≥1, hd) whose slot 0 is the exact entry used for cache
+    slot 0. Same kv_len, graph capture and output as decode_attention; on CUDA the values are dequantised in
+    registers."""
     B, H, _, hd = q.shape
     Hkv, S = k_cache.shape[1:3]
     if (q.shape[2] != 1 or k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != hd

@@ -136,9 +136,9 @@ class FP8KVCache(nn.Module):
     """The KV cache in float8 e4m3 with one fp32 scale per (row, head, slot) (kernels.quantise_fp8): half the bytes
     of bf16 for every step to read, at a relative error of up to 2⁻⁴ per entry, so sampling is no longer exact.
     Slot 0, the class token (the condition every token attends to), is also kept exactly, in `first`, and read from
-    there. Buffers: k_cache, v_cache (B, H, S, hd) e4m3 bytes; k_scale, v_scale (B, H, S); k_first, v_first (B, H, 2, hd)
-    in the model's dtype, whose slot 1 is scratch: every position but 0 is written there, so that an update needs
-    no host value to tell whether it holds the class token (one CUDA graph serves every position).
+    there. Buffers: k_cache, v_cache (B, H, S, hd) e4m3 bytes; k_scale, v_scale (B, H, S); k_first, v_first
+    (B, H, 2, hd) in the model's dtype, whose slot 1 is scratch: every position but 0 is written there, so that an
+    update needs no host value to tell whether it holds the class token (one CUDA graph serves every position).
     k_cache and v_cache hold the e4m3 values as their bytes (uint8): PyTorch has no fp8 index_copy_, and the update
     through `cache.view(torch.uint8)` made torch.compile'd blocks rewrite the whole cache of every layer on every
     step (a functional copy of a dtype view of a buffer, written back), which grows with batch × slots; the kernel
@@ -303,7 +303,7 @@ class GPT(nn.Module):
     # ---- cached inference ----
     def setup_caches(self, max_batch_size, device=None, fp8=False):
         """Static caches for [class token + block_size tokens], length rounded up to a multiple of 8.
-        fp8: float8 keys and values with the class token kept exact (FP8KVCache; fast, not exact)."""
+        fp8: float8 keys and values with the class token kept exact (FP8KVCache: half the memory, not exact)."""
         cfg = self.config
         seq = (cfg.block_size + 1 + 7) // 8 * 8
         dtype = self.tok_embeddings.weight.dtype

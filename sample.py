@@ -4,7 +4,7 @@
     python sample.py --gpt-ckpt D-AR-L-360K.pt --gpt-model GPT-L --tokenizer-ckpt D-AR-tokenizer_v1.pt \
         --labels 207 360 388 --cfg-scale 4.0 --compile
     python sample.py ... --prefix-image ref.png --prefix-tokens 64 --labels 1 2 3   # zero-shot layout control
-    python sample.py ... --batch-size 256 --fp8     # float8 KV cache on CUDA: faster AR decoding, not exact
+    python sample.py ... --batch-size 256 --fp8     # float8 KV cache on CUDA: half its memory, not exact
     torchrun --standalone --nproc_per_node=8 sample.py ... --cfg-scale 1.1,8.0 --num-samples 50000 --npz fid.npz
 
 While the AR model produces tokens, every finished group of M tokens goes through the causal decoder transformer
@@ -123,7 +123,7 @@ class GraphedDecoder:
     graph, so a call with other settings (or another model, batch, guidance or KV cache) raises ValueError. The
     generator is registered with the graph: replays advance it exactly like the eager calls, so the tokens equal
     those of the same step run eagerly (`graphs=False`, also the CPU path; same kernel) for the same seed.
-    fp8: the KV cache in float8 with the class token exact (model.FP8KVCache): faster, not exact."""
+    fp8: the KV cache in float8 with the class token exact (model.FP8KVCache): half the memory, not exact."""
 
     @torch.no_grad()
     def __init__(self, model, batch, guided, *, temperature, top_k, top_p, generator, graphs=True, fp8=False):
@@ -534,8 +534,8 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="replay the AR decode step from CUDA graphs (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (a few seconds)")
-    p.add_argument("--fp8", action="store_true", help="float8 KV cache for the AR model (CUDA): faster at large "
-                   "batches, but not exact (the class token stays exact)")
+    p.add_argument("--fp8", action="store_true", help="float8 KV cache for the AR model (CUDA): half the cache "
+                   "memory, not exact (the class token stays exact)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     args = p.parse_args(argv)
     check_args(p, args)
