@@ -163,7 +163,7 @@ class InceptionV3(nn.Module):
 
     def forward(self, x):  # x (B, 3, H, W) float pixels in [0, 255]
         x = resize_bilinear_tf1(x, 299)
-        x = (x - 128) / 128
+        x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)
         for name, layer in self.layers.named_children():
             x = layer(x)
             if name == "mixed_6":  # mixed_6's concat starts with its `conv` branch, so these are mixed_6/conv[..., :7]
@@ -230,7 +230,7 @@ def load_inception(path):
     except RuntimeError as e:
         raise ValueError(f"{path} is not an Inception-v3 2015-12-05 port with the expected keys "
                          f"({first_line(e)})") from None
-    return net.eval()
+    return net.eval().to(memory_format=torch.channels_last)  # NHWC convolutions: ~30% faster on a CPU
 
 
 # -----------------------------------------------------------------------------------------------------------------
