@@ -27,12 +27,17 @@ states, and with dropout off a torchrun group matches one process on the same gl
 A step whose loss or gradient norm is not finite is skipped on the device, without waiting for the GPU: weights,
 AdamW moments and EMA stay as they were. The next log line counts the skips, 5 skips in a row stop the run, and a
 checkpoint whose weights are not all finite is never written (the previous one is kept).
+
+--cuda-graph (with --data-on-device) captures the whole optimizer step in one CUDA graph and replays it (see
+train_tokenizer.StepGraph): the first steps after a start or a resume run eagerly and are real steps. Dropout stays
+exact: each replay draws from the default CUDA generator as seeded for its step, as an eager step does.
 """
 import json
 import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +53,7 @@ from data import (ArgumentParser, FashionMNIST, Meter, all_finite, atomic_save, 
                   setup_device, skip_flag)
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
+from train_tokenizer import StepGraph, set_capturable, set_lr
 
 VIEWS = {"ten-crop": 10, "flip": 2, "single": 1}  # stored views per image
 
@@ -410,6 +416,14 @@ def gpt_config(name, meta, class_dropout, dropout, reverse_order):
                                reverse_order=reverse_order, **dropout)
 
 
+def check_cuda_graph(args, device):
+    """One-line errors for the flags that --cuda-graph cannot run with (one process is checked with --data-on-device)."""
+    if not args.data_on_device:
+        raise ValueError("--cuda-graph captures the --data-on-device step: pass --data-on-device too")
+    if device.type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA device, not {device.type}")
+
+
 def train_main(args):
     rank, world, device = setup_device(args.device)
     codes, labels, meta, images = load_codes(args.codes)
@@ -423,6 +437,8 @@ def train_main(args):
         raise ValueError(f"{len(images)} images are fewer than one global batch of {B}")
     if args.data_on_device and world > 1:
         raise ValueError("--data-on-device is the one-process fast path: launch without torchrun")
+    if args.cuda_graph:
+        check_cuda_graph(args, device)
     if args.data_on_device:
         data = DeviceBatches(codes, labels, images, meta["views"], B, A, args.seed, args.class_dropout, cfg, device)
     else:
@@ -439,6 +455,7 @@ def train_main(args):
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     raw, opt, ema = build(cfg, device, args.fsdp, bf16, args.lr, (args.beta1, args.beta2), args.weight_decay, args.ema)
     step = restore(ckpt_path, raw, opt, ema, cfg) if args.resume else 0
+    set_capturable(opt, args.cuda_graph, device)
     model = torch.compile(raw) if args.compile else raw
     if world > 1 and not args.fsdp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -449,13 +466,14 @@ def train_main(args):
               f"{meta['views']} views, {data.steps_per_epoch} steps/epoch, steps {step} -> {end} of {total}, "
               f"micro-batch {B // (world * A)} × {A} accumulation × {world} ranks")
     meter = Meter(["loss"], device)
+    step_fn = partial(train_step, model, raw, opt, ema, args.ema_decay, args.grad_clip, ctx=ctx)
+    step_fn = StepGraph(step_fn) if args.cuda_graph else step_fn
     while step < end:
         lr = get_lr(step, args.lr, args.min_lr, warmup, decay_start, total)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        set_lr(opt, lr)
         batches = data(step)
         torch.manual_seed(int(np.random.SeedSequence([args.seed, 2, step, rank]).generate_state(1)[0]))  # dropout
-        loss, grad_norm, skip = train_step(model, raw, opt, ema, args.ema_decay, args.grad_clip, batches, ctx)
+        loss, grad_norm, skip = step_fn(batches)
         meter.add(loss, skip)
         step += 1
         if step % args.log_every == 0 or step == end:
@@ -540,6 +558,10 @@ def parse_args(argv=None):
                    help="fast path for small code sets, one process (GPU or CPU): codes and labels resident on the "
                         "device, the data order and class-dropout masks drawn there per step. Another random stream "
                         "than the default's, equally exact on --resume")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="with --data-on-device on CUDA: replay the whole optimizer step as one CUDA graph (the first "
+                        "3 steps of a run run eagerly), for small models whose eager step is bound by the host "
+                        "launching kernels")
     p.add_argument("--peak-tflops", type=positive_float, default=989.0,
                    help="per-GPU peak for MFU (H100 SXM bf16 dense: 989)")
     p.add_argument("--log-every", type=positive_int, default=100, help="print a log line every this many steps")

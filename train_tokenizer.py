@@ -31,6 +31,10 @@ of all of them differs slightly: the masked VQ terms are normalised per micro-ba
 A step whose loss or gradient norm is not finite is skipped on the device, without waiting for the GPU: weights,
 AdamW moments and EMA stay as they were. The next log line counts the skips, 5 skips in a row stop the run, and a
 checkpoint whose weights are not all finite is never written (the previous one is kept).
+
+--cuda-graph (with --data-on-device) captures the whole optimizer step in one CUDA graph and replays it: a small
+model's step is otherwise bound by the host launching hundreds of small kernels. The first steps after a start or a
+resume run eagerly (they compile and create AdamW's state) and are real steps; every step does the same math.
 """
 import itertools
 import math
@@ -320,10 +324,12 @@ def train_step(model, tok, opt, ema, ema_decay, grad_clip, batches, seeds, ctx, 
     """One optimizer step over this rank's micro-batches [(x, t, noise), ...], all on the device: forward, backward,
     gradient clipping, AdamW and EMA, skipped as a whole when the loss or gradient norm is not finite. Marks the
     codes seen in `used`. Returns the step's terms (loss, its parts, gradient norm) and the skip flag, as device
-    tensors: nothing waits for the GPU."""
+    tensors: nothing waits for the GPU. seeds: one per micro-batch for LPIPS dropout, or None (the graphed step,
+    which has no dropout and cannot reseed inside a capture)."""
     terms = 0.0
-    for m, ((x, t, noise), seed) in enumerate(zip(batches, seeds)):  # (b, 3, S, S), (b,), (b, 3, S, S)
-        torch.manual_seed(seed)
+    for m, (x, t, noise) in enumerate(batches):  # (b, 3, S, S), (b,), (b, 3, S, S)
+        if seeds is not None:
+            torch.manual_seed(seeds[m])
         if isinstance(model, DDP):
             model.require_backward_grad_sync = m == len(batches) - 1  # all-reduce only on the last micro-step
         with ctx:
@@ -339,6 +345,75 @@ def train_step(model, tok, opt, ema, ema_decay, grad_clip, batches, seeds, ctx, 
     opt.zero_grad(set_to_none=True)
     ema_update(list(ema.parameters()), params, ema_decay, skip)
     return torch.cat([terms, grad_norm.float()[None]]), skip
+
+
+class StepGraph:
+    """One optimizer step as a CUDA graph (--cuda-graph; PyTorch's whole-network capture). `step(batches)` runs
+    eagerly on a side stream for the first `warmup` calls: real training steps, which also compile, pick cuDNN
+    algorithms and create AdamW's state. The next call captures it once (zero_grad(set_to_none=True) at the end
+    of every step leaves no gradients, so the captured backward allocates them in the graph's pool), and every call
+    from then on replays it. Each call copies its micro-batches [(tensor, ...), ...] into the static ones the graph
+    reads; it returns the graph's static outputs, which the next call overwrites. `step` must not make the host wait
+    nor reseed: a replay's random draws come from the default CUDA generator's seed at the time of the replay (the
+    generator is registered with the graph), so torch.manual_seed before a call seeds it as it seeds an eager step."""
+
+    def __init__(self, step, warmup=3):
+        self.step, self.warmup, self.calls = step, warmup, 0
+        self.graph = self.inputs = self.outputs = self.side = None
+
+    def __call__(self, batches):
+        if self.inputs is None:  # copies: the graph reads these addresses at every replay
+            self.inputs = [tuple(v.clone() for v in micro) for micro in batches]
+        else:
+            torch._foreach_copy_([v for micro in self.inputs for v in micro], [v for micro in batches for v in micro])
+        if self.calls < self.warmup:
+            self.side = self.side or torch.cuda.Stream()
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")
+                self.outputs = self.step(self.inputs)
+            torch.cuda.current_stream().wait_stream(self.side)
+        else:
+            if self.graph is None:
+                self.graph = self.capture()
+            self.graph.replay()
+        self.calls += 1
+        return self.outputs
+
+    def capture(self):
+        """Records the step without running it (torch.cuda.graph waits for the device first)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.outputs = self.step(self.inputs)
+        return graph
+
+
+def set_capturable(opt, on, device):
+    """AdamW for the graphed step (on) or for eager steps; either undoes what a checkpoint written in the other mode
+    restored. A captured step reads the learning rate from a device tensor that set_lr fills per step (a Python
+    number would be frozen into the graph); eager steps keep the Python number, as before the flag existed."""
+    for group in opt.param_groups:
+        group["capturable"] = on
+        group["lr"] = torch.zeros((), device=device) if on else float(group["lr"])
+
+
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)  # a kernel: the host does not wait
+        else:
+            group["lr"] = lr
+
+
+def check_cuda_graph(args, device):
+    """One-line errors for the flags that --cuda-graph cannot run with (one process is checked with --data-on-device)."""
+    if not args.data_on_device:
+        raise ValueError("--cuda-graph captures the --data-on-device step: pass --data-on-device too")
+    if args.lpips_weight or args.repa_weight:
+        raise ValueError("--cuda-graph needs --lpips-weight 0 and --repa-weight 0 (LPIPS reseeds its dropout per "
+                         "micro-batch, which a captured step cannot)")
+    if device.type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA device, not {device.type}")
 
 
 # ---- training ----
@@ -384,6 +459,8 @@ def train_main(args):
         raise ValueError(f"--global-batch-size {B} is not divisible by {world} ranks × {A} micro-steps")
     if args.data_on_device and world > 1:
         raise ValueError("--data-on-device is the one-process fast path: launch without torchrun")
+    if args.cuda_graph:
+        check_cuda_graph(args, device)
     ckpt_path = checkpoint_path(args.out_dir, args.resume, args.overwrite)
     images = make_dataset(args.data, cfg.image_size)
     lpips_net = build_lpips(args.vgg_weights) if args.lpips_weight else None
@@ -392,6 +469,7 @@ def train_main(args):
     tok, ema, objective, opt = build(cfg, device, lpips_net, args.lpips_weight, dino, args.repa_weight, args.lr,
                                      (args.beta1, args.beta2), args.weight_decay)
     step = restore(ckpt_path, tok, ema, opt, cfg) if args.resume else 0
+    set_capturable(opt, args.cuda_graph, device)
     stream = TrainStream(images, args.seed)
     show = torch.stack([images[i][0] for i in range(min(args.num_show, len(images)))]).to(device)  # fixed images
     show_noise = torch.randn(show.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
@@ -418,13 +496,17 @@ def train_main(args):
               f"image-step, steps {step} -> {args.max_steps}", flush=True)
     names = ["loss", "fm", "vq", "commit"] + ["lpips"] * (lpips_net is not None) + ["repa"] * (dino is not None)
     meter, used = Meter(names + ["grad"], device), torch.zeros(cfg.vq_codebook_size, device=device)
+    graphed = StepGraph(lambda micro: train_step(model, tok, opt, ema, args.ema_decay, args.grad_clip, micro, None,
+                                                 ctx, used)) if args.cuda_graph else None
     while step < args.max_steps:
         lr = get_lr(step, args.lr, args.warmup_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        set_lr(opt, lr)
         micro = next(batches)
-        seeds = [dropout_seed(args.seed, step, rank * A + m) for m in range(A)]
-        terms, skip = train_step(model, tok, opt, ema, args.ema_decay, args.grad_clip, micro, seeds, ctx, used)
+        if graphed:
+            terms, skip = graphed(micro)
+        else:
+            seeds = [dropout_seed(args.seed, step, rank * A + m) for m in range(A)]
+            terms, skip = train_step(model, tok, opt, ema, args.ema_decay, args.grad_clip, micro, seeds, ctx, used)
         meter.add(terms, skip)
         step += 1
         last = step == args.max_steps
@@ -490,6 +572,10 @@ def get_args(argv=None):
                    help="fast path for small models and data sets, one process (GPU or CPU): the whole data set "
                         "resident on the device as uint8, its order, flips, times and noise drawn there per step, no "
                         "loader workers. Another random stream than the loader's, equally exact on --resume")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="with --data-on-device on CUDA, LPIPS and REPA off: replay the whole optimizer step as one "
+                        "CUDA graph (the first 3 steps of a run run eagerly), for small models whose eager step is "
+                        "bound by the host launching kernels")
     p.add_argument("--peak-tflops", type=positive_float, default=989.0,
                    help="per-GPU peak for MFU (H100 SXM bf16 dense: 989)")
     p.add_argument("--log-every", type=positive_int, default=100, help="print a log line every this many steps")

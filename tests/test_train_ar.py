@@ -9,8 +9,10 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_ar  # noqa: E402
+import train_tokenizer  # noqa: E402
 from data import center_crop_arr, from_uint8, make_dataset  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
@@ -393,3 +396,82 @@ def test_data_on_device_draws_each_image_once_per_epoch_and_refuses_torchrun(tmp
     monkeypatch.setattr(train_ar, "setup_device", lambda name: (0, 2, torch.device("cpu")))
     with pytest.raises(SystemExit, match="--data-on-device is the one-process fast path"):
         run(*train_args(cdir, tmp_path / "run", "--global-batch-size", 4, "--epochs", 1, "--data-on-device"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cuda-graph"], "--cuda-graph captures the --data-on-device step: pass --data-on-device too"),
+    (["--cuda-graph", "--data-on-device"], "--cuda-graph needs a CUDA device, not cpu"),
+])
+def test_cuda_graph_refuses_what_it_cannot_capture(tmp_path, flags, message):
+    cdir = make_codes(tmp_path / "codes", *learnable_codes(8))
+    with pytest.raises(SystemExit) as e:
+        run(*train_args(cdir, tmp_path / "run", "--global-batch-size", 4, "--epochs", 1, *flags))
+    assert e.value.code.startswith("train_ar.py train: error: ") and "\n" not in e.value.code
+    assert message in e.value.code and not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def cpu_graphs(monkeypatch):
+    """Runs StepGraph on the CPU (as in test_train_tokenizer.py): streams do nothing, and the 'capture' returns a
+    graph whose replay runs the step again into the outputs the capture returned. Returns the list of replays."""
+    class Stream:
+        def wait_stream(self, other):
+            pass
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    monkeypatch.setattr(train_ar, "check_cuda_graph", lambda args, device: None)
+    replays = []
+
+    def capture(self):
+        outputs = self.outputs = tuple(torch.full_like(o, float("nan")) for o in self.outputs)
+
+        def replay():
+            replays.append(self.inputs[0][0].sum().item())  # the batch the step reads
+            torch._foreach_copy_(list(outputs), list(self.step(self.inputs)))
+        return SimpleNamespace(replay=replay)
+    monkeypatch.setattr(train_tokenizer.StepGraph, "capture", capture)
+    return replays
+
+
+def graph_runs(tmp_path, *flags):
+    """An eager run, a graphed run and a graphed run resumed halfway: 12 steps over 3 epochs of 4, dropout on (a
+    replay must draw its step's masks), the lr decaying over the last epoch (2^-9 · k/4: exact in the graphed
+    AdamW's float32 lr tensor). Returns the runs' folders, the settings and the codes."""
+    cdir = make_codes(tmp_path / "codes", *learnable_codes(32))
+    common = ["--global-batch-size", 8, "--grad-accum", 2, "--epochs", 3, "--decay-epochs", 1, "--lr", 2 ** -9,
+              "--min-lr", 0, "--ema", "--ema-decay", 0.9, "--dropout", 0.1, "--data-on-device", *flags]
+    run(*train_args(cdir, tmp_path / "eager", *common))
+    run(*train_args(cdir, tmp_path / "graph", *common, "--cuda-graph"))
+    run(*train_args(cdir, tmp_path / "split", *common, "--cuda-graph", "--max-steps", 6))
+    run(*train_args(cdir, tmp_path / "split", *common, "--cuda-graph", "--resume"))
+    return [tmp_path / run for run in ("eager", "graph", "split")], common, cdir
+
+
+def test_graphed_steps_match_eager_steps_and_resume_exactly(tmp_path, monkeypatch):
+    replays = cpu_graphs(monkeypatch)
+    (eager, *graphed), common, cdir = graph_runs(tmp_path)
+    assert len(replays) == 9 + 3 + 3 and len(set(replays[:9])) == 9  # 3 eager steps per run, then one replay each
+    a = load(eager)
+    for b in map(load, graphed):
+        assert a["step"] == b["step"] == 12
+        for key in ("model", "ema"):
+            assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+        for name, state in a["optimizer"]["state"].items():
+            assert all(torch.equal(v, b["optimizer"]["state"][name][k]) for k, v in state.items())
+    common[common.index("--epochs") + 1] = 4
+    run(*train_args(cdir, graphed[1], *common, "--resume"))  # a graphed run's checkpoint continues eagerly
+    assert all(type(g["lr"]) is float and not g["capturable"] for g in load(graphed[1])["optimizer"]["param_groups"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_on_cuda_matches_eager_and_resumes(tmp_path, monkeypatch):
+    captures = []
+    capture = train_tokenizer.StepGraph.capture
+    monkeypatch.setattr(train_tokenizer.StepGraph, "capture", lambda self: captures.append(1) or capture(self))
+    (eager, *graphed), _, _ = graph_runs(tmp_path, "--device", "cuda")
+    assert len(captures) == 3  # the graphed run and both parts of the resumed one (6 steps each)
+    a = load(eager)
+    for b in map(load, graphed):
+        for key in ("model", "ema"):
+            for k in a[key]:
+                torch.testing.assert_close(a[key][k], b[key][k], rtol=0, atol=1e-5)

@@ -2,7 +2,9 @@
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -284,3 +286,79 @@ def test_data_on_device_refuses_torchrun(image_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(tt, "setup_device", lambda name: (0, 2, torch.device("cpu")))
     with pytest.raises(SystemExit, match="--data-on-device is the one-process fast path: launch without torchrun"):
         tt.main(train_args(image_folder, tmp_path, "--data-on-device"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cuda-graph"], "--cuda-graph captures the --data-on-device step: pass --data-on-device too"),
+    (["--cuda-graph", "--data-on-device", "--lpips-weight", 0.5], "--cuda-graph needs --lpips-weight 0 and --repa"),
+    (["--cuda-graph", "--data-on-device"], "--cuda-graph needs a CUDA device, not cpu"),
+])
+def test_cuda_graph_refuses_what_it_cannot_capture(image_folder, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        tt.main(train_args(image_folder, tmp_path, *flags))
+    assert e.value.code.startswith("train_tokenizer.py: error: ") and "\n" not in e.value.code
+    assert message in e.value.code and not (tmp_path / "ckpt.pt").exists()
+
+
+def cpu_graphs(monkeypatch, module):
+    """Runs StepGraph on the CPU: streams do nothing, and the 'capture' returns a graph whose replay runs the step
+    again and writes its results into the outputs the capture returned (as a replay rewrites the graph's memory).
+    Returns the list of replays, one entry each."""
+    class Stream:
+        def wait_stream(self, other):
+            pass
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    monkeypatch.setattr(module, "check_cuda_graph", lambda args, device: None)
+    replays = []
+
+    def capture(self):
+        outputs = self.outputs = tuple(torch.full_like(o, float("nan")) for o in self.outputs)
+
+        def replay():
+            replays.append(self.inputs[0][0].sum().item())  # the batch the step reads
+            torch._foreach_copy_(list(outputs), list(self.step(self.inputs)))
+        return SimpleNamespace(replay=replay)
+    monkeypatch.setattr(tt.StepGraph, "capture", capture)
+    return replays
+
+
+def test_graphed_steps_match_eager_steps_and_resume_exactly(image_folder, tmp_path, monkeypatch, capsys):
+    # a power-of-two lr with a warm-up of 4 steps: every lr is exact in float32, the graphed AdamW's lr tensor
+    common = ["--max-steps", 7, "--data-on-device", "--lr", 2 ** -9, "--warmup-steps", 4, "--num-show", 1]
+    tt.main(train_args(image_folder, tmp_path / "eager", *common))
+    eager_log = logged_losses(capsys.readouterr().out)
+    replays = cpu_graphs(monkeypatch, tt)
+    tt.main(train_args(image_folder, tmp_path / "graph", *common, "--cuda-graph"))
+    assert logged_losses(capsys.readouterr().out) == eager_log and len(replays) == 4  # 3 eager steps, then replays
+    assert len(set(replays)) == 4  # each replay read its own step's batch
+    tt.main(train_args(image_folder, tmp_path / "split", *common, "--cuda-graph", "--max-steps", 4))
+    tt.main(train_args(image_folder, tmp_path / "split", *common, "--cuda-graph", "--resume"))
+    eager, graph, split = (states(tmp_path / run / "ckpt.pt") for run in ("eager", "graph", "split"))
+    for other in (graph, split):
+        for a, b in zip(eager[:2], other[:2]):  # weights and EMA
+            assert all(torch.equal(a[k], b[k]) for k in a)
+        assert all(torch.equal(eager[2][i]["exp_avg_sq"], other[2][i]["exp_avg_sq"]) for i in eager[2])
+    tt.main(train_args(image_folder, tmp_path / "split", *common, "--resume", "--max-steps", 8))  # eagerly on
+    group = torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"][0]
+    assert type(group["lr"]) is float and not group["capturable"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_on_cuda_matches_eager_and_resumes(image_folder, tmp_path, monkeypatch):
+    captures = []
+    capture = tt.StepGraph.capture
+    monkeypatch.setattr(tt.StepGraph, "capture", lambda self: captures.append(1) or capture(self))
+    common = ["--max-steps", 8, "--data-on-device", "--device", "cuda", "--lr", 2 ** -9, "--warmup-steps", 4,
+              "--num-show", 1, "--grad-accum", 2]
+    tt.main(train_args(image_folder, tmp_path / "eager", *common))
+    tt.main(train_args(image_folder, tmp_path / "graph", *common, "--cuda-graph"))
+    tt.main(train_args(image_folder, tmp_path / "split", *common, "--cuda-graph", "--max-steps", 5))
+    tt.main(train_args(image_folder, tmp_path / "split", *common, "--cuda-graph", "--resume"))
+    assert len(captures) == 2  # the first run and the first part of the split one (the resumed 3 steps are eager)
+    eager, graph, split = (states(tmp_path / run / "ckpt.pt") for run in ("eager", "graph", "split"))
+    for other in (graph, split):
+        for a, b in zip(eager[:2], other[:2]):
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
