@@ -406,7 +406,7 @@ def set_lr(opt, lr):
 
 
 def check_cuda_graph(args, device):
-    """One-line errors for the flags that --cuda-graph cannot run with (one process is checked with --data-on-device)."""
+    """One-line errors for the flags --cuda-graph cannot run with (torchrun is refused with --data-on-device)."""
     if not args.data_on_device:
         raise ValueError("--cuda-graph captures the --data-on-device step: pass --data-on-device too")
     if args.lpips_weight or args.repa_weight:
