@@ -29,7 +29,7 @@ AdamW moments and EMA stay as they were. The next log line counts the skips, 5 s
 checkpoint whose weights are not all finite is never written (the previous one is kept).
 
 --cuda-graph (with --data-on-device) captures the whole optimizer step in one CUDA graph and replays it (see
-train_tokenizer.StepGraph): the first steps after a start or a resume run eagerly and are real steps. Dropout stays
+data.StepGraph): the first steps after a start or a resume run eagerly and are real steps. Dropout stays
 exact: each replay draws from the default CUDA generator as seeded for its step, as an eager step does.
 """
 import json
@@ -47,13 +47,12 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (ArgumentParser, FashionMNIST, Meter, all_finite, atomic_save, center_crop_arr, check_writable,
-                  checkpoint_path, default_workers, ema_update, from_uint8, load_checkpoint, make_dataset,
-                  nonnegative_float, nonnegative_int, open_image, positive_float, positive_int, probability,
-                  setup_device, skip_flag)
+from data import (ArgumentParser, FashionMNIST, Meter, StepGraph, all_finite, atomic_save, center_crop_arr,
+                  check_writable, checkpoint_path, default_workers, ema_update, from_uint8, load_checkpoint,
+                  make_dataset, nonnegative_float, nonnegative_int, open_image, positive_float, positive_int,
+                  probability, set_capturable, set_lr, setup_device, skip_flag)
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
-from train_tokenizer import StepGraph, set_capturable, set_lr
 
 VIEWS = {"ten-crop": 10, "flip": 2, "single": 1}  # stored views per image
 

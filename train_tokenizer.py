@@ -52,9 +52,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (ArgumentParser, FashionMNIST, Meter, all_finite, atomic_save, checkpoint_path, default_workers,
-                  ema_update, from_uint8, load_checkpoint, make_dataset, nonnegative_float, nonnegative_int,
-                  positive_float, positive_int, probability, setup_device, skip_flag, to_uint8)
+from data import (ArgumentParser, FashionMNIST, Meter, StepGraph, all_finite, atomic_save, checkpoint_path,
+                  default_workers, ema_update, from_uint8, load_checkpoint, make_dataset, nonnegative_float,
+                  nonnegative_int, positive_float, positive_int, probability, set_capturable, set_lr, setup_device,
+                  skip_flag, to_uint8)
 from tokenizer import Tokenizer, TokenizerConfig
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's ImageNet VGG16
@@ -345,64 +346,6 @@ def train_step(model, tok, opt, ema, ema_decay, grad_clip, batches, seeds, ctx, 
     opt.zero_grad(set_to_none=True)
     ema_update(list(ema.parameters()), params, ema_decay, skip)
     return torch.cat([terms, grad_norm.float()[None]]), skip
-
-
-class StepGraph:
-    """One optimizer step as a CUDA graph (--cuda-graph; PyTorch's whole-network capture). `step(batches)` runs
-    eagerly on a side stream for the first `warmup` calls: real training steps, which also compile, pick cuDNN
-    algorithms and create AdamW's state. The next call captures it once (zero_grad(set_to_none=True) at the end
-    of every step leaves no gradients, so the captured backward allocates them in the graph's pool), and every call
-    from then on replays it. Each call copies its micro-batches [(tensor, ...), ...] into the static ones the graph
-    reads; it returns the graph's static outputs, which the next call overwrites. `step` must not make the host wait
-    nor reseed: a replay's random draws come from the default CUDA generator's seed at the time of the replay (the
-    generator is registered with the graph), so torch.manual_seed before a call seeds it as it seeds an eager step."""
-
-    def __init__(self, step, warmup=3):
-        self.step, self.warmup, self.calls = step, warmup, 0
-        self.graph = self.inputs = self.outputs = self.side = None
-
-    def __call__(self, batches):
-        if self.inputs is None:  # copies: the graph reads these addresses at every replay
-            self.inputs = [tuple(v.clone() for v in micro) for micro in batches]
-        else:
-            torch._foreach_copy_([v for micro in self.inputs for v in micro], [v for micro in batches for v in micro])
-        if self.calls < self.warmup:
-            self.side = self.side or torch.cuda.Stream()
-            self.side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")
-                self.outputs = self.step(self.inputs)
-            torch.cuda.current_stream().wait_stream(self.side)
-        else:
-            if self.graph is None:
-                self.graph = self.capture()
-            self.graph.replay()
-        self.calls += 1
-        return self.outputs
-
-    def capture(self):
-        """Records the step without running it (torch.cuda.graph waits for the device first)."""
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.outputs = self.step(self.inputs)
-        return graph
-
-
-def set_capturable(opt, on, device):
-    """AdamW for the graphed step (on) or for eager steps; either undoes what a checkpoint written in the other mode
-    restored. A captured step reads the learning rate from a device tensor that set_lr fills per step (a Python
-    number would be frozen into the graph); eager steps keep the Python number, as before the flag existed."""
-    for group in opt.param_groups:
-        group["capturable"] = on
-        group["lr"] = torch.zeros((), device=device) if on else float(group["lr"])
-
-
-def set_lr(opt, lr):
-    for group in opt.param_groups:
-        if torch.is_tensor(group["lr"]):
-            group["lr"].fill_(lr)  # a kernel: the host does not wait
-        else:
-            group["lr"] = lr
 
 
 def check_cuda_graph(args, device):

@@ -21,6 +21,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
 import train_ar  # noqa: E402
 import train_tokenizer  # noqa: E402
 from data import center_crop_arr, from_uint8, make_dataset  # noqa: E402
@@ -429,7 +430,7 @@ def cpu_graphs(monkeypatch):
             replays.append(self.inputs[0][0].sum().item())  # the batch the step reads
             torch._foreach_copy_(list(outputs), list(self.step(self.inputs)))
         return SimpleNamespace(replay=replay)
-    monkeypatch.setattr(train_tokenizer.StepGraph, "capture", capture)
+    monkeypatch.setattr(data.StepGraph, "capture", capture)
     return replays
 
 
@@ -466,8 +467,8 @@ def test_graphed_steps_match_eager_steps_and_resume_exactly(tmp_path, monkeypatc
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_on_cuda_matches_eager_and_resumes(tmp_path, monkeypatch):
     captures = []
-    capture = train_tokenizer.StepGraph.capture
-    monkeypatch.setattr(train_tokenizer.StepGraph, "capture", lambda self: captures.append(1) or capture(self))
+    capture = data.StepGraph.capture
+    monkeypatch.setattr(data.StepGraph, "capture", lambda self: captures.append(1) or capture(self))
     (eager, *graphed), _, _ = graph_runs(tmp_path, "--device", "cuda")
     assert len(captures) == 3  # the graphed run and both parts of the resumed one (6 steps each)
     a = load(eager)

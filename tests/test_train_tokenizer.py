@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import train_tokenizer as tt
 from tokenizer import Tokenizer, TokenizerConfig
 
@@ -320,7 +321,7 @@ def cpu_graphs(monkeypatch, module):
             replays.append(self.inputs[0][0].sum().item())  # the batch the step reads
             torch._foreach_copy_(list(outputs), list(self.step(self.inputs)))
         return SimpleNamespace(replay=replay)
-    monkeypatch.setattr(tt.StepGraph, "capture", capture)
+    monkeypatch.setattr(data.StepGraph, "capture", capture)
     return replays
 
 
@@ -348,8 +349,8 @@ def test_graphed_steps_match_eager_steps_and_resume_exactly(image_folder, tmp_pa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_on_cuda_matches_eager_and_resumes(image_folder, tmp_path, monkeypatch):
     captures = []
-    capture = tt.StepGraph.capture
-    monkeypatch.setattr(tt.StepGraph, "capture", lambda self: captures.append(1) or capture(self))
+    capture = data.StepGraph.capture
+    monkeypatch.setattr(data.StepGraph, "capture", lambda self: captures.append(1) or capture(self))
     common = ["--max-steps", 8, "--data-on-device", "--device", "cuda", "--lr", 2 ** -9, "--warmup-steps", 4,
               "--num-show", 1, "--grad-accum", 2]
     tt.main(train_args(image_folder, tmp_path / "eager", *common))
