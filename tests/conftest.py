@@ -1,6 +1,11 @@
 """Shared fixtures of the test suite."""
+from contextlib import nullcontext
+from types import SimpleNamespace
+
 import pytest
 import torch
+
+import data
 
 
 @pytest.fixture(scope="module")
@@ -12,3 +17,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """Runs data.StepGraph on the CPU, for a trainer module passed to the returned function: streams do nothing,
+    the module's --cuda-graph check passes, and the 'capture' returns a graph whose replay runs the step again and
+    writes its results into the outputs the capture returned (as a replay rewrites the graph's memory). The
+    function returns the list of replays, one entry each (the sum of the batch the step read)."""
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    def install(module):
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+        monkeypatch.setattr(module, "check_cuda_graph", lambda args, device: None)
+        replays = []
+
+        def capture(self):
+            outputs = self.outputs = tuple(torch.full_like(o, float("nan")) for o in self.outputs)
+
+            def replay():
+                replays.append(self.inputs[0][0].sum().item())  # the batch the step reads
+                torch._foreach_copy_(list(outputs), list(self.step(self.inputs)))
+            return SimpleNamespace(replay=replay)
+        monkeypatch.setattr(data.StepGraph, "capture", capture)
+        return replays
+    return install

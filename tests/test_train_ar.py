@@ -9,10 +9,8 @@ import json
 import os
 import subprocess
 import sys
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,7 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import train_ar  # noqa: E402
-import train_tokenizer  # noqa: E402
 from data import center_crop_arr, from_uint8, make_dataset  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
@@ -411,29 +408,6 @@ def test_cuda_graph_refuses_what_it_cannot_capture(tmp_path, flags, message):
     assert message in e.value.code and not (tmp_path / "run" / "ckpt.pt").exists()
 
 
-def cpu_graphs(monkeypatch):
-    """Runs StepGraph on the CPU (as in test_train_tokenizer.py): streams do nothing, and the 'capture' returns a
-    graph whose replay runs the step again into the outputs the capture returned. Returns the list of replays."""
-    class Stream:
-        def wait_stream(self, other):
-            pass
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
-    monkeypatch.setattr(train_ar, "check_cuda_graph", lambda args, device: None)
-    replays = []
-
-    def capture(self):
-        outputs = self.outputs = tuple(torch.full_like(o, float("nan")) for o in self.outputs)
-
-        def replay():
-            replays.append(self.inputs[0][0].sum().item())  # the batch the step reads
-            torch._foreach_copy_(list(outputs), list(self.step(self.inputs)))
-        return SimpleNamespace(replay=replay)
-    monkeypatch.setattr(data.StepGraph, "capture", capture)
-    return replays
-
-
 def graph_runs(tmp_path, *flags):
     """An eager run, a graphed run and a graphed run resumed halfway: 12 steps over 3 epochs of 4, dropout on (a
     replay must draw its step's masks), the lr decaying over the last epoch (2^-9 · k/4: exact in the graphed
@@ -448,8 +422,8 @@ def graph_runs(tmp_path, *flags):
     return [tmp_path / run for run in ("eager", "graph", "split")], common, cdir
 
 
-def test_graphed_steps_match_eager_steps_and_resume_exactly(tmp_path, monkeypatch):
-    replays = cpu_graphs(monkeypatch)
+def test_graphed_steps_match_eager_steps_and_resume_exactly(tmp_path, cpu_graphs):
+    replays = cpu_graphs(train_ar)
     (eager, *graphed), common, cdir = graph_runs(tmp_path)
     assert len(replays) == 9 + 3 + 3 and len(set(replays[:9])) == 9  # 3 eager steps per run, then one replay each
     a = load(eager)

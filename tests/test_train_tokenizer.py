@@ -2,9 +2,7 @@
 import os
 import subprocess
 import sys
-from contextlib import nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -301,36 +299,12 @@ def test_cuda_graph_refuses_what_it_cannot_capture(image_folder, tmp_path, capsy
     assert message in e.value.code and not (tmp_path / "ckpt.pt").exists()
 
 
-def cpu_graphs(monkeypatch, module):
-    """Runs StepGraph on the CPU: streams do nothing, and the 'capture' returns a graph whose replay runs the step
-    again and writes its results into the outputs the capture returned (as a replay rewrites the graph's memory).
-    Returns the list of replays, one entry each."""
-    class Stream:
-        def wait_stream(self, other):
-            pass
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
-    monkeypatch.setattr(module, "check_cuda_graph", lambda args, device: None)
-    replays = []
-
-    def capture(self):
-        outputs = self.outputs = tuple(torch.full_like(o, float("nan")) for o in self.outputs)
-
-        def replay():
-            replays.append(self.inputs[0][0].sum().item())  # the batch the step reads
-            torch._foreach_copy_(list(outputs), list(self.step(self.inputs)))
-        return SimpleNamespace(replay=replay)
-    monkeypatch.setattr(data.StepGraph, "capture", capture)
-    return replays
-
-
-def test_graphed_steps_match_eager_steps_and_resume_exactly(image_folder, tmp_path, monkeypatch, capsys):
+def test_graphed_steps_match_eager_steps_and_resume_exactly(image_folder, tmp_path, cpu_graphs, capsys):
     # a power-of-two lr with a warm-up of 4 steps: every lr is exact in float32, the graphed AdamW's lr tensor
     common = ["--max-steps", 7, "--data-on-device", "--lr", 2 ** -9, "--warmup-steps", 4, "--num-show", 1]
     tt.main(train_args(image_folder, tmp_path / "eager", *common))
     eager_log = logged_losses(capsys.readouterr().out)
-    replays = cpu_graphs(monkeypatch, tt)
+    replays = cpu_graphs(tt)
     tt.main(train_args(image_folder, tmp_path / "graph", *common, "--cuda-graph"))
     assert logged_losses(capsys.readouterr().out) == eager_log and len(replays) == 4  # 3 eager steps, then replays
     assert len(set(replays)) == 4  # each replay read its own step's batch
