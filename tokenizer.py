@@ -164,11 +164,14 @@ def rope_2d(h, w, base, device=None, head_dim=HEAD_DIM):
 
 
 def apply_rope(x, rope):
-    """x (B, nh, S, hd), interleaved pairs (2j, 2j+1) rotated by rope (S, hd/2, 2); in float32, cast back."""
-    xp = x.float().reshape(*x.shape[:-1], -1, 2)
-    a, b = xp[..., 0], xp[..., 1]
-    cos, sin = rope[..., 0], rope[..., 1]
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
+    """x (B, nh, S, hd), interleaved pairs (a, b) = (2j, 2j+1) rotated by rope (S, hd/2, 2) to
+    (a·cos − b·sin, a·sin + b·cos), in float32, cast back. Written as x·C + swap(x)·S with C = (cos, cos) and
+    S = (−sin, sin) per pair: purely element-wise, so the compiled backward is one element-wise kernel too."""
+    cos = rope[..., 0].repeat_interleave(2, dim=-1)  # (S, hd): c0 c0 c1 c1 ...
+    sin = torch.stack([-rope[..., 1], rope[..., 1]], dim=-1).flatten(-2)  # −s0 s0 −s1 s1 ...
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # b0 a0 b1 a1 ...
+    return (xf * cos + swapped * sin).type_as(x)
 
 
 class Attention(nn.Module):
