@@ -112,3 +112,13 @@ def test_verdicts_follow_the_numbers():
     fid = {f"normal {c}": 3.0 for c in ablations.CFG} | {f"reversed {c}": 4.0 for c in ablations.CFG}
     assert "worse at 5 of 5" in ablations.verdict_table7(rows("FID", fid))
     assert "NOT" in ablations.verdict_table7(rows("FID", {**fid, "reversed 1.5": 2.0}))
+
+
+def test_codebook_use_is_the_last_logged_training_usage(out_dir):
+    run(out_dir, "table6")
+    rows = json.loads((out_dir / "results_table6.json").read_text())["rows"]
+    for row, shift in zip(rows, (1, 2, 4)):
+        log = (out_dir / "models" / ablations.tokenizer_name(shift) / "train.log").read_text()
+        logged = [line for line in log.splitlines() if "codebook used" in line][-1]
+        percent = float(logged.split("codebook used ")[1].split("%")[0])
+        assert row["ours"]["Codebook use"] == pytest.approx(percent / 100)
