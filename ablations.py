@@ -20,7 +20,7 @@ out-dir keeps everything the studies share, made once and reused (a baseline tok
 Metrics are evaluate.py's: FID, precision and recall (k = 3) of Inception-v3 pool features against the first n
 Fashion-MNIST test images, beside the real-vs-real floor (the first n training images against the same test
 images: FID over a few thousand images is biased upwards); class accuracy of samples by the Fashion-MNIST
-classifier; rFID, PSNR and class kept of the reconstructions of the first n test images; codebook use.
+classifier; rFID, PSNR and class kept of the reconstructions of the first n test images; codebook use in training.
 """
 import contextlib
 import gzip
