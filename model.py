@@ -101,21 +101,17 @@ def rope_table(seq_len, head_dim, base):
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
-def rotate_pairs(x, rope):
-    """x (..., hd) with interleaved pairs (a, b) = (2k, 2k+1), rope (..., hd/2, 2) broadcastable → the pairs
-    rotated, (a·cos − b·sin, a·sin + b·cos), in float32. Written as x·C + swap(x)·S with C = (cos, cos) and
-    S = (−sin, sin) per pair: purely element-wise, so the compiled backward is one element-wise kernel too
-    (a stack of the two halves compiles to a slow gather in the backward); the same roundings as the direct form."""
+def apply_rope(x, rope):
+    """x (B, S, H, hd) with interleaved pairs (a, b) = (2k, 2k+1); rope (S, hd/2, 2) or (B, S, hd/2, 2), broadcast
+    over heads → (a·cos − b·sin, a·sin + b·cos), in float32, cast back. Written as x·C + swap(x)·S with C = (cos, cos)
+    and S = (−sin, sin) per pair: purely element-wise, so the compiled backward is one element-wise kernel too (a
+    stack of the two halves compiles to a slow gather in the backward); the same roundings as the direct form."""
+    rope = rope.unsqueeze(-3)  # (..., S, 1, hd/2, 2)
     cos = rope[..., 0].repeat_interleave(2, dim=-1)  # (..., hd): c0 c0 c1 c1 ...
     sin = torch.stack([-rope[..., 1], rope[..., 1]], dim=-1).flatten(-2)  # −s0 s0 −s1 s1 ...
-    x = x.float()
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # b0 a0 b1 a1 ...
-    return x * cos + swapped * sin
-
-
-def apply_rope(x, rope):
-    """x (B, S, H, hd) with interleaved pairs (2k, 2k+1); rope (S, hd/2, 2) or (B, S, hd/2, 2)."""
-    return rotate_pairs(x, rope.unsqueeze(-3)).type_as(x)  # rope broadcast over heads
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # b0 a0 b1 a1 ...
+    return (xf * cos + swapped * sin).type_as(x)
 
 
 class KVCache(nn.Module):
