@@ -310,9 +310,13 @@ def save_reconstructions(tok, images, noise, path):
 
 
 # ---- one step ----
-def get_lr(step, lr, warmup):
-    """Linear warm-up from 0 at step 0 (as the official trainer), then constant (paper §5: 2e-4)."""
-    return lr * step / warmup if step < warmup else lr
+def get_lr(step, lr, warmup, decay, total):
+    """Linear warm-up from 0 at step 0 (as the official trainer), then constant (paper §5: 2e-4); with decay > 0 the
+    last `decay` of the `total` steps fall linearly towards 0, which short runs need (the paper's does not)."""
+    if step < warmup:
+        return lr * step / warmup
+    decay_start = max(warmup, total - decay)
+    return lr if step < decay_start else lr * (total - step) / (total - decay_start)
 
 
 def dropout_seed(seed, step, micro_batch):
@@ -442,7 +446,7 @@ def train_main(args):
     graphed = StepGraph(lambda micro: train_step(model, tok, opt, ema, args.ema_decay, args.grad_clip, micro, None,
                                                  ctx, used)) if args.cuda_graph else None
     while step < args.max_steps:
-        lr = get_lr(step, args.lr, args.warmup_steps)
+        lr = get_lr(step, args.lr, args.warmup_steps, args.decay_steps, args.max_steps)
         set_lr(opt, lr)
         micro = next(batches)
         if graphed:
@@ -497,6 +501,8 @@ def get_args(argv=None):
     p.add_argument("--max-steps", type=positive_int, default=210000, help="optimizer steps (paper: 210k)")
     p.add_argument("--lr", type=positive_float, default=2e-4, help="learning rate after warm-up (constant, paper §5)")
     p.add_argument("--warmup-steps", type=nonnegative_int, default=500, help="linear warm-up from 0 (official: 500)")
+    p.add_argument("--decay-steps", type=nonnegative_int, default=0,
+                   help="the last this many of --max-steps decay the learning rate linearly towards 0 (paper: 0)")
     p.add_argument("--beta1", type=probability, default=0.9, help="AdamW beta1")
     p.add_argument("--beta2", type=probability, default=0.95, help="AdamW beta2 (official: 0.95)")
     p.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="AdamW weight decay (official: 0)")

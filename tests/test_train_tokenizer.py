@@ -67,6 +67,12 @@ def test_loss_falls_on_a_fixed_batch():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_lr_warms_up_holds_and_decays_to_zero():
+    lrs = [tt.get_lr(step, 1.0, 2, 4, 10) for step in range(10)]
+    assert lrs == [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert [tt.get_lr(step, 1.0, 2, 0, 10) for step in range(10)] == [0.0, 0.5] + [1.0] * 8  # paper: constant
+
+
 def test_resume_continues_exactly(image_folder, tmp_path):
     tt.main(train_args(image_folder, tmp_path / "full", "--max-steps", "4"))
     tt.main(train_args(image_folder, tmp_path / "split", "--max-steps", "2"))
