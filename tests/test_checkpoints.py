@@ -30,17 +30,19 @@ def test_shipped_checkpoints_are_small():
 
 
 def test_generated_samples_are_recognised(shipped):
+    """At sample.py's default guidance, 4.0. These 100 samples (CPU, fp32): 90%; 1,000 of `python sample.py` on a
+    GPU: 91.7%, 5,000: 91.6% (the classifier recognises 91.2% of the real test images)."""
     tok, gpt = shipped
     torch.manual_seed(0)
     labels = torch.arange(10).repeat_interleave(10)  # 100 samples, 10 per class
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        images = torch.cat([tok.decode(generate(gpt, y, cfg_scale=3.0, generator=g), generator=g)
+        images = torch.cat([tok.decode(generate(gpt, y, cfg_scale=4.0, generator=g), generator=g)
                             for y in labels.split(50)])
     assert images.shape == (100, 3, 32, 32)
     predicted = load_fmnist_classifier(FILES["fmnist_classifier.pt"]).classify(images)
     accuracy = (predicted == labels).float().mean().item()
-    assert accuracy >= 0.8, f"only {accuracy:.0%} of the samples are classified as their label"
+    assert accuracy >= 0.86, f"only {accuracy:.0%} of the samples are classified as their label"
 
 
 def test_reconstruction_keeps_the_class(shipped):
@@ -48,6 +50,7 @@ def test_reconstruction_keeps_the_class(shipped):
     if not (fmnist_dir() / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip("dataset-fashion-mnist is not installed")
     m = fmnist_reconstruction(tok, load_fmnist_classifier(FILES["fmnist_classifier.pt"]), num_images=100)
-    assert m["PSNR"] > 16, f"reconstruction PSNR {m['PSNR']:.1f} dB"  # measured on 1,000 images: 17.7 dB
+    # these 100 images: 23.6 dB and 85% kept; the first 1,000: 23.1 dB and 88.5% (originals: 92.3%)
+    assert m["PSNR"] > 22.5, f"reconstruction PSNR {m['PSNR']:.1f} dB"
     accuracy = m["Class accuracy of reconstructions"]
-    assert accuracy >= 0.6, f"only {accuracy:.0%} of the reconstructions keep their class"  # measured: 77%
+    assert accuracy >= 0.82, f"only {accuracy:.0%} of the reconstructions keep their class"
