@@ -5,6 +5,7 @@ rFID/PSNR/SSIM/LPIPS of tokenizer reconstructions, and Fashion-MNIST metrics for
     python evaluate.py VIRTUAL_imagenet256_labeled.npz samples.npz     # generation (paper Table 3)
     python evaluate.py --tokenizer-ckpt tok.pt --images imagenet/val    # reconstruction (paper Tables 1 and 2)
     python evaluate.py fmnist fmnist_samples.npz                        # Fashion-MNIST: FID + class accuracy
+    python evaluate.py fmnist fmnist_samples.npz --num-images 2000      #   FID-2k: first 2,000 of each
     python evaluate.py --tokenizer-ckpt tok.pt --images fmnist          # Fashion-MNIST reconstructions
 
 The features follow guided-diffusion's evaluations/evaluator.py (MIT), re-done in PyTorch: the TF Inception-v3
@@ -274,17 +275,19 @@ def npz_image_shape(path, min_images=MIN_IMAGES):
     return shape
 
 
-def npz_images(path, batch_size, min_images=MIN_IMAGES):
+def npz_images(path, batch_size, min_images=MIN_IMAGES, limit=None):
     """(shape, batches): the checked shape of arr_0 and a generator of uint8 (B, H, W, 3) batches read from the file
-    a batch at a time, as ADM's evaluator does (50k ImageNet samples are ~10 GB)."""
+    a batch at a time, as ADM's evaluator does (50k ImageNet samples are ~10 GB); with `limit`, of the first `limit`
+    images only."""
     shape = npz_image_shape(path, min_images)
+    total = shape[0] if limit is None else min(limit, shape[0])
 
     def batches():
         try:
             with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
                 npy_header(f)
-                for start in range(0, shape[0], batch_size):
-                    n = min(batch_size, shape[0] - start)
+                for start in range(0, total, batch_size):
+                    n = min(batch_size, total - start)
                     data = f.read(n * shape[1] * shape[2] * 3)
                     yield np.frombuffer(bytearray(data), np.uint8).reshape(n, *shape[1:])
         except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError) as e:
@@ -408,17 +411,19 @@ def generation_metrics(ref, sample, device="cpu"):
             "Precision": precision, "Recall": recall}
 
 
-def reference_features(ref, net, weights, cache_dir, batch_size=100, fmnist_root=None):
+def reference_features(ref, net, weights, cache_dir, batch_size=100, fmnist_root=None, num_images=None):
     """Pool features and statistics of the reference batch `ref` (.npz) or of the Fashion-MNIST test split
-    (ref 'fmnist'), computed once and cached in cache_dir; statistics stored in the .npz win, as in ADM."""
+    (ref 'fmnist', its first num_images if given), computed once and cached in cache_dir; statistics stored in the
+    .npz win, as in ADM."""
     if ref == "fmnist":
-        images = fmnist_rgb32(load_fashion_mnist("test", fmnist_root)[0])
+        images = fmnist_rgb32(load_fashion_mnist("test", fmnist_root)[0][:num_images])
         n, batches = len(images), (images[i:i + batch_size] for i in range(0, len(images), batch_size))
         source = Path(fmnist_root or fmnist_dir()) / "t10k-images-idx3-ubyte.gz"
     else:
         (n, *_), batches = npz_images(ref, batch_size)
         source = ref
     key = "|".join(f"{os.path.abspath(p)}:{os.path.getsize(p)}:{os.path.getmtime(p)}" for p in (source, weights))
+    key += f"|first {n}"
     cache_dir = os.path.expanduser(cache_dir)
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"ref-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
@@ -448,16 +453,28 @@ def check_npz_inputs(ref, samples):
     return shape, npz_labels(samples, shape[0])
 
 
+def check_num_images(ref, samples, n, num_images):
+    """num_images (None: all) picks the first samples and the first Fashion-MNIST test images to compare."""
+    if num_images is not None and ref != "fmnist":
+        raise ValueError(f"--num-images {num_images}: compares the first N samples with the first N Fashion-MNIST "
+                         f"test images, so it needs the reference 'fmnist'")
+    if num_images is not None and num_images > n:
+        raise ValueError(f"--num-images {num_images}: {samples} holds only {n} samples")
+
+
 def generation_metrics_of_files(ref, samples, net, weights, cache_dir, batch_size=100, fmnist_root=None,
-                                classifier_path=FMNIST_CLASSIFIER):
+                                classifier_path=FMNIST_CLASSIFIER, num_images=None):
     """FID, sFID, IS, precision and recall of the samples .npz against `ref` (.npz or 'fmnist'); with 'fmnist' also
-    the class accuracy of the labels under arr_1. Every input is checked before any image is processed."""
+    the class accuracy of the labels under arr_1 (of all samples), and with num_images the Inception metrics compare
+    the first num_images samples with the first num_images test images (FID-2k of small models: num_images 2000).
+    Every input is checked before any image is processed."""
     shape, labels = check_npz_inputs(ref, samples)
+    check_num_images(ref, samples, shape[0], num_images)
     classifier = None if labels is None else load_fmnist_classifier(classifier_path, fmnist_root)
-    reference = reference_features(ref, net, weights, cache_dir, batch_size, fmnist_root)
-    _, batches = npz_images(samples, batch_size)
-    metrics = generation_metrics(reference, with_statistics(extract_features(net, batches, shape[0], "samples")),
-                                 next(net.buffers()).device)
+    reference = reference_features(ref, net, weights, cache_dir, batch_size, fmnist_root, num_images)
+    _, batches = npz_images(samples, batch_size, limit=num_images)
+    features = extract_features(net, batches, num_images or shape[0], "samples")
+    metrics = generation_metrics(reference, with_statistics(features), next(net.buffers()).device)
     if ref == "fmnist":
         metrics["Class accuracy"] = None if labels is None else class_accuracy(classifier, samples, labels, batch_size)
     return metrics
@@ -743,11 +760,12 @@ def main(argv=None):
                 metrics = reconstruction_metrics(tok, paths, net.to(device), args.image_size,
                                                  lpips_net=load_lpips(device), **options)
         else:
-            check_npz_inputs(args.ref, args.samples)  # before the Inception network is even loaded
+            shape, _ = check_npz_inputs(args.ref, args.samples)  # before the Inception network is even loaded
+            check_num_images(args.ref, args.samples, shape[0], args.num_images)
             weights = find_inception_weights(args.inception_weights, args.download_inception)
             metrics = generation_metrics_of_files(args.ref, args.samples, load_inception(weights).to(device), weights,
                                                   args.cache_dir, args.batch_size, args.fmnist_dir,
-                                                  args.fmnist_classifier)
+                                                  args.fmnist_classifier, args.num_images)
         print_metrics(metrics)
         if args.json:
             atomic_save(args.json, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
@@ -763,7 +781,8 @@ def build_parser():
     p.add_argument("--images", help="reconstruction mode: folder of images (searched recursively), or 'fmnist' for "
                    "the Fashion-MNIST test images (class kept, PSNR, SSIM)")
     p.add_argument("--num-images", type=positive_int, help="reconstruct only the first N images "
-                   "(default: all of the folder; 1000 for fmnist)")
+                   "(default: all of the folder; 1000 for fmnist); with 'fmnist SAMPLES.npz': FID etc. of the first "
+                   "N samples against the first N test images (class accuracy: of all samples)")
     p.add_argument("--image-size", type=positive_int, help="centre-crop size of the images (default: the "
                    "tokenizer's); larger than the tokenizer's sampling resolution decodes at this size")
     p.add_argument("--solver", default="adams2", choices=["adams2", "euler"], help="ODE solver of the pixel decoder")

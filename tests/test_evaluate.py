@@ -126,6 +126,7 @@ def inputs(tmp_path_factory, random_inception):
     np.savez(t / "one.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
     np.savez(t / "bad_stats.npz", arr_0=np.zeros((6, 8, 8, 3), np.uint8), mu=np.zeros(3), sigma=np.zeros((3, 3)))
     np.savez(t / "bad_labels.npz", arr_0=np.zeros((6, 32, 32, 3), np.uint8), arr_1=np.arange(5))
+    np.savez(t / "fmnist6.npz", arr_0=np.zeros((6, 32, 32, 3), np.uint8), arr_1=np.arange(6))
     truncated_npz(t / "truncated.npz")
     (t / "text.npz").write_text("not an npz")
     (t / "junk.pt").write_bytes(np.random.default_rng(1).bytes(1000))
@@ -153,6 +154,8 @@ BAD_INPUTS = {  # name: (command line, with {t} the inputs folder; a piece of th
     "bad reference statistics": ("{t}/bad_stats.npz {t}/good.npz", "bad_stats.npz: reference statistics"),
     "fmnist: wrong labels": ("fmnist {t}/bad_labels.npz", "bad_labels.npz: arr_1 must hold 6 integer labels"),
     "fmnist: wrong size": ("fmnist {t}/good.npz", "good.npz: Fashion-MNIST samples are 32 x 32"),
+    "fmnist: more images than samples": ("fmnist {t}/fmnist6.npz --num-images 7", "fmnist6.npz holds only 6 samples"),
+    "first N of an npz reference": ("{t}/good.npz {t}/good.npz --num-images 4", "needs the reference 'fmnist'"),
     "json folder missing, checked first": ("{t}/good.npz {t}/good.npz --json {t}/no/m.json --inception-weights "
                                            "{t}/nope.pt", "the folder {t}/no does not exist"),
     "json is a folder": ("{t}/good.npz {t}/good.npz --json {t}", "is a folder"),
@@ -352,6 +355,24 @@ def test_fmnist_reconstruction_command_line(inputs, tmp_path, capsys):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["Images"] == 6 and metrics["SSIM definition"] == evaluate.SSIM_DEFINITIONS["skimage"]
     assert f"SSIM definition: {metrics['SSIM definition']}" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not HAS_FMNIST, reason="apt-get install dataset-fashion-mnist")
+def test_fmnist_fid_of_the_first_n(inputs, tmp_path):
+    """--num-images N compares the first N samples with the first N test images; class accuracy takes all."""
+    images, labels = evaluate.load_fashion_mnist("test")
+    first = evaluate.fmnist_rgb32(images[:8])
+    junk = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", arr_0=np.concatenate([first, junk]), arr_1=labels[:12])
+    torch.save({"model": evaluate.FMNISTClassifier().state_dict()}, tmp_path / "clf.pt")
+    common = ["--inception-weights", str(inputs / "inception.pt"), "--cache-dir", str(tmp_path / "cache"),
+              "--fmnist-classifier", str(tmp_path / "clf.pt"), "--device", "cpu"]
+    fid = {}
+    for n in (8, 12):
+        evaluate.main(["fmnist", str(tmp_path / "s.npz"), "--num-images", str(n), "--json", str(tmp_path / f"{n}.json"),
+                       *common])
+        fid[n] = json.loads((tmp_path / f"{n}.json").read_text())["FID"]
+    assert abs(fid[8]) < 1e-3 < fid[12]  # the same 8 images on both sides; then 4 of noise against 4 test images
 
 
 @pytest.mark.skipif(not HAS_FMNIST, reason="apt-get install dataset-fashion-mnist")
