@@ -1,7 +1,8 @@
 """Stage 1 of D-AR: train the sequential diffusion tokenizer (paper §3.1, §4 and §5).
 
-    python train_tokenizer.py --preset fmnist --data fashion-mnist --global-batch-size 256 --lpips-weight 0 \
-        --repa-weight 0 --max-steps 20000 --out-dir out/tok-fmnist
+    python train_tokenizer.py --preset fmnist --data fashion-mnist --data-on-device --cuda-graph --compile \
+        --global-batch-size 512 --max-steps 18000 --lr 1.6e-3 --decay-steps 3600 --lpips-weight 0 --repa-weight 0 \
+        --out-dir out/tok-fmnist          # the shipped Fashion-MNIST tokenizer, 11 minutes on one GPU
     torchrun --standalone --nproc_per_node=8 train_tokenizer.py --preset tokenizer_v1 --data /data/imagenet/train \
         --vgg-weights vgg16-397923af.pth --repa-weights dinov2_vitb14_pretrain.pth --compile --out-dir out/tok
 
