@@ -440,26 +440,23 @@ def reference_features(ref, net, weights, cache_dir, batch_size=100, fmnist_root
     return feats
 
 
-def check_npz_inputs(ref, samples):
+def check_npz_inputs(ref, samples, num_images=None):
     """(shape of the samples' arr_0, their labels under arr_1 or None) once both files passed the checks of
-    npz_image_shape; labels are read for the Fashion-MNIST reference only."""
+    npz_image_shape; labels are read for the Fashion-MNIST reference only. num_images (None: all) picks the first
+    samples and the first Fashion-MNIST test images to compare."""
     shape = npz_image_shape(samples)
     if ref != "fmnist":
         npz_image_shape(ref)
         npz_statistics(ref)
+        if num_images is not None:
+            raise ValueError(f"--num-images {num_images}: compares the first N samples with the first N "
+                             f"Fashion-MNIST test images, so it needs the reference 'fmnist'")
         return shape, None
     if shape[1:3] != (32, 32):
         raise ValueError(f"{samples}: Fashion-MNIST samples are 32 x 32, got {shape[1]} x {shape[2]}")
+    if num_images is not None and num_images > shape[0]:
+        raise ValueError(f"--num-images {num_images}: {samples} holds only {shape[0]} samples")
     return shape, npz_labels(samples, shape[0])
-
-
-def check_num_images(ref, samples, n, num_images):
-    """num_images (None: all) picks the first samples and the first Fashion-MNIST test images to compare."""
-    if num_images is not None and ref != "fmnist":
-        raise ValueError(f"--num-images {num_images}: compares the first N samples with the first N Fashion-MNIST "
-                         f"test images, so it needs the reference 'fmnist'")
-    if num_images is not None and num_images > n:
-        raise ValueError(f"--num-images {num_images}: {samples} holds only {n} samples")
 
 
 def generation_metrics_of_files(ref, samples, net, weights, cache_dir, batch_size=100, fmnist_root=None,
@@ -468,8 +465,7 @@ def generation_metrics_of_files(ref, samples, net, weights, cache_dir, batch_siz
     the class accuracy of the labels under arr_1 (of all samples), and with num_images the Inception metrics compare
     the first num_images samples with the first num_images test images (FID-2k of small models: num_images 2000).
     Every input is checked before any image is processed."""
-    shape, labels = check_npz_inputs(ref, samples)
-    check_num_images(ref, samples, shape[0], num_images)
+    shape, labels = check_npz_inputs(ref, samples, num_images)
     classifier = None if labels is None else load_fmnist_classifier(classifier_path, fmnist_root)
     reference = reference_features(ref, net, weights, cache_dir, batch_size, fmnist_root, num_images)
     _, batches = npz_images(samples, batch_size, limit=num_images)
@@ -760,8 +756,7 @@ def main(argv=None):
                 metrics = reconstruction_metrics(tok, paths, net.to(device), args.image_size,
                                                  lpips_net=load_lpips(device), **options)
         else:
-            shape, _ = check_npz_inputs(args.ref, args.samples)  # before the Inception network is even loaded
-            check_num_images(args.ref, args.samples, shape[0], args.num_images)
+            check_npz_inputs(args.ref, args.samples, args.num_images)  # before the Inception network is even loaded
             weights = find_inception_weights(args.inception_weights, args.download_inception)
             metrics = generation_metrics_of_files(args.ref, args.samples, load_inception(weights).to(device), weights,
                                                   args.cache_dir, args.batch_size, args.fmnist_dir,
