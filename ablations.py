@@ -71,7 +71,8 @@ class Recipe:
 RECIPES = {
     # One GPU with the fast path (measured on an H200 with --cuda-graph: the tokenizer ~16,600 img/s at a batch of
     # 512, the GPT ~4.8M tokens/s): per tokenizer 4,000 steps of 512 ≈ 2 min + 40 s of compilation, per AR model
-    # 40 epochs ≈ 1 min, per set of 2,000 samples seconds. The metrics run afterwards on a CPU (Inception-v3 on 2,000 images a set).
+    # 40 epochs ≈ 1 min, per set of 2,000 samples seconds. The metrics run afterwards on a CPU (Inception-v3 on
+    # 2,000 images a set).
     "gpu": Recipe(
         tokenizer=("--preset", "fmnist", "--global-batch-size", "512", "--max-steps", "4000", "--lr", "8e-4",
                    "--lpips-weight", "0", "--repa-weight", "0", "--compile", "--data-on-device", "--cuda-graph",

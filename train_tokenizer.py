@@ -500,7 +500,8 @@ def get_args(argv=None):
                    help="images per optimizer step (paper: 1024)")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-steps per optimizer step")
     p.add_argument("--max-steps", type=positive_int, default=210000, help="optimizer steps (paper: 210k)")
-    p.add_argument("--lr", type=positive_float, default=2e-4, help="learning rate after warm-up (paper §5: constant; see --decay-steps)")
+    p.add_argument("--lr", type=positive_float, default=2e-4,
+                   help="learning rate after warm-up (paper §5: constant; see --decay-steps)")
     p.add_argument("--warmup-steps", type=nonnegative_int, default=500, help="linear warm-up from 0 (official: 500)")
     p.add_argument("--decay-steps", type=nonnegative_int, default=0,
                    help="the last this many of --max-steps decay the learning rate linearly towards 0 (paper: 0)")
