@@ -11,9 +11,10 @@ image on the fly from a random one of ten crops:
     ten views of TenCrop(S) in torchvision's order: top-left, top-right, bottom-left, bottom-right and centre crops,
     then the same five of the mirror image. ImageNet at 256 px: 10 views × 256 tokens × 2 bytes × 1.28M images
     ≈ 6.6 GB.
-  * --views flip (default for Fashion-MNIST): the centre crop (ADM's, to S) and its mirror image. Fashion-MNIST's
-    images are 28-px items padded to 32 px: crops would cut the items, so ten-crop is refused there.
-  * --views single: the centre crop only.
+  * --views flip: the centre crop (ADM's, to S) and its mirror image.
+  * --views single (default for Fashion-MNIST): the centre crop only. Fashion-MNIST's images are 28-px items padded
+    to 32 px, so crops would cut the items and ten-crop is refused there; and its shoes nearly all point left, so an
+    AR model trained on flip views draws mirrored shoes that the dataset does not contain.
 Extraction works in chunks split across torchrun ranks; a rerun skips the chunks already done, and meta.json says
 "complete" only once every chunk is. Unreadable images are named as they are met, skipped (their rows are never
 trained on), counted at the end and listed in meta.json.
@@ -165,7 +166,7 @@ def extract_main(args):
     S = tok.config.image_size
     data = make_dataset(args.data, S)
     fmnist = isinstance(data, FashionMNIST)
-    views = args.views or ("flip" if fmnist else "ten-crop")
+    views = args.views or ("single" if fmnist else "ten-crop")
     if views == "ten-crop" and fmnist:
         raise ValueError("--views ten-crop: Fashion-MNIST's items fill their padded 32-px images; use flip or single")
     meta = dict(num_images=len(data), views=VIEWS[views], augmentation=views, num_tokens=tok.config.num_tokens,
@@ -512,7 +513,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder for codes.npy, labels.npy, meta.json")
     p.add_argument("--views", choices=list(VIEWS), default=None,
                    help="views stored per image: ten-crop (10, the official AR augmentation; ~6.6 GB for ImageNet at "
-                        "256 px), flip (2) or single (1). Default: ten-crop for image folders, flip for Fashion-MNIST")
+                        "256 px), flip (2) or single (1). Default: ten-crop for image folders, single for "
+                        "Fashion-MNIST")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder batch and rank")
     p.add_argument("--chunk-size", type=positive_int, default=10000, help="images per resumable unit of work")
     p.add_argument("--num-workers", type=nonnegative_int, default=default_workers(),

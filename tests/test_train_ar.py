@@ -164,13 +164,13 @@ def fake_fashion_mnist(folder, n=3):
     return folder
 
 
-def test_fashion_mnist_extracts_flips_and_refuses_ten_crop(tmp_path):
+def test_fashion_mnist_extracts_single_views_and_refuses_ten_crop(tmp_path):
     make_tokenizer(tmp_path / "tok.pt")
     fm = fake_fashion_mnist(tmp_path / "fm")
     argv = ["extract", "--tokenizer-ckpt", tmp_path / "tok.pt", "--data", fm, "--num-workers", 0, "--device", "cpu"]
     run(*argv, "--out", tmp_path / "codes")
     meta = json.loads((tmp_path / "codes" / "meta.json").read_text())
-    assert meta["views"] == 2 and meta["augmentation"] == "flip" and meta["num_classes"] == 10
+    assert meta["views"] == 1 and meta["augmentation"] == "single" and meta["num_classes"] == 10
     with pytest.raises(SystemExit, match="ten-crop: Fashion-MNIST"):
         run(*argv, "--out", tmp_path / "ten", "--views", "ten-crop")
     (tmp_path / "file").write_text("")
