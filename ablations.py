@@ -257,7 +257,7 @@ def sample_images(gpt, tok, labels, cfg_scale, generator):
     if cfg.num_denoising_steps == cfg.num_query_groups:
         _, _, image, previews = sample_batch(gpt, tok, labels, cfg_scale=cfg_scale, generator=generator)
         return image, previews
-    R = cfg.image_size
+    R = cfg.sampling_resolution
     noise = torch.randn(len(labels), 3, R, R, generator=generator, device=labels.device)  # x0 first, as sample_batch
     tokens = generate(gpt, labels, cfg_scale=cfg_scale, generator=generator)  # (B, N)
     if gpt.config.reverse_order:  # generated fine-to-coarse: back to the tokenizer's order

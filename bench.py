@@ -116,8 +116,8 @@ def checks(gpt, tok, tok_bf16, device, row):
         results.append(generate(gpt, labels, cfg_scale=4.0, **SAMPLING, generator=g, decode_fn=step))
         del step
     row("check: graph tokens == eager tokens (fraction equal)", (results[0] == results[1]).float().mean().item(), "")
-    codes = torch.randint(tok.config.vq_codebook_size, (8, tok.config.num_tokens), device=device)
-    noise = torch.randn(8, 3, tok.config.image_size, tok.config.image_size, device=device)
+    codes = torch.randint(tok.config.vq_codebook_size, (8, tok.config.num_all_queries), device=device)
+    noise = torch.randn(8, 3, tok.config.sampling_resolution, tok.config.sampling_resolution, device=device)
     fp32 = tok.decode(codes, noise=noise)
     with bf16():
         autocast = tok.decode(codes, noise=noise).float()
@@ -200,7 +200,7 @@ def bench_model(name, gpt, tok, *, batches, repeats, flops, bw, peak, row, profi
         if b == 1 and not ar_only:
             first, final = latency_ms(gpt, tok, step, g, repeats)
             step_bound = flops / tok.config.num_denoising_steps / peak * 1e3  # one solver step of one image
-            row(f"{name} batch-1 latency to the first preview", first, "ms", bound * tok.config.group_size + step_bound)
+            row(f"{name} batch-1 latency to the first preview", first, "ms", bound * tok.config.queries_per_step + step_bound)
             row(f"{name} batch-1 latency to the image", final, "ms", bound * N + step_bound)
         elif not ar_only:
             torch.cuda.reset_peak_memory_stats()
@@ -277,8 +277,8 @@ def main(args):
     tok_bf16.diff_decoder.to(torch.bfloat16)  # as sample.load_models does for --decoder-precision bf16
     cfg = tok.config
     B = args.batch_sizes[0]
-    codes = torch.randint(cfg.vq_codebook_size, (B, cfg.num_tokens), device=device)
-    noise = torch.randn(B, 3, cfg.image_size, cfg.image_size, device=device)
+    codes = torch.randint(cfg.vq_codebook_size, (B, cfg.num_all_queries), device=device)
+    noise = torch.randn(B, 3, cfg.sampling_resolution, cfg.sampling_resolution, device=device)
     with FlopCounterMode(display=False) as fc:
         tok.decode(codes[:1], noise=noise[:1])
     flops = fc.get_total_flops()  # per image: condition transformer + 8 network evaluations

@@ -101,7 +101,7 @@ class Demo:
     def config(self):
         """What the page needs to draw its controls (GET /config)."""
         c = self.tok.config
-        return dict(names=self.names, num_tokens=c.num_tokens, group_size=c.queries_per_step,
+        return dict(names=self.names, num_tokens=c.num_all_queries, group_size=c.queries_per_step,
                     num_groups=c.num_query_groups, max_samples=MAX_SAMPLES, max_upload=MAX_UPLOAD,
                     layout=not self.gpt.config.reverse_order, gallery_note=self.gallery_note,
                     gallery=[dict(image=png_url(im), name=FMNIST_CLASSES[c])
@@ -196,7 +196,7 @@ def stream_run(demo, run, send):
     labels = torch.tensor(run["labels"], device=device)
     prefix = None if run["reference"] is None else sample.prefix_codes(tok, run["reference"], run["keep"], device)
     c = tok.config
-    send("start", dict(labels=run["labels"], names=[demo.names[i] for i in run["labels"]], num_tokens=c.num_tokens,
+    send("start", dict(labels=run["labels"], names=[demo.names[i] for i in run["labels"]], num_tokens=c.num_all_queries,
                        group_size=c.queries_per_step, num_groups=c.num_query_groups, prefix=run["keep"]))
     previews = []
 

@@ -636,7 +636,7 @@ def reconstruction_metrics(tok, paths, net, image_size=None, batch_size=100, sol
     lpips_net) of the images at `paths`, centre-cropped to image_size (default: the tokenizer's). Unreadable
     images are skipped, each named on the console, and counted under "Skipped images"."""
     device = next(tok.parameters()).device
-    size = image_size or tok.config.image_size
+    size = image_size or tok.config.sampling_resolution
     generator = torch.Generator(device).manual_seed(seed)
     real, fake, psnr, ssims, lp, skipped = [], [], [], [], [], 0
     for i in tqdm(range(0, len(paths), batch_size), desc="reconstruct", unit="batch"):
@@ -670,8 +670,8 @@ def fmnist_reconstruction(tok, classifier=None, num_images=1000, batch_size=100,
     {"Class accuracy of reconstructions": fraction the classifier puts in the true class, "Class accuracy of
     originals": the same on the inputs, "PSNR", "SSIM", "SSIM definition", "Images"}. classifier: default
     load_fmnist_classifier(); root: the Fashion-MNIST folder (default $FASHION_MNIST_DIR or the Debian one)."""
-    if tok.config.image_size != 32:
-        raise ValueError(f"Fashion-MNIST images are 32 x 32, but the tokenizer takes {tok.config.image_size}")
+    if tok.config.sampling_resolution != 32:
+        raise ValueError(f"Fashion-MNIST images are 32 x 32, but the tokenizer takes {tok.config.sampling_resolution}")
     images, labels = load_fashion_mnist("test", root)
     images, labels = fmnist_rgb32(images[:num_images]), torch.from_numpy(labels[:num_images])
     classifier = classifier if classifier is not None else load_fmnist_classifier(root=root)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import check_finite, load_checkpoint
+from tokenizer import check_finite, load_checkpoint
 from kernels import decode_attention, decode_attention_fp8, dequantise_window, quantise_fp8
 
 

@@ -207,7 +207,7 @@ def sample_batch(gpt, tok, labels, *, cfg_scale=1.0, temperature=1.0, top_k=0, t
     if decoder_precision not in ("fp32", "bf16"):
         raise ValueError(f"decoder_precision {decoder_precision!r}: use 'fp32' or 'bf16'")
     B, device = labels.shape[0], labels.device
-    R = tok.config.image_size
+    R = tok.config.sampling_resolution
     noise = torch.randn(B, 3, R, R, generator=generator, device=device)  # x0
     autocast = nullcontext if decoder_precision == "fp32" else lambda: torch.autocast(device.type, torch.bfloat16)
     stream = StreamingDecoder(tok, noise, solver, autocast, keep_previews, on_preview)
@@ -281,9 +281,9 @@ def load_models(tokenizer_ckpt, gpt_ckpt, gpt_model, dtype, device, decoder_prec
     tok = Tokenizer.from_checkpoint(tokenizer_ckpt)
     gpt = GPT.from_checkpoint(gpt_ckpt, name=gpt_model)
     tc, gc = tok.config, gpt.config
-    if (gc.vocab_size, gc.block_size) != (tc.vq_codebook_size, tc.num_tokens):
+    if (gc.vocab_size, gc.block_size) != (tc.vq_codebook_size, tc.num_all_queries):
         raise ValueError(f"{gpt_ckpt} predicts {gc.block_size} tokens from {gc.vocab_size} codes, but "
-                         f"{tokenizer_ckpt} makes {tc.num_tokens} tokens from {tc.vq_codebook_size} codes")
+                         f"{tokenizer_ckpt} makes {tc.num_all_queries} tokens from {tc.vq_codebook_size} codes")
     tok, gpt = tok.to(device), gpt.to(device, dtype)
     if device.type == "cuda":
         fuse_feed_forward(gpt)  # after the final .to: w1/w3 become views of the fused weight
@@ -317,11 +317,11 @@ def reference_image(image, size):
 def prefix_codes(tok, image, k, device):
     """The first k codes (1, k) of a reference PIL image (zero-shot layout control, paper §5.1 and Figure 5);
     k None: a quarter of the tokens (the two coarsest of eight groups)."""
-    N = tok.config.num_tokens
+    N = tok.config.num_all_queries
     k = N // 4 if k is None else k
     if not 1 <= k < N:
         raise ValueError(f"--prefix-tokens {k}: must lie in [1, {N - 1}] for this tokenizer ({N} tokens)")
-    return tok.encode(reference_image(image, tok.config.image_size).to(device))[:, :k]
+    return tok.encode(reference_image(image, tok.config.sampling_resolution).to(device))[:, :k]
 
 
 def compile_blocks(gpt, tok):

@@ -15,15 +15,60 @@ code follows the official implementation and says so.
 """
 import functools
 import math
+import os
+import pickle
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import check_finite, load_checkpoint
-
 HEAD_DIM = 64  # every tokenizer attention uses 64-wide heads (12 heads at width 768)
+
+
+# ---- checkpoints: they come from the internet, so unpickling may build tensors and plain data only ----
+
+class _OfficialConfig:
+    """Stand-in for the official `config_util.Config` pickled in tokenizer files: attributes only (`_data`)."""
+
+
+class _PickledNamespace:
+    """Stand-in for the `argparse.Namespace` of training arguments pickled in official files: attributes only."""
+
+
+# torch's weights_only unpickler creates these with __new__ and fills their __dict__; it never calls them
+SAFE_GLOBALS = [(_OfficialConfig, "config_util.Config"), (_PickledNamespace, "argparse.Namespace")]
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load(weights_only=True) that admits the two official stand-ins above; a file that would need
+    anything else (e.g. a pickle calling os.system) is refused without running it. Raises FileNotFoundError, or
+    ValueError naming the file when it is empty, truncated, not a checkpoint, or refused."""
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path} is a directory, not a file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint {path} is empty")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's refusal: the first line that names what was refused
+        skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [line for line in str(e).splitlines() if line.strip() and not line.startswith(skip)]
+        raise ValueError(f"checkpoint {path} was refused: it holds more than tensors and plain data "
+                         f"({lines[0] if lines else 'unreadable pickle'})") from None
+    except Exception as e:  # zip / pickle / storage errors of a damaged file
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ValueError(f"checkpoint {path} is truncated or not a PyTorch checkpoint ({type(e).__name__}: {first})") \
+            from None
+
+
+def check_finite(state_dict, source):
+    """Refuses weights with NaN or infinity (e.g. saved by a run whose loss diverged)."""
+    bad = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise ValueError(f"{source} has non-finite weights in {len(bad)} tensors, e.g. {bad[:3]}")
 
 
 @dataclass
@@ -67,18 +112,6 @@ class TokenizerConfig:
                 raise ValueError(f"widths must be multiples of {HEAD_DIM}, got {d}")
         if self.repa and not 0 <= self.repa_layer < self.dd_depth:
             raise ValueError(f"repa_layer {self.repa_layer} must lie in [0, dd_depth {self.dd_depth}) (or repa=False)")
-
-    @property
-    def image_size(self):
-        return self.sampling_resolution
-
-    @property
-    def num_tokens(self):
-        return self.num_all_queries
-
-    @property
-    def group_size(self):
-        return self.queries_per_step
 
     @classmethod
     def from_name(cls, name, **overrides):

@@ -49,11 +49,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (ArgumentParser, FashionMNIST, Meter, StepGraph, all_finite, atomic_save, center_crop_arr,
-                  check_writable, checkpoint_path, default_workers, ema_update, from_uint8, load_checkpoint,
+                  check_writable, checkpoint_path, default_workers, ema_update, from_uint8,
                   make_dataset, nonnegative_float, nonnegative_int, open_image, positive_float, positive_int,
                   probability, set_capturable, set_lr, setup_device, skip_flag)
 from model import GPT, GPTConfig
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, load_checkpoint
 
 VIEWS = {"ten-crop": 10, "flip": 2, "single": 1}  # stored views per image
 
@@ -163,13 +163,13 @@ def extract_main(args):
         raise ValueError(f"--out {out}: cannot create that folder ({e.strerror})") from None
     check_writable(out / "meta.json")
     tok = Tokenizer.from_checkpoint(args.tokenizer_ckpt).to(device).eval()
-    S = tok.config.image_size
+    S = tok.config.sampling_resolution
     data = make_dataset(args.data, S)
     fmnist = isinstance(data, FashionMNIST)
     views = args.views or ("single" if fmnist else "ten-crop")
     if views == "ten-crop" and fmnist:
         raise ValueError("--views ten-crop: Fashion-MNIST's items fill their padded 32-px images; use flip or single")
-    meta = dict(num_images=len(data), views=VIEWS[views], augmentation=views, num_tokens=tok.config.num_tokens,
+    meta = dict(num_images=len(data), views=VIEWS[views], augmentation=views, num_tokens=tok.config.num_all_queries,
                 vocab_size=tok.config.vq_codebook_size, num_classes=data.num_classes, data=str(args.data),
                 tokenizer_ckpt=str(args.tokenizer_ckpt), chunk_size=args.chunk_size)
     codes = open_codes(out, meta, data.labels, rank)

@@ -54,10 +54,10 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (ArgumentParser, FashionMNIST, Meter, StepGraph, all_finite, atomic_save, checkpoint_path,
-                  default_workers, ema_update, from_uint8, load_checkpoint, make_dataset, nonnegative_float,
+                  default_workers, ema_update, from_uint8, make_dataset, nonnegative_float,
                   nonnegative_int, positive_float, positive_int, probability, set_capturable, set_lr, setup_device,
                   skip_flag, to_uint8)
-from tokenizer import Tokenizer, TokenizerConfig
+from tokenizer import Tokenizer, TokenizerConfig, load_checkpoint
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's ImageNet VGG16
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"
@@ -76,7 +76,7 @@ def tokenizer_config(preset, image_size, repa, time_shift=None, groups=None):
             raise ValueError(f"--groups {groups} does not divide preset {preset}'s {N} tokens")
         overrides.update(num_query_groups=groups, queries_per_step=N // groups, num_denoising_steps=max(groups, 8))
     cfg = TokenizerConfig.from_name(preset, **overrides)
-    S = cfg.image_size
+    S = cfg.sampling_resolution
     if S % cfg.encoder_patch_size or S % cfg.dd_patch_size:
         raise ValueError(f"--image-size {S} is not a multiple of preset {preset}'s patch sizes "
                          f"{cfg.encoder_patch_size} and {cfg.dd_patch_size}")
@@ -410,7 +410,7 @@ def train_main(args):
     if args.cuda_graph:
         check_cuda_graph(args, device)
     ckpt_path = checkpoint_path(args.out_dir, args.resume, args.overwrite)
-    images = make_dataset(args.data, cfg.image_size)
+    images = make_dataset(args.data, cfg.sampling_resolution)
     lpips_net = build_lpips(args.vgg_weights) if args.lpips_weight else None
     dino = build_dino(args.repa_weights) if args.repa_weight else None
     torch.manual_seed(args.seed)  # the same initial weights on every rank
