@@ -2,7 +2,7 @@
 
 Nothing here is specific to D-AR (paper §4): RMSNorm, 1-D RoPE, fused wqkv, SwiGLU, the class label as a single
 prefix token at position 0 (image token j sits at position j + 1), a class table whose last row is the null
-class for classifier-free guidance, a static KV cache (gpt-fast style; optionally float8, not exact) and sampling.
+class for classifier-free guidance, a static KV cache (gpt-fast style) and sampling.
 Module names equal the official checkpoint keys, so official state dicts load with the plain strict
 `load_state_dict`.
 
@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import decode_attention
 from tokenizer import check_finite, load_checkpoint
-from kernels import decode_attention, decode_attention_fp8, dequantise_window, quantise_fp8
 
 
 @dataclass
@@ -133,48 +133,6 @@ class KVCache(nn.Module):
 
     def decode_attention(self, q, kv_len):
         return decode_attention(q, self.k_cache, self.v_cache, kv_len)
-
-
-class FP8KVCache(nn.Module):
-    """The KV cache in float8 e4m3 with one fp32 scale per (row, head, slot) (kernels.quantise_fp8): half the bytes
-    of bf16 for every step to read, at a relative error of up to 2⁻⁴ per entry, so sampling is no longer exact.
-    Slot 0, the class token (the condition every token attends to), is also kept exactly, in `first`, and read from
-    there. Buffers: k_cache, v_cache (B, H, S, hd) e4m3 bytes; k_scale, v_scale (B, H, S); k_first, v_first
-    (B, H, 2, hd) in the model's dtype, whose slot 1 is scratch: every position but 0 is written there, so that an
-    update needs no host value to tell whether it holds the class token (one CUDA graph serves every position).
-    k_cache and v_cache hold the e4m3 values as their bytes (uint8): PyTorch has no fp8 index_copy_, and the update
-    through `cache.view(torch.uint8)` made torch.compile'd blocks rewrite the whole cache of every layer on every
-    step (a functional copy of a dtype view of a buffer, written back), which grows with batch × slots; the kernel
-    reinterprets the bytes itself, so the compiled step writes one slot, as with the bf16 cache."""
-
-    def __init__(self, batch_size, seq_len, n_head, head_dim, dtype, device=None):
-        super().__init__()
-        shape = (batch_size, n_head, seq_len, head_dim)
-        for name in ("k", "v"):
-            self.register_buffer(f"{name}_cache", torch.zeros(shape, dtype=torch.uint8, device=device),  # e4m3 bytes
-                                 persistent=False)
-            self.register_buffer(f"{name}_scale", torch.zeros(shape[:3], device=device), persistent=False)
-            self.register_buffer(f"{name}_first", torch.zeros(batch_size, n_head, 2, head_dim, dtype=dtype,
-                                                              device=device), persistent=False)
-
-    def update(self, input_pos, k, v):  # input_pos (S,), k/v (B, H, S, hd)
-        first = input_pos.clamp(max=1)  # position 0 → slot 0 of `first`, any other → the scratch slot
-        for x, cache, scale, exact in ((k, self.k_cache, self.k_scale, self.k_first),
-                                       (v, self.v_cache, self.v_scale, self.v_first)):
-            values, s = quantise_fp8(x)
-            cache.index_copy_(2, input_pos, values.view(torch.uint8))  # a view of a fresh tensor, not of the buffer
-            scale.index_copy_(2, input_pos, s)
-            exact.index_copy_(2, first, x)
-
-    def window(self, n):
-        """Keys and values (B, H, n, hd) of the first n slots, dequantised, slot 0 exact."""
-        dtype = self.k_first.dtype
-        return (dequantise_window(self.k_cache, self.k_scale, self.k_first, n, dtype),
-                dequantise_window(self.v_cache, self.v_scale, self.v_first, n, dtype))
-
-    def decode_attention(self, q, kv_len):
-        return decode_attention_fp8(q, self.k_cache, self.v_cache, self.k_scale, self.v_scale, self.k_first,
-                                    self.v_first, kv_len)
 
 
 class Attention(nn.Module):
@@ -304,16 +262,14 @@ class GPT(nn.Module):
         return logits, loss
 
     # ---- cached inference ----
-    def setup_caches(self, max_batch_size, device=None, fp8=False):
-        """Static caches for [class token + block_size tokens], length rounded up to a multiple of 8.
-        fp8: float8 keys and values with the class token kept exact (FP8KVCache: half the memory, not exact)."""
+    def setup_caches(self, max_batch_size, device=None):
+        """Static caches for [class token + block_size tokens], length rounded up to a multiple of 8."""
         cfg = self.config
         seq = (cfg.block_size + 1 + 7) // 8 * 8
         dtype = self.tok_embeddings.weight.dtype
         device = device or self.tok_embeddings.weight.device
-        cache = FP8KVCache if fp8 else KVCache
         for layer in self.layers:
-            layer.attention.kv_cache = cache(max_batch_size, seq, cfg.n_kv_head, cfg.head_dim, dtype, device)
+            layer.attention.kv_cache = KVCache(max_batch_size, seq, cfg.n_kv_head, cfg.head_dim, dtype, device)
         self.causal_mask = torch.tril(torch.ones(seq, seq, dtype=torch.bool, device=device))
         if self.rope.shape[0] < seq:  # positions past the sequence are never written, but index_select needs rows
             self.rope = rope_table(seq, cfg.head_dim, cfg.rope_base).to(device)
@@ -337,13 +293,8 @@ class GPT(nn.Module):
         if not isinstance(ckpt, dict):
             raise ValueError(f"{path} is not an AR model checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
         if ckpt.get("kind") == "gpt":
-            config = dict(ckpt["config"])
-            # files written before null_class was a field, and with the official (always 1) cls_token_num
-            config.setdefault("null_class", config.get("class_dropout_prob", 0.1) > 0)
-            if config.pop("cls_token_num", 1) != 1:
-                raise ValueError(f"{path}: only one class token is supported")
             try:
-                cfg = GPTConfig(**{**config, **overrides})
+                cfg = GPTConfig(**{**ckpt["config"], **overrides})
             except TypeError as e:
                 raise ValueError(f"{path} holds an unknown AR model config ({e})") from None
             if name is not None and GPTConfig.from_name(name, **overrides) != cfg:
@@ -374,8 +325,8 @@ class GPT(nn.Module):
 
 # ---- generation ----
 def cfg_schedule(cfg_scale, num_tokens):
-    """Guidance scale per token: a number, "a" or "a,b" (linear ramp a→b over the tokens, as the official sampler;
-    its FID setting is "1.2,8.0")."""
+    """Guidance scale per token (num_tokens,), or None without guidance (a start scale ≤ 1). cfg_scale: a number,
+    "a" or "a,b" (a linear ramp a→b over the tokens, as the official sampler; its FID setting is "1.2,8.0")."""
     if isinstance(cfg_scale, str):
         parts = [float(p) for p in cfg_scale.split(",")]
         if len(parts) not in (1, 2):
@@ -385,7 +336,19 @@ def cfg_schedule(cfg_scale, num_tokens):
             start = 1.001  # the official code bumps an exact 1 so that the batch is still doubled
     else:
         start = end = float(cfg_scale)
-    return torch.linspace(start, end, num_tokens)
+    return torch.linspace(start, end, num_tokens) if start > 1 else None
+
+
+def cfg_labels(model, labels, guided):
+    """labels (B,) → the batch the model runs: [labels; null class] (2B,) with guidance, else labels."""
+    cfg = model.config
+    if labels.min() < 0 or labels.max() >= cfg.num_classes:
+        raise ValueError(f"labels must lie in [0, {cfg.num_classes})")
+    if not guided:
+        return labels
+    if not cfg.null_class:
+        raise ValueError("this model has no null class, so it cannot use classifier-free guidance")
+    return torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
 
 
 def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
@@ -414,7 +377,7 @@ def guide(logits, scale):
 
 
 def prefill(model, labels, cfg_scale, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """Runs the class token at position 0 and samples the first image token. labels (B',) already doubled."""
+    """Runs the class token at position 0 and samples the first image token. labels (B',) from cfg_labels."""
     x = model._embed(None, labels)  # (B', 1, C)
     logits = model.forward_cached(x, torch.zeros(1, dtype=torch.long, device=x.device), kv_len=1)[:, -1]
     if cfg_scale is not None:
@@ -426,8 +389,8 @@ def decode_one_token(model, token, input_pos, cfg_scale, temperature=1.0, top_k=
                      kv_len=None):
     """token (B,), input_pos (1,) tensor → next token (B,). CFG doubles the batch inside.
 
-    kv_len: attend over only the first kv_len cache slots (generate passes input_pos + 1), a host int or a device
-    tensor (see GPT.forward_cached); None = the whole cache."""
+    kv_len: attend over only the first kv_len cache slots (input_pos + 1), a host int or a device tensor (see
+    GPT.forward_cached); None = the whole cache."""
     if cfg_scale is not None:
         token = torch.cat([token, token])
     logits = model.forward_cached(model.tok_embeddings(token)[:, None], input_pos, kv_len)[:, -1]
@@ -437,47 +400,27 @@ def decode_one_token(model, token, input_pos, cfg_scale, temperature=1.0, top_k=
 
 
 @torch.no_grad()
-def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, generator=None, prefix=None,
-             on_token=None, decode_fn=decode_one_token):
-    """Samples (B, N) int64 tokens for class labels (B,).
+def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, generator=None, prefix=None):
+    """Samples (B, N) int64 tokens for class labels (B,), in generation order (sample.py streams them instead).
 
-    cfg_scale: number or "a,b" schedule; guidance is on when the start scale exceeds 1.
-    prefix: (B, k) tokens kept fixed (zero-shot layout control); they are teacher-forced through the cache.
-    on_token(i, tokens): called after token i is known (streaming decoders consume groups from here).
-    decode_fn: the per-token step, e.g. a compiled / CUDA-graph-captured `decode_one_token`; it is called as
-      decode_fn(model, token, input_pos, scale, temperature=, top_k=, top_p=, generator=, kv_len=p + 1) for the
-      token at position p, kv_len being the number of cache slots filled by then (a host int).
-    """
-    cfg = model.config
-    N = cfg.block_size
-    B, device = labels.shape[0], labels.device
-    if labels.min() < 0 or labels.max() >= cfg.num_classes:
-        raise ValueError(f"labels must lie in [0, {cfg.num_classes})")
+    cfg_scale: number or "a,b" schedule (cfg_schedule); prefix: (B, k) tokens kept fixed (zero-shot layout control),
+    teacher-forced through the cache: their tokens are still drawn (the same random draws) but discarded."""
+    N = model.config.block_size
     scales = cfg_schedule(cfg_scale, N)
-    guided = scales[0].item() > 1.0
-    scales = scales.to(device)
-    if guided and not cfg.null_class:
-        raise ValueError("this model has no null class, so it cannot use classifier-free guidance")
-    cond = torch.cat([labels, torch.full_like(labels, cfg.num_classes)]) if guided else labels
-    cache = model.layers[0].attention.kv_cache
-    if cache is None or cache.k_cache.shape[0] != cond.shape[0] or cache.k_cache.device != device:
-        model.setup_caches(cond.shape[0], device=device)  # sized once; reused while the batch size stays
-    tokens = torch.empty(B, N, dtype=torch.long, device=device)
-    positions = torch.arange(N + 1, device=device)  # made once: a new device tensor per token would sync the host
+    scales = None if scales is None else scales.to(labels.device)
+    cond = cfg_labels(model, labels, scales is not None)
+    model.setup_caches(cond.shape[0], device=labels.device)
+    tokens = torch.empty(labels.shape[0], N, dtype=torch.long, device=labels.device)
     k = 0 if prefix is None else prefix.shape[1]
     if k:
         tokens[:, :k] = prefix
-
-    def scale(i):
-        return scales[i] if guided else None
-    # a fixed prefix is teacher-forced: the sampled token is computed (same random draws) but discarded
-    next_tok = prefill(model, cond, scale(0), temperature, top_k, top_p, generator)
+    positions = torch.arange(N + 1, device=labels.device)  # made once: a new device tensor per token would sync
+    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    next_tok = prefill(model, cond, None if scales is None else scales[0], **settings)
     for i in range(N):
         if i > 0:
-            next_tok = decode_fn(model, tokens[:, i - 1], positions[i:i + 1], scale(i), temperature=temperature,
-                                 top_k=top_k, top_p=top_p, generator=generator, kv_len=i + 1)
+            scale = None if scales is None else scales[i]
+            next_tok = decode_one_token(model, tokens[:, i - 1], positions[i:i + 1], scale, kv_len=i + 1, **settings)
         if i >= k:
             tokens[:, i] = next_tok
-        if on_token:
-            on_token(i, tokens)
     return tokens

@@ -4,16 +4,16 @@
     python sample.py --gpt-ckpt D-AR-L-360K.pt --gpt-model GPT-L --tokenizer-ckpt D-AR-tokenizer_v1.pt \
         --labels 207 360 388 --cfg-scale 4.0 --compile
     python sample.py ... --prefix-image ref.png --prefix-tokens 64 --labels 1 2 3   # zero-shot layout control
-    python sample.py ... --batch-size 256 --fp8     # float8 KV cache on CUDA: half its memory, not exact
     torchrun --standalone --nproc_per_node=8 sample.py ... --cfg-scale 1.1,8.0 --num-samples 50000 --npz fid.npz
 
-While the AR model produces tokens, every finished group of M tokens goes through the causal decoder transformer
-(incrementally, with its own KV cache) and drives one step of the pixel ODE, so the image is done one solver step
-after the last token, and the jump estimate x̂1 = x_t + (1 - t)·v after each step is a preview of the final image at
-no extra cost (paper §3.3 and §5.1, Figure 4). On a GPU the pixel steps run on a second CUDA stream beside the token
-generation (the AR model on a high-priority stream), so previews appear while tokens are still being generated; the
-AR decode step is replayed from one CUDA graph (optionally of torch.compile'd blocks): no host synchronisation per
-token, and sampling is reproducible from --seed through one explicit torch.Generator. bench.py times all of it.
+The loop (`stream`) reads like gpt-fast's generate: prefill the class token, then one decode step per token
+(`DecodeStep`: replayed from one CUDA graph on CUDA, the same function called eagerly elsewhere). Whenever the
+tokens that the next pixel solver step is conditioned on are complete, that step runs: the causal decoder
+transformer turns the new codes into condition tokens (continuing its own KV cache), the pixel ODE takes one step,
+and its jump estimate x̂1 = x_t + (1 - t)·v is a preview of the final image at no extra cost (paper §3.3, §5.1,
+Figure 4). The image is done one solver step after the last token it needs. On CUDA the pixel steps run on a second
+stream beside the token generation (the AR model on a high-priority stream), so previews appear while tokens are
+still being generated. Sampling is reproducible from --seed through one explicit torch.Generator.
 """
 import argparse
 import math
@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from data import (CHECKPOINTS, ArgumentParser, atomic_save, center_crop_arr, check_writable, from_uint8,
                   nonnegative_int, open_image, positive_float, positive_int, setup_device, to_uint8)
-from kernels import fuse_feed_forward
-from model import GPT, GPTConfig, cfg_schedule, decode_one_token, generate
+from kernels import cuda_graph, fuse_feed_forward
+from model import GPT, GPTConfig, cfg_labels, cfg_schedule, decode_one_token, prefill
 from tokenizer import Tokenizer
 
 PROG = "sample.py"
@@ -49,217 +49,160 @@ def grid(images, ncol):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# streaming decoder
+# the sampling loop
 
-class StreamingDecoder:
-    """The `on_token` callback of model.generate that decodes while tokens are generated (paper §3.3):
-
-        group k done → condition (continuing the decoder's KV cache) → one solver step → preview k
-
-    Step k of the pixel ODE is conditioned on token group k, so streaming takes one solver step per group; a
-    tokenizer with another number of steps is decoded offline (tok.decode). Preview k, the jump estimate after step
-    k, equals tok.decode(codes, groups=k + 1); the last one is the image. On CUDA the work runs on a side stream that
-    waits only for the group's tokens, so the AR model keeps generating meanwhile; call `finish()` before reading
-    the results. on_preview(k, preview (B, 3, H, W) in [-1, 1]) is called after step k, on the side stream."""
-
-    def __init__(self, tok, noise, method="adams2", autocast=nullcontext, keep_previews=True, on_preview=None):
-        self.check(tok)
-        self.tok, self.method, self.autocast = tok, method, autocast
-        self.keep_previews, self.on_preview = keep_previews, on_preview
-        self.M, self.K = tok.config.queries_per_step, tok.config.num_query_groups
-        self.cache = tok.new_condition_cache()  # the decoder transformer's keys/values of the groups so far
-        self.x, self.v = noise, None  # ODE state (B, 3, R, R) in network space; last velocity (for Adams-2)
-        self.groups_done, self.image, self.previews = 0, None, []  # previews: (B, H, W, 3) uint8 each
-        self.stream = torch.cuda.Stream(noise.device) if noise.device.type == "cuda" else None
-        if self.stream is not None:
-            noise.record_stream(self.stream)  # read there: its memory must not be reused before the first step
-
-    @staticmethod
-    def check(tok):
-        cfg = tok.config
-        if cfg.num_denoising_steps != cfg.num_query_groups:
-            raise ValueError(f"streaming takes one solver step per token group, but this tokenizer takes "
-                             f"{cfg.num_denoising_steps} steps for {cfg.num_query_groups} groups (tok.decode can)")
-
-    def __call__(self, i, tokens):
-        if (i + 1) % self.M:
-            return  # group i // M is not complete yet
-        k = i // self.M
-        with self.side_stream(), self.autocast():
-            cond = self.tok.condition(tokens[:, i + 1 - self.M:i + 1], self.cache)  # (B, M, Dd)
-            self.x, self.v, preview = self.tok.solver_step(self.x, self.v, k, cond, self.method)
-            self.image = self.tok.resize_output(preview.float())  # (B, 3, H, W)
-            if self.keep_previews:
-                self.previews.append(to_uint8(self.image))
-            if self.on_preview is not None:
-                self.on_preview(k, self.image)
-        self.groups_done = k + 1
-
-    def side_stream(self):
-        if self.stream is None:
-            return nullcontext()
-        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))  # the group's tokens are ready
-        return torch.cuda.stream(self.stream)
-
-    def finish(self):
-        """Joins the side stream; returns the image (B, 3, H, W) and the previews (B, K, H, W, 3) uint8 or None."""
-        if self.stream is not None:
-            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
-        if self.groups_done < self.K:
-            raise RuntimeError(f"only {self.groups_done} of {self.K} token groups arrived: tokens are missing")
-        return self.image, torch.stack(self.previews, 1) if self.keep_previews else None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# fast AR decoding
-
-class GraphedDecoder:
-    """`decode_fn` for model.generate: decode_one_token replayed from one CUDA graph for every position.
-
-    The step attends over exactly the filled cache slots: the graph computes kv_len = input_pos + 1 into a device
-    buffer and the decode-attention kernel (kernels.decode_attention) reads the length there, so no slot past the
-    filled ones is read and no host value is baked into the graph. Inputs are copied into static buffers, so a step
-    is a few copies and one graph launch, with no host synchronisation. The sampling settings are frozen into the
-    graph, so a call with other settings (or another model, batch, guidance or KV cache) raises ValueError. The
-    generator is registered with the graph: replays advance it exactly like the eager calls, so the tokens equal
-    those of the same step run eagerly (`graphs=False`, also the CPU path; same kernel) for the same seed.
-    fp8: the KV cache in float8 with the class token exact (model.FP8KVCache): half the memory, not exact."""
+class DecodeStep:
+    """The AR side of one batch: its KV caches, the guidance schedule, the sampling settings, and the per-token step
+    model.decode_one_token on static inputs. On CUDA the step is replayed from one CUDA graph: it computes kv_len =
+    input_pos + 1 on the device, where the decode-attention kernel reads it, so one graph serves every position
+    without a host synchronisation. The generator is registered with the graph, so the tokens equal those of the
+    same step called eagerly (graph=False) for the same seed. cfg_scale: a number or "a,b" (model.cfg_schedule)."""
 
     @torch.no_grad()
-    def __init__(self, model, batch, guided, *, temperature, top_k, top_p, generator, graphs=True, fp8=False):
-        device = model.tok_embeddings.weight.device
-        if graphs and device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA model, this one is on {device}: use graphs=False")
-        self.model, self.batch, self.guided, self.graphs = model, batch, guided, graphs
+    def __init__(self, gpt, batch, cfg_scale=1.0, *, temperature=1.0, top_k=0, top_p=1.0, generator=None, graph=None):
+        device = gpt.tok_embeddings.weight.device
+        self.gpt, self.device = gpt, device
         self.settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        model.setup_caches(2 * batch if guided else batch, device=device, fp8=fp8)  # generate() keeps these
-        self.cache = model.layers[0].attention.kv_cache
-        self.slots = self.cache.k_cache.shape[2]
+        self.scales = cfg_schedule(cfg_scale, gpt.config.block_size)  # (N,) or None: no guidance
+        guided = self.scales is not None
+        if guided:
+            self.scales = self.scales.to(device)
+        gpt.setup_caches(2 * batch if guided else batch, device=device)
+        self.caches = [layer.attention.kv_cache for layer in gpt.layers]
         self.token = torch.zeros(batch, dtype=torch.long, device=device)
         self.input_pos = torch.ones(1, dtype=torch.long, device=device)
-        self.kv_len = torch.ones(1, dtype=torch.long, device=device)  # input_pos + 1, written by the step itself
+        self.kv_len = torch.ones(1, dtype=torch.long, device=device)
         self.scale = torch.ones((), device=device) if guided else None
-        if graphs:
-            self.capture(generator, device)
+        self.graph = None
+        if device.type == "cuda" if graph is None else graph:
+            self.graph, self.out = cuda_graph(self.step, generator=generator)
 
-    def capture(self, generator, device):
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up (and compilation, with --compile) outside the capture
-            state = generator.get_state()
-            for _ in range(2):
-                self.step()
-            generator.set_state(state)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        self.graph.register_generator_state(generator)
-        with torch.cuda.graph(self.graph):
-            self.out = self.step()
+    def prefill(self, labels):
+        """labels (B,) → the first image token (B,), from the class token at position 0."""
+        for layer, cache in zip(self.gpt.layers, self.caches):
+            layer.attention.kv_cache = cache  # the graph reads these: another DecodeStep may have swapped its own in
+        scale = None if self.scales is None else self.scales[0]
+        return prefill(self.gpt, cfg_labels(self.gpt, labels, scale is not None), scale, **self.settings)
 
-    def step(self):
-        torch.add(self.input_pos, 1, out=self.kv_len)  # on the device: one graph serves every position
-        return decode_one_token(self.model, self.token, self.input_pos, self.scale, kv_len=self.kv_len,
-                                **self.settings)
-
-    def __call__(self, model, token, input_pos, cfg_scale, *, temperature, top_k, top_p, generator, kv_len):
-        """kv_len (a host int, input_pos + 1 as generate passes it) is only range-checked: the step derives the
-        length from input_pos on the device."""
-        self.check(model, token, cfg_scale, dict(temperature=temperature, top_k=top_k, top_p=top_p,
-                                                  generator=generator))
-        if not 1 <= kv_len <= self.slots:
-            raise ValueError(f"kv_len {kv_len} is outside the {self.slots} cache slots")
+    def __call__(self, token, i):
+        """token (B,) at position i (a host int) → token i + 1 (B,)."""
         self.token.copy_(token)
-        self.input_pos.copy_(input_pos)
-        if cfg_scale is not None:
-            self.scale.copy_(cfg_scale)
-        if not self.graphs:
-            return self.step()
+        self.input_pos.fill_(i)
+        if self.scale is not None:
+            self.scale.copy_(self.scales[i])
+        if self.graph is None:
+            return self.step(None if self.device.type == "cuda" else i + 1)
         self.graph.replay()
         return self.out
 
-    def check(self, model, token, cfg_scale, settings):
-        if settings != self.settings:
-            given = {k: v for k, v in settings.items() if v is not self.settings[k] and v != self.settings[k]}
-            raise ValueError(f"this GraphedDecoder was captured with {self.settings}, called with {given}: "
-                             f"build one for these settings")
-        if token.shape[0] != self.batch or (cfg_scale is not None) != self.guided:
-            want = f"batch {self.batch} {'with' if self.guided else 'without'} guidance"
-            got = f"batch {token.shape[0]} {'with' if cfg_scale is not None else 'without'} guidance"
-            raise ValueError(f"captured for {want}, called for {got}")
-        if model is not self.model or model.layers[0].attention.kv_cache is not self.cache:
-            raise ValueError("called with another model, or the model's KV caches were replaced since capture")
+    def step(self, kv_len=None):
+        """kv_len None: input_pos + 1 computed on the device (the graph's way); a host int slices the cache."""
+        if kv_len is None:
+            kv_len = torch.add(self.input_pos, 1, out=self.kv_len)
+        return decode_one_token(self.gpt, self.token, self.input_pos, self.scale, kv_len=kv_len, **self.settings)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# sampling
+def on(stream):
+    return nullcontext() if stream is None else torch.cuda.stream(stream)
+
 
 @torch.no_grad()
-def sample_batch(gpt, tok, labels, *, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, solver="adams2",
-                 generator=None, decode_fn=decode_one_token, prefix=None, keep_previews=True,
-                 decoder_precision="fp32", on_token=None, on_preview=None):
-    """labels (B,) → tokens (B, N) in decoding order, noise x0 (B, 3, R, R), image (B, 3, H, W) in [-1, 1] (not
-    clamped) and previews (B, K, H, W, 3) uint8, or None without keep_previews.
+def stream(gpt, tok, labels, noise, step, *, solver="adams2", steps=None, prefix=None, autocast=nullcontext):
+    """The sampling loop, as a generator. labels (B,), noise x0 (B, 3, R, R), step a DecodeStep for B rows.
 
-    cfg_scale: a number or "a,b" (model.cfg_schedule); prefix (1, k): codes every sample starts with (layout
-    control); decoder_precision: "fp32" or "bf16" (autocast) for the tokenizer's decoder. Hooks for watching the
-    stream: on_token(i, tokens) after token i (generation order; on the AR stream on CUDA) and on_preview(k,
-    preview (B, 3, H, W)) after solver step k (on the decoder's stream on CUDA); a hook may raise to stop the run."""
-    if decoder_precision not in ("fp32", "bf16"):
-        raise ValueError(f"decoder_precision {decoder_precision!r}: use 'fp32' or 'bf16'")
-    B, device = labels.shape[0], labels.device
-    R = tok.config.sampling_resolution
-    noise = torch.randn(B, 3, R, R, generator=generator, device=device)  # x0
-    autocast = nullcontext if decoder_precision == "fp32" else lambda: torch.autocast(device.type, torch.bfloat16)
-    stream = StreamingDecoder(tok, noise, solver, autocast, keep_previews, on_preview)
-
-    def token_done(i, tokens):
-        if on_token is not None:
-            on_token(i, tokens)
-        stream(i, tokens)
-    kw = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-              decode_fn=decode_fn, prefix=None if prefix is None else prefix.expand(B, -1))
-    # on CUDA the AR model runs on a high-priority stream: it is the critical path, the pixel steps fill the gaps
-    ar = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
-    if ar is not None:
+    Yields ("token", i, tokens) after AR token i (tokens (B, N) in generation order, the first i + 1 filled) and
+    ("preview", k, image) after pixel solver step k of `steps` (default: the tokenizer's), image (B, 3, H, W) in
+    [-1, 1], not clamped: the jump estimate, equal to tok.decode of the codes so far with the same noise; the last
+    preview is the image. Step k runs as soon as the group it is conditioned on (tok.group_slices) is complete, so
+    any number of steps streams (16 steps use each of 8 groups twice, 4 every other group: paper Table 2).
+    prefix (1 or B, k): fixed leading codes (layout control, paper §5.1), teacher-forced. A model trained
+    fine-to-coarse (reverse_order) completes its first group last, so its steps all run after the last token."""
+    N, B, device = gpt.config.block_size, labels.shape[0], labels.device
+    slices = tok.group_slices(tok.check_steps(steps))  # per solver step, the codes of its condition group
+    tokens = torch.empty(B, N, dtype=torch.long, device=device)
+    fixed = 0 if prefix is None else prefix.shape[1]
+    tokens[:, :fixed] = prefix if fixed else tokens[:, :0]
+    cache, cond = tok.new_condition_cache(), None  # the decoder transformer's keys/values; condition tokens so far
+    x, v, done = noise, None, 0  # ODE state, last velocity (Adams-2), solver steps taken
+    ar = px = None
+    if device.type == "cuda":  # the AR model is the critical path; the pixel steps fill the gaps beside it
+        ar, px = torch.cuda.Stream(device, priority=-1), torch.cuda.Stream(device)
         ar.wait_stream(torch.cuda.current_stream(device))
-    with nullcontext() if ar is None else torch.cuda.stream(ar):
-        if gpt.config.reverse_order:  # fine-to-coarse: the first group only comes last, so decode afterwards
-            tokens = generate(gpt, labels, on_token=on_token, **kw).flip(1)
-            for i in range(tokens.shape[1]):
-                stream(i, tokens)
+        noise.record_stream(px)  # read there: its memory must not be reused before the first step
+    try:
+        with on(ar):
+            token = step.prefill(labels)
+            for i in range(N):
+                if i > 0:
+                    token = step(tokens[:, i - 1], i)
+                if i >= fixed:
+                    tokens[:, i] = token
+                yield "token", i, tokens
+                ready = N if i == N - 1 else 0 if gpt.config.reverse_order else max(fixed, i + 1)
+                while done < len(slices) and slices[done].stop <= ready:
+                    if px is not None:
+                        px.wait_stream(ar)  # the group's codes are written
+                    with on(px), autocast():
+                        codes = tokens.flip(1) if gpt.config.reverse_order else tokens  # decoding order
+                        have = 0 if cond is None else cond.shape[1]
+                        if have < slices[done].stop:
+                            new = tok.condition(codes[:, have:slices[done].stop], cache)  # (B, n, Dd)
+                            cond = new if cond is None else torch.cat([cond, new], 1)
+                        x, v, preview = tok.solver_step(x, v, done, cond[:, slices[done]], solver, len(slices))
+                        yield "preview", done, tok.resize_output(preview.float())
+                    done += 1
+    finally:
+        if ar is not None:
+            torch.cuda.current_stream(device).wait_stream(ar)
+            torch.cuda.current_stream(device).wait_stream(px)
+
+
+def decoder_autocast(precision, device):
+    """The pixel decoder's precision: "fp32", or "bf16" (autocast; on CUDA load_models also casts its weights)."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"decoder precision {precision!r}: use 'fp32' or 'bf16'")
+    return nullcontext if precision == "fp32" else lambda: torch.autocast(device.type, torch.bfloat16)
+
+
+@torch.no_grad()
+def sample_batch(gpt, tok, labels, step, *, solver="adams2", steps=None, prefix=None, keep_previews=True,
+                 autocast=nullcontext):
+    """Runs the loop for labels (B,) → tokens (B, N) in decoding order, noise x0 (B, 3, R, R) drawn first from the
+    step's generator, image (B, 3, H, W) in [-1, 1] (not clamped), previews (B, S, H, W, 3) uint8 or None."""
+    R = tok.config.sampling_resolution
+    noise = torch.randn(len(labels), 3, R, R, generator=step.settings["generator"], device=labels.device)  # x0
+    previews, image = [], None
+    for kind, _, out in stream(gpt, tok, labels, noise, step, solver=solver, steps=steps, prefix=prefix,
+                               autocast=autocast):
+        if kind == "token":
+            tokens = out
         else:
-            tokens = generate(gpt, labels, on_token=token_done, **kw)
-    if ar is not None:
-        torch.cuda.current_stream(device).wait_stream(ar)
-    image, previews = stream.finish()
-    return tokens, noise, image, previews
+            image = out
+            if keep_previews:
+                previews.append(to_uint8(image))
+    tokens = tokens.flip(1) if gpt.config.reverse_order else tokens
+    return tokens, noise, image, torch.stack(previews, 1) if keep_previews else None
 
 
-def sample_indices(gpt, tok, labels, indices, *, seed, batch_size, cuda_graph, progress, cfg_scale, temperature,
-                   top_k, top_p, solver, prefix, keep_previews, decoder_precision, fp8=False):
-    """Samples labels[indices] in batches → images (n, H, W, 3) uint8 and preview strips (n, K, H, W, 3) uint8, or
+def sample_indices(gpt, tok, labels, indices, *, seed, batch_size, graph, progress, cfg_scale, temperature,
+                   top_k, top_p, solver, prefix, keep_previews, autocast):
+    """Samples labels[indices] in batches → images (n, H, W, 3) uint8 and preview strips (n, S, H, W, 3) uint8, or
     None without keep_previews. A batch draws from a generator seeded with seed + the index of its first sample, so
-    a sample does not depend on how many processes share the work (as long as batches start at the same indices).
-    fp8: float8 KV cache (GraphedDecoder sets it up, replaying graphs only with cuda_graph)."""
+    a sample does not depend on how many processes share the work (as long as batches start at the same indices)."""
     device = tok.quantize.embedding.weight.device
     generator = torch.Generator(device)
-    guided = cfg_schedule(cfg_scale, gpt.config.block_size)[0].item() > 1
-    decoders = {}  # per batch size, the CUDA graphs of the AR decode step
+    decode_steps = {}  # per batch size: its caches and CUDA graph
     images, strips = [], []
     bar = tqdm(total=len(indices), disable=not progress, unit="img")
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
         generator.manual_seed(seed + int(idx[0]))
-        decode_fn = decode_one_token
-        if cuda_graph or fp8:
-            if len(idx) not in decoders:
-                decoders[len(idx)] = GraphedDecoder(gpt, len(idx), guided, temperature=temperature, top_k=top_k,
-                                                    top_p=top_p, generator=generator, graphs=cuda_graph, fp8=fp8)
-            decode_fn = decoders[len(idx)]
-        _, _, image, previews = sample_batch(
-            gpt, tok, labels[idx].to(device), cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-            solver=solver, generator=generator, decode_fn=decode_fn, prefix=prefix, keep_previews=keep_previews,
-            decoder_precision=decoder_precision)
+        if len(idx) not in decode_steps:
+            decode_steps[len(idx)] = DecodeStep(gpt, len(idx), cfg_scale, temperature=temperature, top_k=top_k,
+                                                top_p=top_p, generator=generator, graph=graph)
+        prefix_b = None if prefix is None else prefix.expand(len(idx), -1)
+        _, _, image, previews = sample_batch(gpt, tok, labels[idx].to(device), decode_steps[len(idx)], solver=solver,
+                                             prefix=prefix_b, keep_previews=keep_previews, autocast=autocast)
         images.append(to_uint8(image).cpu())
         if keep_previews:
             strips.append(previews.cpu())
@@ -398,14 +341,11 @@ def previews_gif(strips, f, scale=4, ms=500, hold=4):
 def main(args):
     try:  # everything that can fail on a bad input, before any sampling
         rank, world, device = setup_device(args.device)
-        if args.fp8 and device.type != "cuda":
-            raise ValueError("--fp8 needs a CUDA GPU")
         dtype = torch.bfloat16 if args.precision == "bf16" or args.precision == "auto" and device.type == "cuda" \
             else torch.float32
         tok, gpt = load_models(args.tokenizer_ckpt, args.gpt_ckpt, args.gpt_model, dtype, device,
                                args.decoder_precision)
-        StreamingDecoder.check(tok)
-        if cfg_schedule(args.cfg_scale, gpt.config.block_size)[0] > 1 and not gpt.config.null_class:
+        if cfg_schedule(args.cfg_scale, gpt.config.block_size) is not None and not gpt.config.null_class:
             raise ValueError(f"--cfg-scale {args.cfg_scale}: {args.gpt_ckpt} has no null class, so it cannot use "
                              f"guidance (use --cfg-scale 1)")
         labels = pick_labels(args.labels, args.num_samples, args.seed, gpt.config.num_classes)
@@ -426,10 +366,10 @@ def main(args):
     keep_previews = bool(args.gif) or args.previews and not args.npz
     images, strips = sample_indices(
         gpt, tok, labels, mine, seed=args.seed, batch_size=args.batch_size,
-        cuda_graph=args.cuda_graph and device.type == "cuda", progress=rank == 0 and len(labels) > args.batch_size,
+        graph=args.cuda_graph and device.type == "cuda", progress=rank == 0 and len(labels) > args.batch_size,
         cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        solver=args.solver, prefix=prefix, keep_previews=keep_previews, decoder_precision=args.decoder_precision,
-        fp8=args.fp8)
+        solver=args.solver, prefix=prefix, keep_previews=keep_previews,
+        autocast=decoder_autocast(args.decoder_precision, device))
     if args.save_each:
         save_each(args.save_each, images, strips, mine, labels)
     if args.npz:
@@ -534,8 +474,6 @@ def parse_args(argv=None):
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="replay the AR decode step from CUDA graphs (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (a few seconds)")
-    p.add_argument("--fp8", action="store_true", help="float8 KV cache for the AR model (CUDA): half the cache "
-                   "memory, not exact (the class token stays exact)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     args = p.parse_args(argv)
     check_args(p, args)

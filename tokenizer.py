@@ -679,11 +679,8 @@ class Tokenizer(nn.Module):
         if ckpt.get("kind") not in (None, "tokenizer"):
             raise ValueError(f"{path} is a {ckpt['kind']} checkpoint, not a tokenizer checkpoint")
         if ckpt.get("kind") == "tokenizer":
-            config = dict(ckpt["config"])
-            # files written before `repa` was a field: the projector existed iff REPA features did
-            config.setdefault("repa", config.get("dd_depth", 12) > config.get("repa_layer", 8))
             try:
-                cfg = TokenizerConfig(**config)
+                cfg = TokenizerConfig(**ckpt["config"])
             except TypeError as e:
                 raise ValueError(f"{path} holds an unknown tokenizer config ({e})") from None
         elif official_config is not None or "config" in ckpt:

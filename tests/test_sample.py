@@ -59,15 +59,23 @@ def models(ckpts, gpt="gpt.pt"):
     return sample.load_models(ckpts / "tok.pt", ckpts / gpt, None, torch.float32, torch.device("cpu"))
 
 
-SETTINGS = dict(cfg_scale="1.5,3.0", temperature=1.0, top_k=0, top_p=1.0)
+def run(gpt, tok, labels, seed, cfg_scale="1.5,3.0", **kw):
+    """sample_batch with a fresh eager DecodeStep whose generator is seeded with `seed`."""
+    step = sample.DecodeStep(gpt, len(labels), cfg_scale, generator=torch.Generator().manual_seed(seed))
+    return sample.sample_batch(gpt, tok, labels, step, **kw)
+
+
+def events(gpt, tok, labels, seed, **kw):
+    """The loop's events as (kind, index) pairs, with the noise it was given."""
+    step = sample.DecodeStep(gpt, len(labels), 4.0, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(len(labels), 3, 32, 32, generator=torch.Generator().manual_seed(seed + 1))
+    return [(kind, i) for kind, i, _ in sample.stream(gpt, tok, labels, noise, step, **kw)]
 
 
 @pytest.mark.parametrize("solver", ["adams2", "euler"])
 def test_streamed_decoding_equals_offline(ckpts, solver):
     tok, gpt = models(ckpts)
-    labels = torch.tensor([0, 3, 9])
-    tokens, noise, image, previews = sample.sample_batch(gpt, tok, labels, **SETTINGS, solver=solver,
-                                                         generator=torch.Generator().manual_seed(1))
+    tokens, noise, image, previews = run(gpt, tok, torch.tensor([0, 3, 9]), 1, solver=solver)
     assert tokens.shape == (3, 32) and previews.shape == (3, 8, 32, 32, 3) and previews.dtype == torch.uint8
     offline = tok.decode(tokens, noise=noise, method=solver)
     assert offline.std() > 0.1  # a real image, not a constant
@@ -79,42 +87,68 @@ def test_streamed_decoding_equals_offline(ckpts, solver):
     assert not torch.equal(previews[:, 0], previews[:, -1])
 
 
-def test_hooks_see_every_token_then_its_group_preview(ckpts):
+@pytest.mark.parametrize("steps", [4, 8, 12, 16])
+def test_any_step_count_streams_and_equals_offline(ckpts, steps):
+    """8 groups drive 4, 8, 12 or 16 solver steps (paper Table 2): every preview equals the offline decode of the
+    groups its steps need, and the image tok.decode with that many steps."""
     tok, gpt = models(ckpts)
-    events = []
-    tokens, _, image, previews = sample.sample_batch(
-        gpt, tok, torch.tensor([1, 2]), **SETTINGS, generator=torch.Generator().manual_seed(4),
-        on_token=lambda i, t: events.append(("token", i, t[:, i].clone())),
-        on_preview=lambda k, p: events.append(("preview", k, p.clone())))
-    M = tok.config.queries_per_step
+    tokens, noise, image, previews = run(gpt, tok, torch.tensor([2, 7]), 5, steps=steps)
+    assert previews.shape[1] == steps
+    torch.testing.assert_close(image, tok.decode(tokens, noise=noise, steps=steps), atol=1e-5, rtol=1e-5)
+    for groups in range(1, 9):
+        n = tok.steps_for_groups(groups, steps)
+        ref = to_uint8(tok.decode(tokens, noise=noise, groups=groups, steps=steps)).int()
+        assert (previews[:, n - 1].int() - ref).abs().max() <= 1, (groups, n)
+
+
+@pytest.mark.parametrize("steps", [4, 8, 16])
+def test_a_solver_step_runs_as_soon_as_its_group_is_complete(ckpts, steps):
+    tok, gpt = models(ckpts)
+    M, slices = tok.config.queries_per_step, tok.group_slices(steps)
     expected = []
     for i in range(32):
-        expected += [("token", i)] + ([("preview", i // M)] if (i + 1) % M == 0 else [])
-    assert [e[:2] for e in events] == expected
-    assert all(torch.equal(t, tokens[:, i]) for kind, i, t in events if kind == "token")
-    shown = [p for kind, _, p in events if kind == "preview"]
-    assert all(torch.equal(to_uint8(p), previews[:, k]) for k, p in enumerate(shown))
-    assert torch.equal(shown[-1], image)
+        expected += [("token", i)] + [("preview", k) for k, s in enumerate(slices) if s.stop == i + 1]
+    assert events(gpt, tok, torch.tensor([1, 2]), 4, steps=steps) == expected
+    assert M * 8 == 32
 
 
-def test_streaming_refuses_more_steps_than_groups(ckpts):
-    tok = Tokenizer(TokenizerConfig.from_name("tiny", num_denoising_steps=16))
-    with pytest.raises(ValueError, match="16 steps for 8 groups"):
-        sample.StreamingDecoder(tok, torch.zeros(1, 3, 32, 32))
-    assert tok.decode(torch.zeros(1, 32, dtype=torch.long)).shape == (1, 3, 32, 32)  # offline still decodes it
+def test_layout_prefix_groups_are_decoded_before_the_first_token(ckpts):
+    tok, gpt = models(ckpts)
+    prefix = torch.randint(64, (1, 12), generator=torch.Generator().manual_seed(0))  # 3 groups of 4
+    got = events(gpt, tok, torch.tensor([1, 2]), 4, prefix=prefix.expand(2, -1))
+    assert got[:5] == [("token", 0), ("preview", 0), ("preview", 1), ("preview", 2), ("token", 1)]
+
+
+def test_decode_step_equals_the_offline_sampler(ckpts):
+    """On the CPU the step slices the cache at a host length, as model.generate does: the same tokens."""
+    tok, gpt = models(ckpts)
+    labels = torch.tensor([1, 2])
+    tokens, noise, _, _ = run(gpt, tok, labels, 0, cfg_scale=4.0)
+    g = torch.Generator().manual_seed(0)
+    torch.randn(noise.shape, generator=g)  # the noise is drawn first
+    assert torch.equal(tokens, generate(gpt, labels, cfg_scale=4.0, generator=g))
+
+
+def test_stopping_early_leaves_the_model_usable(ckpts):
+    tok, gpt = models(ckpts)
+    assert events(gpt, tok, torch.tensor([1]), 0)[:3] == [("token", 0), ("token", 1), ("token", 2)]
+    step = sample.DecodeStep(gpt, 1, 4.0, generator=torch.Generator().manual_seed(0))
+    loop = sample.stream(gpt, tok, torch.tensor([1]), torch.zeros(1, 3, 32, 32), step)
+    next(loop)
+    loop.close()  # e.g. the demo's cancel: the generator exits cleanly
+    assert run(gpt, tok, torch.tensor([1]), 0)[2].shape == (1, 3, 32, 32)
 
 
 def test_reverse_order_flips_before_decoding(ckpts):
     tok, gpt = models(ckpts, gpt="gpt_rev.pt")
     labels = torch.tensor([1, 2])
-    seen = []
-    tokens, noise, image, _ = sample.sample_batch(gpt, tok, labels, cfg_scale=4.0, on_token=lambda i, t: seen.append(i),
-                                                  generator=torch.Generator().manual_seed(2))
+    tokens, noise, image, _ = run(gpt, tok, labels, 2, cfg_scale=4.0)
     g = torch.Generator().manual_seed(2)
     torch.randn(noise.shape, generator=g)  # the noise is drawn first
     assert torch.equal(tokens, generate(gpt, labels, cfg_scale=4.0, generator=g).flip(1))
-    assert seen == list(range(32))
     torch.testing.assert_close(image, tok.decode(tokens, noise=noise), atol=1e-5, rtol=1e-5)
+    seen = events(gpt, tok, labels, 2)  # the first group comes last: every step waits for the last token
+    assert seen == [("token", i) for i in range(32)] + [("preview", k) for k in range(8)]
 
 
 def test_layout_control_keeps_the_reference_prefix(ckpts):
@@ -122,9 +156,7 @@ def test_layout_control_keeps_the_reference_prefix(ckpts):
     tok, gpt = models(ckpts)
     prefix = sample.prefix_codes(tok, Image.open(ckpts / "ref.png").convert("RGB"), k, torch.device("cpu"))
     assert prefix.shape == (1, k)
-    labels = torch.tensor([0, 5, 7, 7])
-    tokens, noise, image, _ = sample.sample_batch(gpt, tok, labels, **SETTINGS, prefix=prefix,
-                                                  generator=torch.Generator().manual_seed(3))
+    tokens, noise, image, _ = run(gpt, tok, torch.tensor([0, 5, 7, 7]), 3, prefix=prefix.expand(4, -1))
     assert torch.equal(tokens[:, :k], prefix.expand(4, -1))  # the reference's codes exactly
     assert not torch.equal(tokens[2, k:], tokens[3, k:])  # the rest is sampled (same class, different draws)
     torch.testing.assert_close(image, tok.decode(tokens, noise=noise), atol=1e-5, rtol=1e-5)
@@ -159,9 +191,7 @@ def test_npz_holds_the_samples_at_the_exact_path(ckpts, tmp_path):
     assert labels.dtype == np.int64 and labels.shape == (5,) and labels.min() >= 0 and labels.max() < 10
     # the last batch (one sample) is seeded by its first index: rerun it alone through sample_batch
     tok, gpt = models(ckpts)
-    g = torch.Generator().manual_seed(0 + 4)
-    _, _, image, _ = sample.sample_batch(gpt, tok, torch.from_numpy(labels[4:]), cfg_scale="4.0", generator=g,
-                                         keep_previews=False)
+    _, _, image, _ = run(gpt, tok, torch.from_numpy(labels[4:]), 0 + 4, cfg_scale="4.0", keep_previews=False)
     assert np.array_equal(to_uint8(image).numpy(), images[4:])
 
 
@@ -237,7 +267,7 @@ BAD_INPUTS = [  # (extra arguments, what the one-line message must say)
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["--device", "cuda"], "--device cuda: no CUDA GPU"))
-BAD_INPUTS.append((["--fp8"], "--fp8 needs a CUDA GPU"))  # argv() runs on the CPU
+BAD_INPUTS.append((["--fp8"], "unrecognized arguments: --fp8"))  # the float8 KV cache is gone
 
 
 @pytest.mark.parametrize("extra,message", BAD_INPUTS, ids=[" ".join(map(str, a)) for a, _ in BAD_INPUTS])
@@ -271,33 +301,6 @@ def test_bad_checkpoint_from_the_command_line_has_no_traceback(ckpts):
     assert out.stderr.startswith("sample.py: error: ") and out.stderr.count("\n") == 1, out.stderr
 
 
-def test_graphed_decoder_refuses_other_settings(ckpts):
-    tok, gpt = models(ckpts)
-    g = torch.Generator().manual_seed(0)
-    step = sample.GraphedDecoder(gpt, 2, True, temperature=1.0, top_k=0, top_p=1.0, generator=g, graphs=False)
-    labels = torch.tensor([1, 2])
-    stepped = generate(gpt, labels, cfg_scale=4.0, generator=g, decode_fn=step)
-    g.manual_seed(0)
-    exact = generate(gpt, labels, cfg_scale=4.0, generator=g)  # host-int kv_len: the cache sliced, SDPA
-    assert torch.equal(stepped, exact)  # on the CPU decode_attention is that same SDPA over kv_len slots
-    with pytest.raises(ValueError, match="kv_len 41 is outside the 40 cache slots"):
-        step(gpt, labels, torch.tensor([40]), torch.tensor(4.0), temperature=1.0, top_k=0, top_p=1.0, generator=g,
-             kv_len=41)
-    for bad, match in ((dict(temperature=0.5), "temperature"), (dict(top_k=5), "top_k"), (dict(top_p=0.9), "top_p"),
-                       (dict(generator=torch.Generator()), "generator")):
-        with pytest.raises(ValueError, match=f"called with {{'{match}'"):
-            generate(gpt, labels, **{"cfg_scale": 4.0, "generator": g, **bad}, decode_fn=step)
-    with pytest.raises(ValueError, match="without guidance"):
-        generate(gpt, labels, cfg_scale=1.0, generator=g, decode_fn=step)
-    with pytest.raises(ValueError, match="called for batch 3 with guidance"):
-        generate(gpt, torch.tensor([1, 2, 3]), cfg_scale=4.0, generator=g, decode_fn=step)
-    gpt.setup_caches(4)  # e.g. another decoder for this model: the captured buffers are stale
-    with pytest.raises(ValueError, match="KV caches were replaced"):
-        generate(gpt, labels, cfg_scale=4.0, generator=g, decode_fn=step)
-    with pytest.raises(ValueError, match="CUDA graphs need a CUDA model"):
-        sample.GraphedDecoder(gpt, 2, True, temperature=1.0, top_k=0, top_p=1.0, generator=g)
-
-
 def test_bf16_pixel_network_runs_in_bf16_and_stays_close_to_fp32(ckpts):
     """A pixel network with bf16 weights (sample.load_models on CUDA for --decoder-precision bf16) computes in bf16,
     autocast or not, and returns fp32 velocities for the fp32 solver state; on the CPU load_models keeps fp32."""
@@ -319,42 +322,6 @@ def test_bf16_pixel_network_runs_in_bf16_and_stays_close_to_fp32(ckpts):
     assert 0 < (bf16 - fp32).abs().mean() < 2e-2 * fp32.abs().mean()
 
 
-def test_fp8_on_the_cpu_is_refused_in_one_line(ckpts, tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "sample.py"), *argv(ckpts, "--fp8", "--out", tmp_path / "g.png")],
-                         capture_output=True, text=True)
-    assert out.returncode != 0 and out.stderr == "sample.py: error: --fp8 needs a CUDA GPU\n", out.stderr
-    assert os.listdir(tmp_path) == []
-
-
-def greedy_tokens(gpt, labels, fp8, graphs):
-    """Greedy (top_k=1) tokens with CFG through a GraphedDecoder whose caches are fp8 or not."""
-    g = torch.Generator(labels.device).manual_seed(0)
-    step = sample.GraphedDecoder(gpt, len(labels), True, temperature=1.0, top_k=1, top_p=1.0, generator=g,
-                                 graphs=graphs, fp8=fp8)
-    return generate(gpt, labels, cfg_scale=4.0, top_k=1, generator=g, decode_fn=step)
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))])
-def test_fp8_cache_greedy_tokens_mostly_agree(device):
-    """The fp8 KV cache is not exact, but on a tiny random GPT (official init, a random head) most greedy tokens
-    equal those of a cache in the model's own dtype (70% here; a bf16 model agrees with fp32 on 84%, and a broken
-    cache would follow another prefix from the first tokens on); on CUDA, through the fp8 kernel, the graphed
-    tokens equal the eager ones."""
-    torch.manual_seed(0)
-    gpt = GPT(GPTConfig.from_name("GPT-tiny"))
-    with torch.no_grad():
-        gpt.output.weight.normal_(std=0.5)  # the official init zeroes the head
-    gpt = gpt.to(device, torch.bfloat16 if device == "cuda" else torch.float32).eval()
-    labels = torch.arange(8, device=device)
-    exact = greedy_tokens(gpt, labels, fp8=False, graphs=False)
-    fp8 = greedy_tokens(gpt, labels, fp8=True, graphs=False)
-    assert gpt.layers[0].attention.kv_cache.k_cache.dtype == torch.uint8  # e4m3 bytes (model.FP8KVCache)
-    assert (fp8 == exact).float().mean() > 0.6
-    if device == "cuda":
-        assert torch.equal(greedy_tokens(gpt, labels, fp8=True, graphs=True), fp8)
-
-
 def test_help_runs():
     out = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--prefix-image" in out.stdout
@@ -365,12 +332,11 @@ def test_cuda_graph_tokens_equal_eager(ckpts):
     tok, gpt = sample.load_models(ckpts / "tok.pt", ckpts / "gpt.pt", None, torch.bfloat16, torch.device("cuda"))
     labels = torch.arange(4, device="cuda")
     results = []
-    for graphs in (False, True):
+    for graph in (False, True):
         g = torch.Generator("cuda")
-        step = sample.GraphedDecoder(gpt, 4, True, temperature=1.0, top_k=0, top_p=1.0, generator=g,
-                                     graphs=graphs)
+        step = sample.DecodeStep(gpt, 4, 4.0, generator=g, graph=graph)
         g.manual_seed(0)
-        results.append(generate(gpt, labels, cfg_scale=4.0, generator=g, decode_fn=step))
+        results.append(sample.sample_batch(gpt, tok, labels, step)[0])
     assert torch.equal(*results)
     # the kernel's step against the SDPA step (host-int kv_len) on the caches just filled: bf16 rounding only (one
     # flipped argmax would change every later token, so the sequences themselves are not compared)
@@ -381,12 +347,10 @@ def test_cuda_graph_tokens_equal_eager(ckpts):
     assert ((kernel.float() - sdpa).norm() / sdpa.norm()).item() < 2e-2
     # the streamed decode on its side stream, fed by graph replays, still equals the offline decode (in real fp32:
     # cuDNN would run the pixel network's 1×1 convolutions in TF32 by default)
-    g = torch.Generator("cuda").manual_seed(1)
-    step = sample.GraphedDecoder(gpt, 4, True, temperature=1.0, top_k=0, top_p=1.0, generator=g)
+    step = sample.DecodeStep(gpt, 4, 4.0, generator=torch.Generator("cuda").manual_seed(1))
     tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
     try:
-        tokens, noise, image, previews = sample.sample_batch(gpt, tok, labels, cfg_scale=4.0, generator=g,
-                                                             decode_fn=step)
+        tokens, noise, image, previews = sample.sample_batch(gpt, tok, labels, step)
         torch.testing.assert_close(image, tok.decode(tokens, noise=noise), atol=1e-4, rtol=1e-4)
         ref = to_uint8(tok.decode(tokens, noise=noise, groups=2)).int()
     finally:
@@ -400,11 +364,3 @@ def test_cuda_main_runs(ckpts, tmp_path):
                                        "--out", tmp_path / "g.png", "--decoder-precision", "bf16", "--device", "cuda")))
     with np.load(tmp_path / "s.npz") as f:
         assert f["arr_0"].shape == (5, 32, 32, 3) and f["arr_0"].std() > 10
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_main_runs_with_fp8(ckpts, tmp_path):
-    sample.main(sample.parse_args(argv(ckpts, "--num-samples", 3, "--batch-size", 2, "--npz", tmp_path / "s.npz",
-                                       "--out", "", "--fp8", "--device", "cuda")))
-    with np.load(tmp_path / "s.npz") as f:
-        assert f["arr_0"].shape == (3, 32, 32, 3) and f["arr_0"].std() > 10

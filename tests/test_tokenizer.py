@@ -384,13 +384,3 @@ def test_repa_projector_and_table_sizes_are_explicit_fields():
         TokenizerConfig.from_name("tiny", repa_layer=2)
     with pytest.raises(ValueError, match="max_tokens"):
         TokenizerConfig.from_name("tiny", max_tokens=16)
-
-
-def test_checkpoint_written_before_repa_field_loads(tmp_path):
-    from dataclasses import asdict
-    tok = Tokenizer(TokenizerConfig.from_name("tiny", repa=False)).eval()
-    config = asdict(tok.config)
-    del config["repa"]
-    config["repa_layer"] = config["dd_depth"]  # how such files said "no REPA"
-    torch.save({"kind": "tokenizer", "config": config, "model": tok.state_dict(), "ema": None}, tmp_path / "old.pt")
-    assert Tokenizer.from_checkpoint(tmp_path / "old.pt").diff_decoder.net.repa_out is None
