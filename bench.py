@@ -2,15 +2,14 @@
 
     python bench.py --compile                       # D-AR-L and D-AR-XL (GPT-L / GPT-XL + tokenizer_v1), bf16
     python bench.py --models GPT-L --profile prof.txt
-    python bench.py --compile --models GPT-L --ar-only --fp8   # AR rows only, also with the fp8 KV cache
+    python bench.py --compile --models GPT-L --ar-only        # AR rows only
+    python bench.py --kernels                       # micro-benchmarks of kernels.py against the PyTorch paths
 
 Each figure is printed next to its hardware bound and the fraction bound / measured (1.0 = at the bound). The AR
 step is bounded by memory traffic: the bf16 weights plus the filled KV-cache slots it attends over, per token,
 over --hbm-tbps. The pixel decoder is bounded by its FLOPs (counted with FlopCounterMode) over --peak-tflops. End to
 end, AR and decoder overlap, so its bound is the larger of the two. Warm-up is excluded; medians of --repeats.
 First it checks that the CUDA-graph sampler reproduces the eager tokens and how far a bf16 decode is from fp32.
-With --fp8 the AR model is also timed with the float8 KV cache (sample.py --fp8; bound: 1-byte keys and values
-plus their scales), and its greedy tokens are compared with those of the bf16 cache.
 fp32 means fp32 here too (TF32 off). The AR model runs as sample.py runs it on CUDA: the decode-attention kernel
 in one CUDA graph, w1/w3 fused (kernels.py); the bf16 pixel decoder holds bf16 weights (sample.load_models).
 """
@@ -22,18 +21,18 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import ArgumentParser, atomic_save, check_writable, positive_float, positive_int
-from kernels import fuse_feed_forward
-from model import GPT, GPTConfig, generate
-from sample import GraphedDecoder, sample_batch
+from kernels import _decode_attention, cuda_graph, decode_attention, fuse_feed_forward, silu_mul
+from model import GPT, GPTConfig
+from sample import DecodeStep, decoder_autocast, sample_batch, stream
 from tokenizer import Tokenizer, TokenizerConfig
 
 PROG = "bench.py"
-SAMPLING = dict(temperature=1.0, top_k=0, top_p=1.0)  # the paper samples without temperature, top-k or top-p
-GREEDY = dict(temperature=1.0, top_k=1, top_p=1.0)  # deterministic tokens: what the fp8 cache changes, and nothing else
+CFG = 4.0  # guided: the batch is doubled (the paper samples without temperature, top-k or top-p)
 
 
 def bf16():
@@ -65,20 +64,23 @@ def median_ms(fn, repeats):
     return statistics.median(times), first
 
 
-def ar_bytes_per_token(gpt, rows, fp8=False):
+def ar_bytes_per_token(gpt, rows):
     """Bytes one token reads, averaged over the sequence: weights (not the embedding tables: one row each) plus
     the filled KV-cache slots of every layer at each position (position p attends over p + 1 slots, the class
-    token's prefill over 1). fp8: every slot but the class token's (kept in the model's dtype) holds 1-byte keys
-    and values and a 4-byte scale for each (model.FP8KVCache)."""
+    token's prefill over 1)."""
     cfg = gpt.config
     size = gpt.tok_embeddings.weight.element_size()
     weights = sum(p.numel() for n, p in gpt.named_parameters() if "embed" not in n) * size
-    vectors = cfg.n_layer * 2 * rows * cfg.n_kv_head  # k and v of one cache slot
-    per_slot = vectors * cfg.head_dim * size
-    N = cfg.block_size
-    if not fp8:
-        return weights + per_slot * (N + 1) / 2  # mean of 1..N slots
-    return weights + per_slot + vectors * (cfg.head_dim + 4) * ((N + 1) / 2 - 1)  # slot 0 exact, the rest fp8
+    per_slot = cfg.n_layer * 2 * rows * cfg.n_kv_head * cfg.head_dim * size  # k and v of one cache slot
+    return weights + per_slot * (cfg.block_size + 1) / 2  # mean of 1..N slots
+
+
+def ar_tokens(step, labels, N):
+    """The AR half of sample.stream: prefill, then one DecodeStep per token (no pixel decoder)."""
+    token = step.prefill(labels)
+    for i in range(1, N):
+        token = step(token, i)
+    return token
 
 
 def append(path, text):
@@ -109,11 +111,9 @@ def checks(gpt, tok, tok_bf16, device, row):
     """The CUDA-graph sampler against the same step run eagerly; bf16 against fp32 decoding of the same tokens."""
     labels = torch.arange(4, device=device)
     results = []
-    for graphs in (False, True):
-        g = torch.Generator(device)
-        step = GraphedDecoder(gpt, 4, True, **SAMPLING, generator=g, graphs=graphs)
-        g.manual_seed(0)
-        results.append(generate(gpt, labels, cfg_scale=4.0, **SAMPLING, generator=g, decode_fn=step))
+    for graph in (False, True):
+        step = DecodeStep(gpt, 4, CFG, generator=torch.Generator(device).manual_seed(0), graph=graph)
+        results.append(sample_batch(gpt, tok, labels, step, keep_previews=False)[0])
         del step
     row("check: graph tokens == eager tokens (fraction equal)", (results[0] == results[1]).float().mean().item(), "")
     codes = torch.randint(tok.config.vq_codebook_size, (8, tok.config.num_all_queries), device=device)
@@ -142,100 +142,67 @@ def bench_decoder(decoders, codes, noise, flops, repeats, peak, row):
 
 
 @torch.no_grad()
-def latency_ms(gpt, tok, step, generator, repeats):
+def latency_ms(gpt, tok, step, repeats):
     """Batch 1, streamed with CFG: medians of the time to the first preview and to the image (first run: warm-up)."""
-    labels = torch.zeros(1, dtype=torch.long, device=generator.device)
+    labels = torch.zeros(1, dtype=torch.long, device=step.device)
+    R = tok.config.sampling_resolution
     first, final = [], []
     for _ in range(repeats + 1):
-        events = []
-
-        def mark(k, preview):  # runs on the decoder's stream right after solver step k
-            events.append(torch.cuda.Event(enable_timing=True))
-            events[-1].record()
-        start = torch.cuda.Event(enable_timing=True)
+        noise = torch.randn(1, 3, R, R, generator=step.settings["generator"], device=step.device)
+        start, marks = torch.cuda.Event(enable_timing=True), []
         start.record()
-        sample_batch(gpt, tok, labels, cfg_scale=4.0, **SAMPLING, generator=generator, decode_fn=step,
-                     keep_previews=False, decoder_precision="bf16", on_preview=mark)
+        for kind, _, _ in stream(gpt, tok, labels, noise, step, autocast=decoder_autocast("bf16", step.device)):
+            if kind == "preview":  # recorded on the decoder's stream, right after the solver step
+                marks.append(torch.cuda.Event(enable_timing=True))
+                marks[-1].record()
         torch.cuda.synchronize()
-        first.append(start.elapsed_time(events[0]))
-        final.append(start.elapsed_time(events[-1]))
+        first.append(start.elapsed_time(marks[0]))
+        final.append(start.elapsed_time(marks[-1]))
     return statistics.median(first[1:]), statistics.median(final[1:])
 
 
 @torch.no_grad()
-def fp8_agreement(gpt, batch):
-    """Greedy tokens (top_k=1, CFG 4) of the same labels with the bf16 and the fp8 KV cache → (fraction of tokens
-    equal, fraction of positions before a row's first difference, averaged over rows). Once a token differs the
-    rest of the row follows another prefix, so the second figure is the one that tells how soon fp8 deviates."""
-    device, N = gpt.tok_embeddings.weight.device, gpt.config.block_size
-    labels = torch.arange(batch, device=device) % gpt.config.num_classes
-    tokens = []
-    for fp8 in (False, True):
-        g = torch.Generator(device).manual_seed(0)
-        step = GraphedDecoder(gpt, batch, True, **GREEDY, generator=g, fp8=fp8)
-        tokens.append(generate(gpt, labels, cfg_scale=4.0, **GREEDY, generator=g, decode_fn=step))
-        del step
-    same = tokens[0] == tokens[1]  # (B, N)
-    first = torch.where(same.all(1), N, (~same).int().argmax(1))  # (B,) position of the first difference
-    return same.float().mean().item(), (first.float() / N).mean().item()
-
-
-@torch.no_grad()
-def bench_model(name, gpt, tok, *, batches, repeats, flops, bw, peak, row, profile_path, fp8=False, ar_only=False):
+def bench_model(name, gpt, tok, *, batches, repeats, flops, bw, peak, row, profile_path, ar_only=False):
     """AR start-up and ms/token at batch 1 and each of `batches`; batch-1 latencies; end to end at each batch.
     tok: the tokenizer whose pixel network holds bf16 weights (sample.py --decoder-precision bf16 on CUDA).
-    fp8: also ms/token with the fp8 KV cache at each batch, and its greedy tokens against bf16's.
     ar_only: no latencies and no end to end (no pixel decoder)."""
     device, N = gpt.tok_embeddings.weight.device, gpt.config.block_size
+    autocast = decoder_autocast("bf16", device)
     for b in (1, *batches):
         g = torch.Generator(device).manual_seed(0)
         labels = torch.arange(b, device=device) % gpt.config.num_classes
         start = time.perf_counter()
-        step = GraphedDecoder(gpt, b, True, **SAMPLING, generator=g)
+        step = DecodeStep(gpt, b, CFG, generator=g)
         row(f"{name} AR start-up, batch {b} (compilation + graph capture)", time.perf_counter() - start, "s")
-        ms = median_ms(lambda: generate(gpt, labels, cfg_scale=4.0, **SAMPLING, generator=g, decode_fn=step),
-                       repeats)[0]
+        ms = median_ms(lambda: ar_tokens(step, labels, N), repeats)[0]
         bound = ar_bytes_per_token(gpt, 2 * b) / bw * 1e3
         row(f"{name} AR, batch {b} with CFG", ms / N, "ms/token", bound)
         if b == 1 and not ar_only:
-            first, final = latency_ms(gpt, tok, step, g, repeats)
+            first, final = latency_ms(gpt, tok, step, repeats)
             step_bound = flops / tok.config.num_denoising_steps / peak * 1e3  # one solver step of one image
-            row(f"{name} batch-1 latency to the first preview", first, "ms", bound * tok.config.queries_per_step + step_bound)
+            row(f"{name} batch-1 latency to the first preview", first, "ms",
+                bound * tok.config.queries_per_step + step_bound)
             row(f"{name} batch-1 latency to the image", final, "ms", bound * N + step_bound)
         elif not ar_only:
             torch.cuda.reset_peak_memory_stats()
-            ms = median_ms(lambda: sample_batch(gpt, tok, labels, cfg_scale=4.0, **SAMPLING, generator=g,
-                                                decode_fn=step, keep_previews=False, decoder_precision="bf16"),
+            ms = median_ms(lambda: sample_batch(gpt, tok, labels, step, keep_previews=False, autocast=autocast),
                            repeats)[0]
             row(f"{name} end to end, batch {b} (bf16 decoder, streamed)", b / ms * 1e3, "img/s",
                 min(1 / (bound * N / 1e3 / b), peak / flops), better="higher")
             row(f"{name} end to end, batch {b}: peak GPU memory", torch.cuda.max_memory_allocated() / 2 ** 30, "GiB")
-        del step
-        if fp8:
-            step = GraphedDecoder(gpt, b, True, **SAMPLING, generator=g, fp8=True)
-            ms = median_ms(lambda: generate(gpt, labels, cfg_scale=4.0, **SAMPLING, generator=g, decode_fn=step),
-                           repeats)[0]
-            row(f"{name} AR, batch {b} with CFG, fp8 KV cache", ms / N, "ms/token",
-                ar_bytes_per_token(gpt, 2 * b, fp8=True) / bw * 1e3)
-            del step
         if profile_path and b in (1, batches[0]):
-            profile_ar(gpt, b, g, profile_path, name)
-    if fp8:
-        equal, before = fp8_agreement(gpt, batches[0])
-        row(f"{name} fp8 vs bf16 KV cache, greedy, batch {batches[0]} with CFG: fraction of tokens equal", equal, "")
-        row(f"{name} fp8 vs bf16 KV cache, greedy: fraction of positions before a row's first difference", before,
-            "")
+            profile_ar(step, b, profile_path, name)
+        del step
 
 
-def profile_ar(gpt, batch, g, path, name):
-    """Top kernels of 16 AR steps, run eagerly: the kernels the graph replays.
-    The eager decoder sets up fresh caches, so earlier CUDA graphs of `gpt` are stale afterwards."""
-    device = g.device
-    eager = GraphedDecoder(gpt, batch, True, **SAMPLING, generator=g, graphs=False)
-    token, scale = torch.zeros(batch, dtype=torch.long, device=device), torch.tensor(4.0, device=device)
+def profile_ar(step, batch, path, name):
+    """Top kernels of 16 AR steps, run eagerly: the kernels the graph replays."""
+    token = torch.zeros(batch, dtype=torch.long, device=step.device)
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         for p in range(129, 145):  # mid-sequence
-            eager(gpt, token, torch.tensor([p], device=device), scale, **SAMPLING, generator=g, kv_len=p + 1)
+            step.input_pos.fill_(p)
+            step.token.copy_(token)
+            step.step()
         torch.cuda.synchronize()
     append(path, f"## {name}: 16 AR decode steps at batch {batch} with CFG (positions 129-144)\n"
                  + prof.key_averages().table(sort_by="cuda_time_total", row_limit=20) + "\n")
@@ -254,15 +221,52 @@ def profile_decoder(name, tok, ctx, codes, noise, path):
                  + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25) + "\n")
 
 
+def graph_us(fn, calls):
+    """Median µs per call of fn(0..calls-1), replayed from one CUDA graph (warm-up and compilation excluded)."""
+    graph, _ = cuda_graph(lambda: [fn(i) for i in range(calls)], warmup=1)
+    return median_ms(graph.replay, 20)[0] * 1e3 / calls
+
+
+@torch.no_grad()
+def bench_kernels(layers=24, H=16, hd=64, S=264, dim=1024, hidden=2816):
+    """GPT-L sizes; each call reads another layer's cache or weights, so L2 holds none of them."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    print("| what | variant | median time | bandwidth |\n|---|---|---|---|")
+    for rows in (128, 2):
+        kv = [torch.randn(2, rows, H, S, hd, dtype=torch.bfloat16, device="cuda") for _ in range(layers)]
+        qs = [torch.randn(rows, 1, H, hd, dtype=torch.bfloat16, device="cuda").transpose(1, 2) for _ in range(layers)]
+        for n in (40, 144, 257):
+            kv_len, w = torch.tensor([n], device="cuda"), min(S, -(-n // 32) * 32)  # SDPA over a 32-slot window
+            mask = torch.arange(w, device="cuda")[None, None, None] < n  # (1, 1, 1, w)
+            gb = (2 * rows * H * n * hd + 2 * rows * H * hd) * 2 / 1e9  # K and V of the filled slots, q and out
+
+            def sdpa(i):
+                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                    return F.scaled_dot_product_attention(qs[i], kv[i][0][:, :, :w], kv[i][1][:, :, :w], attn_mask=mask)
+            variants = {"triton (auto config)": lambda i: decode_attention(qs[i], kv[i][0], kv[i][1], kv_len),
+                        f"sdpa cudnn (window {w})": sdpa}
+            for c in [(32, 2), (64, 4), (128, 8)]:  # slots per step, warps
+                variants["triton N{} w{}".format(*c)] = lambda i, c=c: _decode_attention(qs[i], *kv[i], kv_len, *c)
+            for label, fn in variants.items():
+                us = graph_us(fn, layers)
+                print(f"| attention rows {rows} len {n} | {label} | {us:.1f} µs | {gb / us * 1e3:.2f} TB/s |")
+        x = torch.randn(rows, dim, dtype=torch.bfloat16, device="cuda")
+        w13 = [torch.randn(2 * hidden, dim, dtype=torch.bfloat16, device="cuda") / 32 for _ in range(layers)]
+        for label, fn in {"w1, w3: two GEMMs, torch silu*mul":
+                          lambda i: F.silu(F.linear(x, w13[i][:hidden])) * F.linear(x, w13[i][hidden:]),
+                          "w13: one GEMM, triton silu_mul": lambda i: silu_mul(F.linear(x, w13[i]))}.items():
+            print(f"| swiglu rows {rows} | {label} | {graph_us(fn, layers):.1f} µs | |")
+
+
 def main(args):
     if not torch.cuda.is_available():
-        if args.fp8:
-            raise SystemExit(f"{PROG}: error: --fp8 needs a CUDA GPU")
         raise SystemExit(f"{PROG}: error: no CUDA GPU is available (bench.py times GPU kernels)")
     device = torch.device("cuda")
     # fp32 rows are real fp32: TF32 (cuDNN's default for convolutions) would round their inputs to 10-bit mantissas
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
+    if args.kernels:
+        return bench_kernels()
     bw, peak = args.hbm_tbps * 1e12, args.peak_tflops * 1e12
     row = Row(args.out)
     x = torch.empty(2 ** 28, device=device)  # 1 GiB copied: the achievable bandwidth, read + write
@@ -297,7 +301,7 @@ def main(args):
             profile_decoder(name, t, ctx, codes, noise, args.profile)
     for name, gpt in gpts.items():
         bench_model(name, gpt, tok_bf16, batches=args.batch_sizes, repeats=args.repeats, flops=flops, bw=bw,
-                    peak=peak, row=row, profile_path=args.profile, fp8=args.fp8, ar_only=args.ar_only)
+                    peak=peak, row=row, profile_path=args.profile, ar_only=args.ar_only)
 
 
 def parse_args(argv=None):
@@ -309,8 +313,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (as sample.py)")
     p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
                    help="graph vs eager tokens, bf16 vs fp32 decode")
-    p.add_argument("--fp8", action="store_true", help="also time the AR model with the float8 KV cache "
-                   "(sample.py --fp8) and compare its greedy tokens with the bf16 cache's")
+    p.add_argument("--kernels", action="store_true", help="only the micro-benchmarks of kernels.py: decode "
+                   "attention against cuDNN SDPA, the fused SwiGLU against two GEMMs")
     p.add_argument("--ar-only", action="store_true", help="time the AR model only: no pixel decoder, latency or "
                    "end-to-end rows (a quick run)")
     p.add_argument("--profile", default=None, help="append torch.profiler tables to this file")

@@ -2,7 +2,6 @@
 
     python -m pytest -q tests/test_bench.py
 """
-import functools
 import os
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
 import sample  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT, GPTConfig, generate  # noqa: E402
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -38,37 +37,18 @@ def test_without_a_gpu_one_line():
         bench.main(bench.parse_args([]))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
-def test_fp8_without_a_gpu_one_line():
-    with pytest.raises(SystemExit, match=r"^bench.py: error: --fp8 needs a CUDA GPU$"):
-        bench.main(bench.parse_args(["--fp8"]))
-
-
-def test_ar_bound_with_fp8_counts_one_byte_entries_their_scales_and_the_exact_class_token():
-    gpt = GPT(GPTConfig.from_name("GPT-tiny"))
-    cfg = gpt.config
-    weights = sum(p.numel() for n, p in gpt.named_parameters() if "embed" not in n) * 4
-    vectors = cfg.n_layer * 2 * 2 * cfg.n_kv_head
-    # 1..32 slots read, the class token's in fp32 (4 bytes an element), each other one 1 byte an element + its scale
-    slots = sum(range(1, 33)) / 32
-    want = weights + vectors * cfg.head_dim * 4 + vectors * (cfg.head_dim + 4) * (slots - 1)
-    assert bench.ar_bytes_per_token(gpt, 2, fp8=True) == pytest.approx(want)
-    assert bench.ar_bytes_per_token(gpt, 2, fp8=True) < bench.ar_bytes_per_token(gpt, 2)
-
-
-def test_fp8_agreement_counts_equal_tokens_and_the_prefix_before_the_first_difference(monkeypatch):
-    """On the CPU, with eager steps (no CUDA graphs) and the reference attention: identical caches agree fully; the
-    fp8 cache agrees partly, and the equal prefix never exceeds the equal tokens."""
+def test_ar_tokens_are_the_loops_tokens():
+    """bench's AR-only loop draws exactly the tokens of sample.stream (the same steps, no pixel decoder)."""
     torch.manual_seed(0)
     gpt = GPT(GPTConfig.from_name("GPT-tiny"))
     with torch.no_grad():
         gpt.output.weight.normal_(std=0.5)
-    eager = functools.partial(sample.GraphedDecoder, graphs=False)
-    monkeypatch.setattr(bench, "GraphedDecoder", lambda *a, fp8, **k: eager(*a, **k, fp8=fp8))
-    equal, before = bench.fp8_agreement(gpt.eval(), 8)
-    assert 0.5 < equal < 1 and 0 < before <= equal
-    monkeypatch.setattr(bench, "GraphedDecoder", lambda *a, fp8, **k: eager(*a, **k, fp8=False))
-    assert bench.fp8_agreement(gpt, 8) == (1.0, 1.0)
+    labels = torch.arange(3)
+    step = sample.DecodeStep(gpt.eval(), 3, bench.CFG, generator=torch.Generator().manual_seed(0))
+    last = bench.ar_tokens(step, labels, 32)
+    step.settings["generator"].manual_seed(0)
+    want = generate(gpt, labels, cfg_scale=bench.CFG, generator=step.settings["generator"])
+    assert torch.equal(last, want[:, -1])
 
 
 def test_ar_bound_counts_weights_and_the_filled_slots_read():
