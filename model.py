@@ -2,9 +2,8 @@
 
 Nothing here is specific to D-AR (paper §4): RMSNorm, 1-D RoPE, fused wqkv, SwiGLU, the class label as a single
 prefix token at position 0 (image token j sits at position j + 1), a class table whose last row is the null
-class for classifier-free guidance, a static KV cache (gpt-fast style) and sampling.
-Module names equal the official checkpoint keys, so official state dicts load with the plain strict
-`load_state_dict`.
+class for classifier-free guidance, a static KV cache (gpt-fast style) and sampling. Module names equal the
+official checkpoint keys, so official state dicts load with the plain strict `load_state_dict`.
 
     python -c "import model; print(model.GPTConfig.from_name('GPT-L'))"
 
@@ -17,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import decode_attention
-from tokenizer import check_finite, load_checkpoint
+from tokenizer import apply_rope, check_finite, load_checkpoint
 
 
 @dataclass
@@ -51,13 +50,6 @@ class GPTConfig:
     @property
     def head_dim(self):
         return self.dim // self.n_head
-
-    @property
-    def ffn_hidden(self):  # 2/3 of 4·dim, optionally scaled, rounded up: 2816 for dim 1024, 3584 for 1280
-        h = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            h = int(self.ffn_dim_multiplier * h)
-        return self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
 
     @classmethod
     def from_name(cls, name, **overrides):
@@ -101,19 +93,6 @@ def rope_table(seq_len, head_dim, base):
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
-def apply_rope(x, rope):
-    """x (B, S, H, hd) with interleaved pairs (a, b) = (2k, 2k+1); rope (S, hd/2, 2) or (B, S, hd/2, 2), broadcast
-    over heads → (a·cos − b·sin, a·sin + b·cos), in float32, cast back. Written as x·C + swap(x)·S with C = (cos, cos)
-    and S = (−sin, sin) per pair: purely element-wise, so the compiled backward is one element-wise kernel too (a
-    stack of the two halves compiles to a slow gather in the backward); the same roundings as the direct form."""
-    rope = rope.unsqueeze(-3)  # (..., S, 1, hd/2, 2)
-    cos = rope[..., 0].repeat_interleave(2, dim=-1)  # (..., hd): c0 c0 c1 c1 ...
-    sin = torch.stack([-rope[..., 1], rope[..., 1]], dim=-1).flatten(-2)  # −s0 s0 −s1 s1 ...
-    xf = x.float()
-    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # b0 a0 b1 a1 ...
-    return (xf * cos + swapped * sin).type_as(x)
-
-
 class KVCache(nn.Module):
     """Static (B, H, S, hd) key/value buffers, written at `input_pos` (a tensor, so shapes never change)."""
 
@@ -123,16 +102,10 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos, k, v):  # input_pos (S,), k/v (B, H, S, hd)
+    def update(self, input_pos, k, v):  # input_pos (S,), k/v (B, H, S, hd) → the caches (B, H, seq, hd)
         self.k_cache.index_copy_(2, input_pos, k)
         self.v_cache.index_copy_(2, input_pos, v)
-
-    def window(self, n):
-        """Keys and values (B, H, n, hd) of the first n slots."""
-        return self.k_cache[:, :, :n], self.v_cache[:, :, :n]
-
-    def decode_attention(self, q, kv_len):
-        return decode_attention(q, self.k_cache, self.v_cache, kv_len)
+        return self.k_cache, self.v_cache
 
 
 class Attention(nn.Module):
@@ -145,21 +118,20 @@ class Attention(nn.Module):
         self.kv_cache = None
 
     def forward(self, x, rope, input_pos=None, mask=None, kv_len=None):
-        """kv_len: a device tensor (one element) with S == 1 means one decode step over the first kv_len cache slots,
-        with the length read on the device (kernels.decode_attention: one CUDA graph serves every position);
-        otherwise `mask` (1, 1, S, n) selects the first n slots and hides the empty ones among them."""
+        """x (B, S, C), rope (S, hd/2, 2). With the cache: a device kv_len (S == 1) is one decode step over that many
+        slots (GPT.forward_cached); otherwise `mask` (1, 1, S, n) selects n slots and hides the empty ones."""
         B, S, _ = x.shape
         q, k, v = self.wqkv(x).split([self.n_head * self.head_dim] + [self.n_kv_head * self.head_dim] * 2, dim=-1)
+        rope = rope.unsqueeze(-3)  # (S, 1, hd/2, 2): the same rotation for every head
         q = apply_rope(q.view(B, S, self.n_head, self.head_dim), rope).transpose(1, 2)  # (B, H, S, hd)
         k = apply_rope(k.view(B, S, self.n_kv_head, self.head_dim), rope).transpose(1, 2)
         v = v.view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.kv_cache is not None and input_pos is not None:
-            self.kv_cache.update(input_pos, k, v)
+            k, v = self.kv_cache.update(input_pos, k, v)  # the whole caches (B, H, seq, hd)
             if S == 1 and torch.is_tensor(kv_len):
-                y = self.kv_cache.decode_attention(q, kv_len)  # (B, H, 1, hd); exact filled length, no mask
+                y = decode_attention(q, k, v, kv_len)  # (B, H, 1, hd); exact filled length, no mask
                 return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, S, -1)))
-            # attend over the first mask.shape[-1] slots of the cache only; `mask` hides the empty ones among them
-            k, v = self.kv_cache.window(mask.shape[-1])
+            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         rep = self.n_head // self.n_kv_head
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -172,9 +144,13 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
-        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+        hidden = int(2 * (4 * cfg.dim) / 3)  # 2/3 of 4·dim, optionally scaled, rounded up: 2816 for 1024, 3584 for 1280
+        if cfg.ffn_dim_multiplier is not None:
+            hidden = int(cfg.ffn_dim_multiplier * hidden)
+        hidden = cfg.multiple_of * ((hidden + cfg.multiple_of - 1) // cfg.multiple_of)
+        self.w1 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
         self.ffn_dropout = nn.Dropout(cfg.ffn_dropout_p)
 
     def forward(self, x):
@@ -194,21 +170,15 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class LabelEmbedder(nn.Module):
-    """Class embedding; the extra last row (index num_classes) is the null class used for CFG."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.embedding_table = nn.Embedding(cfg.num_classes + cfg.null_class, cfg.dim)
-
-
 class GPT(nn.Module):
     """Class-conditional Llama: [class token, image tokens] → next-token logits over the codebook."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
-        self.cls_embedding = LabelEmbedder(cfg)
+        # the class table, its last row (index num_classes) CFG's null class; the dict mirrors the official key
+        table = nn.Embedding(cfg.num_classes + cfg.null_class, cfg.dim)
+        self.cls_embedding = nn.ModuleDict(dict(embedding_table=table))
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
@@ -225,8 +195,7 @@ class GPT(nn.Module):
         when a dtype cast reached it (the official table is a float32 attribute; bf16 angles lose precision)."""
         super()._apply(fn, recurse)
         if self.rope.dtype != torch.float32:
-            cfg = self.config
-            self.rope = rope_table(self.rope.shape[0], cfg.head_dim, cfg.rope_base).to(self.rope.device)
+            self.rope = rope_table(self.rope.shape[0], self.config.head_dim, self.config.rope_base).to(self.rope.device)
         return self
 
     def initialize_weights(self):
@@ -275,12 +244,9 @@ class GPT(nn.Module):
             self.rope = rope_table(seq, cfg.head_dim, cfg.rope_base).to(device)
 
     def forward_cached(self, x, input_pos, kv_len=None):
-        """x (B, S, C) embedded inputs at positions input_pos (S,) → logits (B, S, V), updating the caches.
-
-        kv_len: attend over only the first kv_len cache slots (must exceed input_pos); None = the whole cache.
-        Decoding early tokens then reads a fraction of the cache, which is what bounds large-batch decoding. A
-        one-element device tensor (one token, S == 1) is read on the device by the decode-attention kernel, so the
-        step needs no host value and one CUDA graph serves every position; a host int slices the cache (SDPA)."""
+        """x (B, S, C) embedded inputs at positions input_pos (S,) → logits (B, S, V), updating the caches. kv_len:
+        attend over the first kv_len slots only (None: all; early tokens need a fraction): a host int slices the cache
+        (SDPA); kernels.decode_attention reads a device tensor (S == 1), so one CUDA graph serves every position."""
         if x.shape[1] == 1 and torch.is_tensor(kv_len):
             return self._trunk(x, self.rope[input_pos], input_pos, None, kv_len)
         mask = self.causal_mask[None, None, input_pos, :kv_len]  # (1, 1, S, kv_len): only written slots are visible
@@ -360,8 +326,7 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     if top_p < 1.0:
         sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
         cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum > top_p
-        remove[:, 1:] = remove[:, :-1].clone()  # keep the first entry that crosses the threshold
+        remove = (cum > top_p).roll(1, dims=-1)  # shifted by one: keep the first entry that crosses the threshold
         remove[:, 0] = False
         logits = logits.masked_fill(remove.scatter(1, idx, remove), float("-inf"))
     probs = logits.softmax(-1)
@@ -371,7 +336,9 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
 
 
 def guide(logits, scale):
-    """Classifier-free guidance on a doubled batch [cond; uncond]: ℓ_u + λ(ℓ_c − ℓ_u)."""
+    """Classifier-free guidance on a doubled batch [cond; uncond]: ℓ_u + λ(ℓ_c − ℓ_u); scale None: logits as given."""
+    if scale is None:
+        return logits
     cond, uncond = logits.chunk(2)
     return uncond + scale * (cond - uncond)
 
@@ -380,35 +347,28 @@ def prefill(model, labels, cfg_scale, temperature=1.0, top_k=0, top_p=1.0, gener
     """Runs the class token at position 0 and samples the first image token. labels (B',) from cfg_labels."""
     x = model._embed(None, labels)  # (B', 1, C)
     logits = model.forward_cached(x, torch.zeros(1, dtype=torch.long, device=x.device), kv_len=1)[:, -1]
-    if cfg_scale is not None:
-        logits = guide(logits, cfg_scale)
-    return sample_logits(logits, temperature, top_k, top_p, generator)
+    return sample_logits(guide(logits, cfg_scale), temperature, top_k, top_p, generator)
 
 
 def decode_one_token(model, token, input_pos, cfg_scale, temperature=1.0, top_k=0, top_p=1.0, generator=None,
                      kv_len=None):
-    """token (B,), input_pos (1,) tensor → next token (B,). CFG doubles the batch inside.
-
-    kv_len: attend over only the first kv_len cache slots (input_pos + 1), a host int or a device tensor (see
-    GPT.forward_cached); None = the whole cache."""
+    """token (B,), input_pos (1,) tensor → next token (B,); CFG doubles the batch inside. kv_len: input_pos + 1, a
+    host int or a device tensor (GPT.forward_cached)."""
     if cfg_scale is not None:
         token = torch.cat([token, token])
     logits = model.forward_cached(model.tok_embeddings(token)[:, None], input_pos, kv_len)[:, -1]
-    if cfg_scale is not None:
-        logits = guide(logits, cfg_scale)
-    return sample_logits(logits, temperature, top_k, top_p, generator)
+    return sample_logits(guide(logits, cfg_scale), temperature, top_k, top_p, generator)
 
 
 @torch.no_grad()
 def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, generator=None, prefix=None):
     """Samples (B, N) int64 tokens for class labels (B,), in generation order (sample.py streams them instead).
-
-    cfg_scale: number or "a,b" schedule (cfg_schedule); prefix: (B, k) tokens kept fixed (zero-shot layout control),
-    teacher-forced through the cache: their tokens are still drawn (the same random draws) but discarded."""
+    cfg_scale: a number or "a,b" (cfg_schedule); prefix (B, k): tokens kept fixed (zero-shot layout control),
+    teacher-forced: their tokens are still drawn (the same random draws) but discarded."""
     N = model.config.block_size
     scales = cfg_schedule(cfg_scale, N)
-    scales = None if scales is None else scales.to(labels.device)
     cond = cfg_labels(model, labels, scales is not None)
+    scales = [None] * N if scales is None else scales.to(labels.device)
     model.setup_caches(cond.shape[0], device=labels.device)
     tokens = torch.empty(labels.shape[0], N, dtype=torch.long, device=labels.device)
     k = 0 if prefix is None else prefix.shape[1]
@@ -416,11 +376,10 @@ def generate(model, labels, cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, 
         tokens[:, :k] = prefix
     positions = torch.arange(N + 1, device=labels.device)  # made once: a new device tensor per token would sync
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    next_tok = prefill(model, cond, None if scales is None else scales[0], **settings)
+    token = prefill(model, cond, scales[0], **settings)
     for i in range(N):
         if i > 0:
-            scale = None if scales is None else scales[i]
-            next_tok = decode_one_token(model, tokens[:, i - 1], positions[i:i + 1], scale, kv_len=i + 1, **settings)
+            token = decode_one_token(model, tokens[:, i - 1], positions[i:i + 1], scales[i], kv_len=i + 1, **settings)
         if i >= k:
-            tokens[:, i] = next_tok
+            tokens[:, i] = token
     return tokens

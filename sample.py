@@ -6,14 +6,11 @@
     python sample.py ... --prefix-image ref.png --prefix-tokens 64 --labels 1 2 3   # zero-shot layout control
     torchrun --standalone --nproc_per_node=8 sample.py ... --cfg-scale 1.1,8.0 --num-samples 50000 --npz fid.npz
 
-The loop (`stream`) reads like gpt-fast's generate: prefill the class token, then one decode step per token
-(`DecodeStep`: replayed from one CUDA graph on CUDA, the same function called eagerly elsewhere). Whenever the
-tokens that the next pixel solver step is conditioned on are complete, that step runs: the causal decoder
-transformer turns the new codes into condition tokens (continuing its own KV cache), the pixel ODE takes one step,
-and its jump estimate x̂1 = x_t + (1 - t)·v is a preview of the final image at no extra cost (paper §3.3, §5.1,
-Figure 4). The image is done one solver step after the last token it needs. On CUDA the pixel steps run on a second
-stream beside the token generation (the AR model on a high-priority stream), so previews appear while tokens are
-still being generated. Sampling is reproducible from --seed through one explicit torch.Generator.
+The loop (`stream`) reads like gpt-fast's generate: prefill the class token, then one `DecodeStep` per token (a
+CUDA-graph replay on CUDA, the same step called eagerly elsewhere). As soon as the codes a pixel solver step is
+conditioned on are complete, that step runs: the causal decoder transformer turns the new codes into condition
+tokens, the ODE takes one step, and its jump estimate x̂1 = x_t + (1 - t)·v previews the final image (paper §3.3,
+§5.1, Figure 4). On CUDA the pixel steps run on a second stream beside the AR model's.
 """
 import argparse
 import math
@@ -31,7 +28,7 @@ from data import (CHECKPOINTS, ArgumentParser, atomic_save, center_crop_arr, che
                   nonnegative_int, open_image, positive_float, positive_int, setup_device, to_uint8)
 from kernels import cuda_graph, fuse_feed_forward
 from model import GPT, GPTConfig, cfg_labels, cfg_schedule, decode_one_token, prefill
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, precision
 
 PROG = "sample.py"
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # --out and --save-each write these
@@ -52,11 +49,10 @@ def grid(images, ncol):
 # the sampling loop
 
 class DecodeStep:
-    """The AR side of one batch: its KV caches, the guidance schedule, the sampling settings, and the per-token step
-    model.decode_one_token on static inputs. On CUDA the step is replayed from one CUDA graph: it computes kv_len =
-    input_pos + 1 on the device, where the decode-attention kernel reads it, so one graph serves every position
-    without a host synchronisation. The generator is registered with the graph, so the tokens equal those of the
-    same step called eagerly (graph=False) for the same seed. cfg_scale: a number or "a,b" (model.cfg_schedule)."""
+    """The AR side of one batch: KV caches, guidance schedule (cfg_scale: a number or "a,b"), sampling settings and
+    model.decode_one_token on static inputs. On CUDA it is replayed from one CUDA graph that computes kv_len =
+    input_pos + 1 on the device, where the decode-attention kernel reads it: one graph for every position, no host
+    synchronisation, and (the generator registered with the graph) the tokens of the eager step for the same seed."""
 
     @torch.no_grad()
     def __init__(self, gpt, batch, cfg_scale=1.0, *, temperature=1.0, top_k=0, top_p=1.0, generator=None, graph=None):
@@ -102,21 +98,21 @@ class DecodeStep:
         return decode_one_token(self.gpt, self.token, self.input_pos, self.scale, kv_len=kv_len, **self.settings)
 
 
-def on(stream):
+def on(stream):  # a CUDA stream's context, or nothing on other devices
     return nullcontext() if stream is None else torch.cuda.stream(stream)
 
 
 @torch.no_grad()
-def stream(gpt, tok, labels, noise, step, *, solver="adams2", steps=None, prefix=None, autocast=nullcontext):
-    """The sampling loop, as a generator. labels (B,), noise x0 (B, 3, R, R), step a DecodeStep for B rows.
+def stream(gpt, tok, labels, noise, step, *, solver="adams2", steps=None, prefix=None, decoder_precision="tf32"):
+    """The sampling loop, a generator. labels (B,), noise x0 (B, 3, R, R), step a DecodeStep for B rows.
 
-    Yields ("token", i, tokens) after AR token i (tokens (B, N) in generation order, the first i + 1 filled) and
-    ("preview", k, image) after pixel solver step k of `steps` (default: the tokenizer's), image (B, 3, H, W) in
-    [-1, 1], not clamped: the jump estimate, equal to tok.decode of the codes so far with the same noise; the last
-    preview is the image. Step k runs as soon as the group it is conditioned on (tok.group_slices) is complete, so
-    any number of steps streams (16 steps use each of 8 groups twice, 4 every other group: paper Table 2).
-    prefix (1 or B, k): fixed leading codes (layout control, paper §5.1), teacher-forced. A model trained
-    fine-to-coarse (reverse_order) completes its first group last, so its steps all run after the last token."""
+    Yields ("token", i, tokens) after AR token i (tokens (B, N) in generation order) and ("preview", k, image) after
+    solver step k of `steps` (default: the tokenizer's): image (B, 3, H, W), not clamped, equals tok.decode of the
+    codes so far with the same noise; the last preview is the image. A step runs as soon as its group
+    (tok.group_slices) is complete, so any step count streams (paper Table 2: 16 steps use each of 8 groups twice).
+    prefix (B, k): fixed leading codes (layout control, paper §5.1). A fine-to-coarse model (reverse_order)
+    completes its first group last: its steps all run after the last token. decoder_precision: tokenizer.precision's
+    "tf32", "fp32" or "bf16" for the decoder transformer and the pixel network."""
     N, B, device = gpt.config.block_size, labels.shape[0], labels.device
     slices = tok.group_slices(tok.check_steps(steps))  # per solver step, the codes of its condition group
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
@@ -142,7 +138,7 @@ def stream(gpt, tok, labels, noise, step, *, solver="adams2", steps=None, prefix
                 while done < len(slices) and slices[done].stop <= ready:
                     if px is not None:
                         px.wait_stream(ar)  # the group's codes are written
-                    with on(px), autocast():
+                    with on(px), precision(decoder_precision, device.type):
                         codes = tokens.flip(1) if gpt.config.reverse_order else tokens  # decoding order
                         have = 0 if cond is None else cond.shape[1]
                         if have < slices[done].stop:
@@ -157,23 +153,16 @@ def stream(gpt, tok, labels, noise, step, *, solver="adams2", steps=None, prefix
             torch.cuda.current_stream(device).wait_stream(px)
 
 
-def decoder_autocast(precision, device):
-    """The pixel decoder's precision: "fp32", or "bf16" (autocast; on CUDA load_models also casts its weights)."""
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"decoder precision {precision!r}: use 'fp32' or 'bf16'")
-    return nullcontext if precision == "fp32" else lambda: torch.autocast(device.type, torch.bfloat16)
-
-
 @torch.no_grad()
 def sample_batch(gpt, tok, labels, step, *, solver="adams2", steps=None, prefix=None, keep_previews=True,
-                 autocast=nullcontext):
+                 decoder_precision="tf32"):
     """Runs the loop for labels (B,) → tokens (B, N) in decoding order, noise x0 (B, 3, R, R) drawn first from the
     step's generator, image (B, 3, H, W) in [-1, 1] (not clamped), previews (B, S, H, W, 3) uint8 or None."""
     R = tok.config.sampling_resolution
     noise = torch.randn(len(labels), 3, R, R, generator=step.settings["generator"], device=labels.device)  # x0
     previews, image = [], None
     for kind, _, out in stream(gpt, tok, labels, noise, step, solver=solver, steps=steps, prefix=prefix,
-                               autocast=autocast):
+                               decoder_precision=decoder_precision):
         if kind == "token":
             tokens = out
         else:
@@ -185,7 +174,7 @@ def sample_batch(gpt, tok, labels, step, *, solver="adams2", steps=None, prefix=
 
 
 def sample_indices(gpt, tok, labels, indices, *, seed, batch_size, graph, progress, cfg_scale, temperature,
-                   top_k, top_p, solver, prefix, keep_previews, autocast):
+                   top_k, top_p, solver, prefix, keep_previews, decoder_precision):
     """Samples labels[indices] in batches → images (n, H, W, 3) uint8 and preview strips (n, S, H, W, 3) uint8, or
     None without keep_previews. A batch draws from a generator seeded with seed + the index of its first sample, so
     a sample does not depend on how many processes share the work (as long as batches start at the same indices)."""
@@ -202,7 +191,8 @@ def sample_indices(gpt, tok, labels, indices, *, seed, batch_size, graph, progre
                                                 top_p=top_p, generator=generator, graph=graph)
         prefix_b = None if prefix is None else prefix.expand(len(idx), -1)
         _, _, image, previews = sample_batch(gpt, tok, labels[idx].to(device), decode_steps[len(idx)], solver=solver,
-                                             prefix=prefix_b, keep_previews=keep_previews, autocast=autocast)
+                                             prefix=prefix_b, keep_previews=keep_previews,
+                                             decoder_precision=decoder_precision)
         images.append(to_uint8(image).cpu())
         if keep_previews:
             strips.append(previews.cpu())
@@ -214,13 +204,10 @@ def sample_indices(gpt, tok, labels, indices, *, seed, batch_size, graph, progre
 # ---------------------------------------------------------------------------------------------------------------
 # loading and set-up
 
-def load_models(tokenizer_ckpt, gpt_ckpt, gpt_model, dtype, device, decoder_precision="fp32"):
-    """The tokenizer (fp32) and the AR model (in `dtype`) on `device`. The loaders raise FileNotFoundError or
-    ValueError naming a missing or bad file; a pair that does not fit together raises ValueError.
-
-    On CUDA the sampler's exact fast paths are set up: the AR model's SwiGLU in-projections become one GEMM
-    (kernels.fuse_feed_forward; same weights and state-dict keys), and with decoder_precision "bf16" the pixel
-    network holds bf16 weights and runs wholly in bf16 (elsewhere "bf16" means autocast, see sample_batch)."""
+def load_models(tokenizer_ckpt, gpt_ckpt, gpt_model, dtype, device, decoder_precision="tf32"):
+    """The tokenizer (fp32) and the AR model (in `dtype`) on `device`; ValueError or FileNotFoundError name a bad
+    file or a pair that does not fit. On CUDA the AR model's SwiGLU takes one GEMM (kernels.fuse_feed_forward), and
+    decoder_precision "bf16" casts the pixel network's weights (it then runs wholly in bf16)."""
     tok = Tokenizer.from_checkpoint(tokenizer_ckpt)
     gpt = GPT.from_checkpoint(gpt_ckpt, name=gpt_model)
     tc, gc = tok.config, gpt.config
@@ -357,9 +344,6 @@ def main(args):
             prefix = prefix_codes(tok, open_image(args.prefix_image), args.prefix_tokens, device)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"{PROG}: error: {str(e).splitlines()[0]}") from None
-    # fp32 means fp32: TF32 would round the inputs of fp32 matmuls and convolutions (cuDNN's default) to 10-bit
-    # mantissas; reduced precision is chosen explicitly with --precision / --decoder-precision bf16
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if args.compile:
         compile_blocks(gpt, tok)
     mine = torch.arange(len(labels)).tensor_split(world)[rank]  # this rank's sample indices, contiguous
@@ -368,8 +352,7 @@ def main(args):
         gpt, tok, labels, mine, seed=args.seed, batch_size=args.batch_size,
         graph=args.cuda_graph and device.type == "cuda", progress=rank == 0 and len(labels) > args.batch_size,
         cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        solver=args.solver, prefix=prefix, keep_previews=keep_previews,
-        autocast=decoder_autocast(args.decoder_precision, device))
+        solver=args.solver, prefix=prefix, keep_previews=keep_previews, decoder_precision=args.decoder_precision)
     if args.save_each:
         save_each(args.save_each, images, strips, mine, labels)
     if args.npz:
@@ -468,9 +451,9 @@ def parse_args(argv=None):
                    "(arr_0 uint8 NHWC, arr_1 int64 labels)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="AR model precision (auto: bf16 on CUDA, else fp32)")
-    p.add_argument("--decoder-precision", choices=["fp32", "bf16"], default="fp32",
-                   help="pixel decoder precision (bf16: bf16 weights and activations on CUDA, autocast "
-                        "elsewhere; ~4e-3 mean difference)")
+    p.add_argument("--decoder-precision", choices=["tf32", "fp32", "bf16"], default="tf32",
+                   help="pixel decoder precision: tf32 (TF32 matmuls, as the official sampler), fp32 (strict), bf16 "
+                        "(bf16 weights on CUDA, autocast elsewhere); on a CPU tf32 and fp32 are the same")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="replay the AR decode step from CUDA graphs (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (a few seconds)")

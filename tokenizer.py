@@ -7,12 +7,12 @@ The pixel decoder is a DiT/SiT-style transformer on raw pixel patches trained wi
 attends (cross-attention) only to the k-th group of M = N/K condition tokens, so an image can be decoded while
 its tokens are still being generated, and after every group the solver can jump to a preview of the final image.
 
-Module names equal the official checkpoint keys, so the released official state dicts load unchanged; where
-the paper leaves a detail open (rounding of the group schedule, the solver's coefficients, initialisation) the
-code follows the official implementation and says so.
+Module names equal the official checkpoint keys (official state dicts load unchanged); where the paper leaves a
+detail open (group rounding, solver coefficients, initialisation) the code follows the official implementation.
 
     python -c "import tokenizer; print(tokenizer.TokenizerConfig.from_name('tokenizer_v1'))"
 """
+import contextlib
 import functools
 import math
 import os
@@ -28,22 +28,17 @@ HEAD_DIM = 64  # every tokenizer attention uses 64-wide heads (12 heads at width
 
 # ---- checkpoints: they come from the internet, so unpickling may build tensors and plain data only ----
 
-class _OfficialConfig:
-    """Stand-in for the official `config_util.Config` pickled in tokenizer files: attributes only (`_data`)."""
+class _Attributes:
+    """Stand-in for the `config_util.Config` and `argparse.Namespace` that official files pickle: attributes only."""
 
 
-class _PickledNamespace:
-    """Stand-in for the `argparse.Namespace` of training arguments pickled in official files: attributes only."""
-
-
-# torch's weights_only unpickler creates these with __new__ and fills their __dict__; it never calls them
-SAFE_GLOBALS = [(_OfficialConfig, "config_util.Config"), (_PickledNamespace, "argparse.Namespace")]
+# torch's weights_only unpickler creates it with __new__ and fills its __dict__; it never calls it
+SAFE_GLOBALS = [(_Attributes, "config_util.Config"), (_Attributes, "argparse.Namespace")]
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """torch.load(weights_only=True) that admits the two official stand-ins above; a file that would need
-    anything else (e.g. a pickle calling os.system) is refused without running it. Raises FileNotFoundError, or
-    ValueError naming the file when it is empty, truncated, not a checkpoint, or refused."""
+    """torch.load(weights_only=True) admitting the stand-in above; a file needing anything else (e.g. a pickle calling
+    os.system) is refused without running it. Raises FileNotFoundError, or ValueError naming the file."""
     if os.path.isdir(path):
         raise ValueError(f"checkpoint {path} is a directory, not a file")
     if not os.path.isfile(path):
@@ -124,15 +119,12 @@ class TokenizerConfig:
         """Converts the official YAML `model` mapping (flat keys + a `diff_decoder` sub-mapping)."""
         model_cfg = dict(model_cfg)
         dd = dict(model_cfg.pop("diff_decoder", {}))
-        out = {}
         for key, value in model_cfg.items():
             if key in ("query_low_rank", "vq_enable") and value is not True:
                 raise ValueError(f"{key}: {value} is not supported (no official configuration uses it)")
-            if key == "vq_enable":
-                continue
-            if key not in OFFICIAL_TOP_KEYS:
+            if key not in OFFICIAL_TOP_KEYS | {"vq_enable"}:
                 raise ValueError(f"unknown tokenizer config key {key!r}")
-            out[key] = value
+        out = {k: v for k, v in model_cfg.items() if k != "vq_enable"}  # vq_enable: True, checked above
         for key, value in dd.items():
             if key in ("in_dim", "out_dim") and value != 3 or key == "mlp_head" and value:
                 raise ValueError(f"diff_decoder.{key}: {value} is not supported (no official configuration uses it)")
@@ -180,8 +172,7 @@ USAGE_BUFFER = "quantize.codebook_used"  # usage statistics of the official trai
 REPA_PREFIX = "diff_decoder.net.repa_out."  # REPA projector: training only, may be absent from a file
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# shared parts: 2-D RoPE, attention with QK-norm, MLP, gated block
+# ---- shared parts: 2-D RoPE, attention with QK-norm, MLP, gated block ----
 
 @functools.lru_cache(maxsize=32)
 @torch.inference_mode(False)  # a cached table must stay usable by autograd even if first built in inference mode
@@ -190,17 +181,16 @@ def rope_2d(h, w, base, device=None, head_dim=HEAD_DIM):
     Cached per grid and device: no host-to-device copy per call (which would also break CUDA-graph capture)."""
     quarter = head_dim // 4
     omega = base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (hd/4,)
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
-                                indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")  # int64, exact in float64 below
     angles = torch.cat([rows.reshape(-1, 1) * omega, cols.reshape(-1, 1) * omega], dim=1)  # (hw, hd/2)
     return torch.stack([angles.cos(), angles.sin()], dim=-1).float().to(device)
 
 
 def apply_rope(x, rope):
-    """x (B, nh, S, hd), interleaved pairs (a, b) = (2j, 2j+1) rotated by rope (S, hd/2, 2) to
-    (a·cos − b·sin, a·sin + b·cos), in float32, cast back. Written as x·C + swap(x)·S with C = (cos, cos) and
-    S = (−sin, sin) per pair: purely element-wise, so the compiled backward is one element-wise kernel too."""
-    cos = rope[..., 0].repeat_interleave(2, dim=-1)  # (S, hd): c0 c0 c1 c1 ...
+    """x (..., hd), pairs (a, b) = (2j, 2j+1) rotated by rope (..., hd/2, 2), broadcast against x, to (a·cos − b·sin,
+    a·sin + b·cos) in float32, cast back. As x·C + swap(x)·S with C = (cos, cos), S = (−sin, sin) per pair: the same
+    roundings, but purely element-wise, so the compiled backward is too (a stack of halves compiles to a gather)."""
+    cos = rope[..., 0].repeat_interleave(2, dim=-1)  # (..., hd): c0 c0 c1 c1 ...
     sin = torch.stack([-rope[..., 1], rope[..., 1]], dim=-1).flatten(-2)  # −s0 s0 −s1 s1 ...
     xf = x.float()
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # b0 a0 b1 a1 ...
@@ -271,8 +261,7 @@ def layer_norm(x):
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# vector quantizer (paper §4: ℓ2-normalised codebook of 16384 × 8)
+# ---- vector quantizer (paper §4: ℓ2-normalised codebook of 16384 × 8) ----
 
 class VectorQuantizer(nn.Module):
     """Nearest code by L2 distance between L2-normalised vectors; the codebook is normalised at use time."""
@@ -294,8 +283,7 @@ class VectorQuantizer(nn.Module):
         return z, codes, e[codes]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# pixel diffusion decoder (paper §4: a DiT on raw pixel patches, 12 blocks of width 768, patch 8)
+# ---- pixel diffusion decoder (paper §4: a DiT on raw pixel patches, 12 blocks of width 768, patch 8) ----
 
 class TimestepEmbedder(nn.Module):
     """Sinusoidal embedding of 1000·t with as many frequencies as the width (cos first), then an MLP."""
@@ -351,11 +339,9 @@ class DiffusionNet(nn.Module):
             if cfg.repa else None
 
     def forward(self, x, t, cond, repa=False):
-        """x (B, 3, H, W), t (B,) as given, cond (B, M, Dd) → velocity (B, 3, H, W), REPA features or None.
-
-        Runs in its parameters' dtype: after `.to(torch.bfloat16)` the whole network, its normalisations and
-        residual stream included, is bf16 (autocast is switched off inside, as it would run LayerNorm in fp32
-        again); the velocity comes back in x's dtype, so the solver's state stays fp32."""
+        """x (B, 3, H, W), t (B,) as given, cond (B, M, Dd) → velocity (B, 3, H, W) in x's dtype, REPA features or
+        None. Runs in its parameters' dtype: bf16 after `.to(torch.bfloat16)`, normalisations and residual stream
+        included (autocast is off inside, as it would run LayerNorm in fp32 again)."""
         dtype = self.conv_in.weight.dtype
         if dtype == torch.float32:
             return self.run(x, t, cond, repa)
@@ -381,16 +367,23 @@ class DiffusionNet(nn.Module):
         return F.pixel_shuffle(self.conv_out(y), self.patch_size), h_repa
 
 
-class DiffusionDecoder(nn.Module):
-    """Holds `net`; the extra level of nesting only mirrors the official keys (`diff_decoder.net.*`)."""
+# ---- the tokenizer ----
 
-    def __init__(self, cfg):
-        super().__init__()
-        self.net = DiffusionNet(cfg)
+@contextlib.contextmanager
+def precision(name, device_type):
+    """The arithmetic of fp32 modules inside the block: "tf32" (fp32 tensors, TF32 matmuls and convolutions on CUDA,
+    as the official sampling scripts set them), "fp32" (TF32 off) or "bf16" (autocast). TF32 exists only on CUDA,
+    where its switches are process-wide: they are set on entry and restored on exit."""
+    if name not in ("tf32", "fp32", "bf16"):
+        raise ValueError(f"precision {name!r}: use 'tf32', 'fp32' or 'bf16'")
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = name == "tf32"
+    try:
+        with torch.autocast(device_type, torch.bfloat16, enabled=name == "bf16"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# the tokenizer
 
 def shift_time(t, s):
     """shift(t) = t / (t + s(1 − t)): the time warp of paper eq. 8 (s = β = 2 spends more steps near the noise)."""
@@ -415,33 +408,25 @@ class Tokenizer(nn.Module):
         self.quant_out_conv = nn.Conv2d(cfg.vq_dim, Dd, 1, bias=False)
         self.decoder_embedding = nn.Embedding(cfg.max_tokens, Dd)
         self.decoder_layers = nn.ModuleList(GatedBlock(Dd) for _ in range(cfg.num_decoder_layers))
-        self.diff_decoder = DiffusionDecoder(cfg)
+        self.diff_decoder = nn.ModuleDict(dict(net=DiffusionNet(cfg)))  # the dict level mirrors the official keys
         if self.patchify.weight.device.type != "meta":
             self.initialize_weights()
 
     def initialize_weights(self):
-        """Official init: truncated normals, gates / adaLN / conv_out zero so every block starts as identity
-        and the first velocity is 0; the codebook uniform then row-normalised; the rest PyTorch defaults."""
-        def trunc(w, std):
-            nn.init.trunc_normal_(w, std=std, a=-2, b=2)
+        """Official init: truncated normals, adaLN and conv_out zero (the gates are zero when made) so every block
+        starts as identity and the first velocity is 0; the codebook uniform then row-normalised; the rest defaults."""
         for blocks in (self.encoder_layers, self.decoder_layers, self.diff_decoder.net.blocks):
             for m in blocks.modules():
                 if isinstance(m, nn.Linear):
-                    trunc(m.weight, 0.02)
+                    nn.init.trunc_normal_(m.weight, std=0.02)
                     nn.init.zeros_(m.bias)
-                elif isinstance(m, nn.LayerNorm):
-                    nn.init.ones_(m.weight)
-                    nn.init.zeros_(m.bias)
-        for block in [*self.encoder_layers, *self.decoder_layers]:
-            nn.init.zeros_(block.gate1)
-            nn.init.zeros_(block.gate2)
         for block in self.diff_decoder.net.blocks:
             nn.init.zeros_(block.adaLN_modulation[1].weight)
             nn.init.zeros_(block.adaLN_modulation[1].bias)
         nn.init.zeros_(self.diff_decoder.net.conv_out.weight)
         nn.init.zeros_(self.diff_decoder.net.conv_out.bias)
-        trunc(self.query_embedding.weight, 1.0)
-        trunc(self.decoder_embedding.weight, 0.02)
+        nn.init.trunc_normal_(self.query_embedding.weight, std=1.0)
+        nn.init.trunc_normal_(self.decoder_embedding.weight, std=0.02)
         V = self.config.vq_codebook_size
         with torch.no_grad():
             nn.init.uniform_(self.quantize.embedding.weight, -1 / V, 1 / V)
@@ -461,10 +446,8 @@ class Tokenizer(nn.Module):
         if self.query_linear is not None:
             queries = self.query_linear(queries)  # (N, De)
         x = torch.cat([x, queries[None].expand(B, -1, -1).to(x.dtype)], dim=1)  # (B, h·w + N, De)
-        # image tokens get 2-D RoPE, queries the identity (their order lives in the query vectors and the mask)
-        # made on the device: a host tensor copied over would make the host wait for the GPU at every call
-        identity = torch.stack([torch.ones(N, HEAD_DIM // 2, device=x.device),
-                                torch.zeros(N, HEAD_DIM // 2, device=x.device)], dim=-1)  # (N, 32, 2)
+        # image tokens get 2-D RoPE, queries the identity, angle 0 (their order lives in the query vectors and mask)
+        identity = rope_2d(1, 1, cfg.rope_base_len, x.device).expand(N, -1, -1)  # (N, 32, 2)
         rope = torch.cat([rope_2d(h, w, cfg.rope_base_len, x.device), identity])  # (h·w + N, 32, 2)
         # image tokens see all image tokens and no query; query k sees all image tokens and queries 0..k
         L = h * w + N
@@ -491,10 +474,8 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def condition(self, codes, cache=None):
-        """codes (B, n) → condition tokens (B, n, Dd). Causal: a prefix of codes gives the prefix of the result.
-
-        With `cache` (from new_condition_cache) the call continues after the codes of earlier calls, so groups can
-        be fed one at a time while they are generated."""
+        """codes (B, n) → condition tokens (B, n, Dd), causal: a prefix of codes gives the prefix of the result. With
+        `cache` (new_condition_cache) a call continues after earlier calls' codes: groups go in as they are made."""
         return self.condition_from_latent(self.quantize.codebook()[codes], cache)
 
     def condition_from_latent(self, zq, cache=None):
@@ -540,11 +521,9 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def solver_step(self, x, v_prev, k, cond_group, method="adams2", steps=None):
-        """ODE step k (0-based) of `steps` (default num_denoising_steps) from the state x (B, 3, R, R).
-
-        v_prev: the velocity of step k - 1, or None (Adams-2 then takes an Euler step). Returns (x_next, v,
-        preview): preview = the jump from this step's time to t = 1 with the step's blended velocity, divided by
-        σd (image space, not resized); after the last step it equals x_next / σd."""
+        """ODE step k (0-based) of `steps` (default num_denoising_steps) from the state x (B, 3, R, R); v_prev: step
+        k − 1's velocity, or None (Adams-2 then takes an Euler step). → (x_next, v, preview): the preview is the jump
+        to t = 1 (see above) in image space, not resized; after the last step it equals x_next / σd."""
         if method not in ("adams2", "euler"):
             raise ValueError(f"unknown solver {method!r}: use 'adams2' or 'euler'")
         steps = self.check_steps(steps)
@@ -557,7 +536,6 @@ class Tokenizer(nn.Module):
         return x + (t_next - t) * u, v, preview
 
     def check_steps(self, steps):
-        """`steps` of decode / solver_step: None means num_denoising_steps; otherwise a positive int."""
         if steps is None:
             return self.config.num_denoising_steps
         if not isinstance(steps, int) or steps < 1:
@@ -571,14 +549,10 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def decode(self, codes, noise=None, method="adams2", groups=None, generator=None, steps=None):
-        """codes (B, N) → image (B, 3, H, W), roughly in [-1, 1], not clamped.
-
-        steps: solver steps (default num_denoising_steps) over the same [0, 1] time range; step i is conditioned
-        on the group nearest to its time, so 16 steps use each group twice and 4 steps every other group (the
-        settings of paper Table 2).
-        groups=k runs only the steps that the first k groups condition and jumps to t = 1 from the last (the
-        preview of paper §5.1). noise is x0 in network space (its size sets H, W), else drawn with `generator` at
-        sampling_resolution."""
+        """codes (B, N) → image (B, 3, H, W), roughly in [-1, 1], not clamped. steps: solver steps (default
+        num_denoising_steps; 16 use each group twice, 4 every other one: paper Table 2). groups=k runs only the steps
+        that the first k groups condition and jumps to t = 1 from the last (the preview of paper §5.1). noise: x0 in
+        network space (its size sets H, W), else drawn with `generator` at sampling_resolution."""
         steps = self.check_steps(steps)
         K = self.config.num_query_groups
         if groups is not None and not 1 <= groups <= K:
@@ -601,8 +575,7 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, images, method="adams2", groups=None, generator=None, steps=None):
-        """Encode then decode (eval-mode `forward` of the official model): decoded at the input's size when it is
-        larger than sampling_resolution."""
+        """Encode, then decode at the input's size when larger than sampling_resolution (the official eval forward)."""
         R = self.config.sampling_resolution
         B, _, H, W = images.shape
         noise = torch.randn(B, 3, max(R, H), max(R, W), generator=generator, device=images.device)
@@ -610,12 +583,10 @@ class Tokenizer(nn.Module):
 
     # ---- training (paper eq. 7) ----
     def loss(self, images, t=None, noise=None):
-        """Training terms for a batch of images in [-1, 1]. t (B,) raw times in [0, 1) and noise (B, 3, H, W) may
-        be given (the trainer draws them per sample); otherwise they come from the global RNG.
-
-        Returns a dict: scalar losses `fm` (flow matching), `vq`, `commit`; `x1_hat` (B, 3, H, W), the one-jump
-        estimate of the image (input of the LPIPS term); `repa` (B, 256, repa_dim) student features for the REPA
-        term, or None; `codes` (B, N) for usage statistics."""
+        """Training terms for images (B, 3, H, W) in [-1, 1]. t (B,) raw times in [0, 1) and noise (B, 3, H, W) may be
+        given (the trainer draws them per sample), else they come from the global RNG. → a dict: scalar losses `fm`
+        (flow matching), `vq`, `commit`; `x1_hat` (B, 3, H, W), the one-jump image estimate (input of the LPIPS term);
+        `repa` (B, 256, repa_dim) student features for the REPA term, or None; `codes` (B, N) for usage statistics."""
         cfg = self.config
         B, N, M, K = images.shape[0], cfg.num_all_queries, cfg.queries_per_step, cfg.num_query_groups
         t = torch.rand(B, device=images.device) if t is None else t
@@ -644,15 +615,14 @@ class Tokenizer(nn.Module):
     def from_official(cls, config, state_dict=None):
         """Builds the tokenizer from the official YAML `model` mapping; loads official `state_dict` if given."""
         cfg = TokenizerConfig.from_official(config)
-        if state_dict is None:
-            return cls(cfg).eval()
+        return cls(cfg).eval() if state_dict is None else cls.from_state_dict(cfg, state_dict, "the state dict")
+
+    @classmethod
+    def from_state_dict(cls, cfg, state_dict, source):
+        """Strict load; only the training-only keys (usage buffer, REPA projector) may be present or absent."""
         with torch.device("meta"):
             tok = cls(cfg)
-        return tok.load_weights(state_dict, "the state dict")
-
-    def load_weights(self, state_dict, source):
-        """Strict load; only the training-only keys (usage buffer, REPA projector) may be present or absent."""
-        repa = self.diff_decoder.net.repa_out
+        repa = tok.diff_decoder.net.repa_out
         state_dict = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}  # saved from a compiled model
         # official files always hold a REPA projector; a config with repa=False drops it
         sd = {k: v for k, v in state_dict.items()
@@ -665,10 +635,10 @@ class Tokenizer(nn.Module):
                     m.reset_parameters()
             sd.update({REPA_PREFIX + k: v for k, v in repa.state_dict().items()})
         try:
-            self.load_state_dict(sd, strict=True, assign=True)
+            tok.load_state_dict(sd, strict=True, assign=True)
         except RuntimeError as e:  # PyTorch names the missing, unexpected and mis-shaped keys
-            raise ValueError(f"{source} does not fit the tokenizer config {self.config}:\n{e}") from None
-        return self.float().eval()
+            raise ValueError(f"{source} does not fit the tokenizer config {cfg}:\n{e}") from None
+        return tok.float().eval()
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu", use_ema=True, official_config=None):
@@ -691,9 +661,7 @@ class Tokenizer(nn.Module):
         if key not in ckpt:
             raise ValueError(f"{path} holds neither 'ema' nor 'model' weights (keys: {sorted(ckpt)})")
         check_finite(ckpt[key], f"{path} ['{key}']")
-        with torch.device("meta"):
-            tok = cls(cfg)
-        return tok.load_weights(ckpt[key], f"{path} ['{key}']")
+        return cls.from_state_dict(cfg, ckpt[key], f"{path} ['{key}']")
 
 
 def _official_model_config(config):
@@ -701,5 +669,4 @@ def _official_model_config(config):
     data = data if isinstance(data, dict) else vars(data)
     if "model" not in data:
         raise ValueError("the official config holds no `model` section")
-    model = data["model"]
-    return getattr(model, "_data", model)
+    return getattr(data["model"], "_data", data["model"])

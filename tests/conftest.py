@@ -5,8 +5,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import data
-
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -21,8 +19,8 @@ def one_thread():
 
 @pytest.fixture
 def cpu_graphs(monkeypatch):
-    """Runs data.StepGraph on the CPU, for a trainer module passed to the returned function: streams do nothing,
-    the module's --cuda-graph check passes, and the 'capture' returns a graph whose replay runs the step again and
+    """Runs trainer.StepGraph on the CPU, for the module passed to the returned function (trainer): streams do
+    nothing, its --cuda-graph check passes, and the 'capture' returns a graph whose replay runs the step again and
     writes its results into the outputs the capture returned (as a replay rewrites the graph's memory). The
     function returns the list of replays, one entry each (the sum of the batch the step read)."""
     class Stream:
@@ -43,6 +41,6 @@ def cpu_graphs(monkeypatch):
                 replays.append(self.inputs[0][0].sum().item())  # the batch the step reads
                 torch._foreach_copy_(list(outputs), list(self.step(self.inputs)))
             return SimpleNamespace(replay=replay)
-        monkeypatch.setattr(data.StepGraph, "capture", capture)
+        monkeypatch.setattr(module.StepGraph, "capture", capture)
         return replays
     return install

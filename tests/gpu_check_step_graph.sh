@@ -50,8 +50,8 @@ np.save(out / "labels.npy", np.tile(rng.integers(0, 10, 60000), 2))
 EOF
 
 # ---- 1. equality (all at once: these runs are not timed), with the pytest files alongside ----
-(timeout 200 python -m pytest -q -rs tests/test_train_tokenizer.py tests/test_train_ar.py >"$OUT/pytest.txt" 2>&1;
- echo "pytest exit $?" >>"$OUT/pytest.txt") &
+(timeout 200 python -m pytest -q -rs tests/test_train_tokenizer.py tests/test_train_ar.py tests/test_trainer.py \
+   >"$OUT/pytest.txt" 2>&1; echo "pytest exit $?" >>"$OUT/pytest.txt") &
 PYTEST=$!
 EQ=(--global-batch-size 512 --lr $LR --log-every 1)
 pids=()

@@ -1,13 +1,20 @@
-"""ablations.py with the tiny recipe: every study end to end on one shared out-dir (the baseline is trained once),
-the shape of its JSON and Markdown outputs, the stages, and the verdicts on made-up numbers."""
+"""experiments/ablations.py with the tiny recipe: every study end to end on one shared out-dir (the baseline is
+trained once), the shape of its JSON and Markdown outputs, the stages, and the verdicts on made-up numbers.
+
+    python -m pytest -q tests/test_ablations.py
+"""
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-import ablations
-from data import fmnist_dir
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import ablations  # noqa: E402
+from data import fmnist_dir  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(not (fmnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
                                  reason="Fashion-MNIST is not installed"),
@@ -20,9 +27,17 @@ EXPECTED = {
     "table4": (4, GEN, {"FID", "Precision", "Recall"}, True),
     "table5": (4, GEN, {"FID", "Precision", "Recall"}, True),
     "table6": (3, RECON | {"Codebook use"}, {"rFID", "Codebook use"}, False),
-    "figure7": (4, RECON | GEN | {"AR loss", "AR loss curve"}, {"rFID", "FID"}, True),
+    "figure7": (4, RECON | GEN | {"AR loss"}, {"rFID", "FID"}, True),
     "table7": (10, GEN, {"FID", "Precision", "Recall"}, True),
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_trainers():
+    """The trainers run as subprocesses: one thread each, as the one_thread fixture gives this process."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +105,24 @@ def test_another_seed_needs_another_out_dir(out_dir):
         run(out_dir, "table2", "--seed", "1")
 
 
-def test_a_training_cut_short_resumes(tmp_path):
+def test_a_training_cut_short_resumes(tmp_path, monkeypatch):
     calls = []
+
+    def trainer(argv, cwd):  # finishes the training: its summary.json
+        calls.append(argv[1:])
+        (tmp_path / "summary.json").write_text('{"step": 3, "loss": 1.5}')
+        return subprocess.CompletedProcess(argv, 0)
+    monkeypatch.setattr(ablations.subprocess, "run", trainer)
     (tmp_path / "ckpt.pt").write_bytes(b"")
-    ablations.train_once(tmp_path, lambda argv: calls.append(argv), ["--max-steps", "3"])
-    ablations.train_once(tmp_path, lambda argv: calls.append(argv), ["--max-steps", "3"])
-    assert calls == [["--max-steps", "3", "--resume"]]  # resumed once, then done
+    assert ablations.train_once(tmp_path, "train_ar.py", "train", "--max-steps", "3") == {"step": 3, "loss": 1.5}
+    ablations.train_once(tmp_path, "train_ar.py", "train", "--max-steps", "3")
+    assert calls == [["train_ar.py", "train", "--max-steps", "3", "--resume"]]  # resumed once, then done
+
+
+def test_a_failed_training_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablations.subprocess, "run", lambda argv, cwd: subprocess.CompletedProcess(argv, 1))
+    with pytest.raises(SystemExit, match=r"^ablations.py: error: train_ar.py train \.\.\. failed"):
+        ablations.train_once(tmp_path, "train_ar.py", "train", "--max-steps", "3")
 
 
 def rows(metric, values):
@@ -114,11 +141,14 @@ def test_verdicts_follow_the_numbers():
     assert "NOT" in ablations.verdict_table7(rows("FID", {**fid, "reversed 1.5": 2.0}))
 
 
-def test_codebook_use_is_the_last_logged_training_usage(out_dir):
+def test_codebook_use_and_ar_loss_are_the_trainers_final_figures(out_dir):
     run(out_dir, "table6")
     rows = json.loads((out_dir / "results_table6.json").read_text())["rows"]
     for row, shift in zip(rows, (1, 2, 4)):
-        log = (out_dir / "models" / ablations.tokenizer_name(shift) / "train.log").read_text()
-        logged = [line for line in log.splitlines() if "codebook used" in line][-1]
-        percent = float(logged.split("codebook used ")[1].split("%")[0])
-        assert row["ours"]["Codebook use"] == pytest.approx(percent / 100)
+        summary = json.loads((out_dir / "models" / ablations.tokenizer_name(shift) / "summary.json").read_text())
+        assert row["ours"]["Codebook use"] == pytest.approx(summary["codebook_used"] / 100)
+    run(out_dir, "figure7")
+    rows = json.loads((out_dir / "results_figure7.json").read_text())["rows"]
+    for row, groups in zip(rows, (1, 4, 8, 16)):
+        summary = json.loads((out_dir / "models" / ablations.ar_name(groups=groups) / "summary.json").read_text())
+        assert row["ours"]["AR loss"] == summary["loss"]

@@ -138,12 +138,10 @@ def test_setup_device_refuses_unknown_and_missing_devices():
     assert data.setup_device("cpu") == (0, 1, torch.device("cpu"))
 
 
-def test_ema_update_follows_lerp_and_leaves_a_skipped_step_alone():
-    torch.manual_seed(0)
-    ema, params = [torch.randn(3, 4), torch.randn(5)], [torch.randn(3, 4), torch.randn(5)]
-    expected = [e.lerp(p, 0.1) for e, p in zip(ema, params)]
-    kept = [e.clone() for e in ema]
-    data.ema_update(kept, params, 0.9, torch.tensor(1.0))  # skipped: unchanged
-    assert all(torch.equal(a, b) for a, b in zip(kept, ema))
-    data.ema_update(ema, params, 0.9, torch.tensor(0.0))
-    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(ema, expected))
+def test_reference_image_pads_a_fashion_mnist_item_and_crops_the_rest():
+    gray = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    x = data.reference_image(Image.fromarray(gray).convert("RGB"), 32)  # (1, 3, 32, 32)
+    assert torch.equal(x, data.from_uint8(data.fmnist_rgb32(gray[None])))  # as the training images
+    big = Image.new("RGB", (40, 30), (255, 0, 0))
+    expected = data.from_uint8(data.center_crop_arr(big, 16)[None])
+    assert torch.equal(data.reference_image(big, 16), expected) and len(data.FMNIST_CLASSES) == 10

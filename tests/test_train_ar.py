@@ -19,8 +19,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
 import train_ar  # noqa: E402
+import trainer  # noqa: E402
 from data import center_crop_arr, from_uint8, make_dataset  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
@@ -193,18 +193,8 @@ def test_corrupt_image_is_named_skipped_and_never_trained_on(tmp_path, capsys):
     bad = [i for i, p in enumerate(make_dataset(str(imgs), 32).paths) if p.name == "2.png"]
     assert meta["complete"] and meta["skipped"] == bad
     _, _, _, images = train_ar.load_codes(out)
-    order = train_ar.epoch_order(0, 0, images, 5, 1)
-    assert sorted(order) == sorted(set(range(5)) - set(bad))
-
-
-def test_epoch_order_takes_each_image_once_in_one_view():
-    n = 1000
-    images = np.arange(n)
-    rows = train_ar.epoch_order(0, 3, images, n, 2)
-    assert sorted(rows % n) == list(range(n)) and set(rows // n) == {0, 1}
-    assert np.array_equal(rows, train_ar.epoch_order(0, 3, images, n, 2))
-    assert not np.array_equal(rows, train_ar.epoch_order(0, 4, images, n, 2))
-    assert (train_ar.epoch_order(0, 3, images, n, 1) < n).all()
+    order = trainer.Order(images, 4, 0, torch.device("cpu")).epoch(0)
+    assert sorted(order.tolist()) == sorted(set(range(5)) - set(bad))
 
 
 FAST = pytest.mark.parametrize("fast", [[], ["--data-on-device"]], ids=["loader", "on-device"])
@@ -237,6 +227,7 @@ def test_resume_is_exact(tmp_path, fast):
     run(*train_args(cdir, tmp_path / "resumed", *common, "--resume"))
     a, b = load(tmp_path / "straight"), load(tmp_path / "resumed")
     assert a["step"] == b["step"] == 6
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["step"] == 6
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
     for name, state in a["optimizer"]["state"].items():
@@ -253,6 +244,10 @@ def test_refuses_to_start_over_a_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"ckpt\.pt already exists: pass --resume .* or --overwrite"):
         run(*train_args(cdir, tmp_path / "run", *common, "--seed", 1))
     assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+    assert (tmp_path / "run" / "summary.json").exists()
+    with pytest.raises(SystemExit, match="no complete extraction"):  # starts over, stops before its end
+        run(*train_args(tmp_path / "nowhere", tmp_path / "run", *common, "--overwrite"))
+    assert not (tmp_path / "run" / "summary.json").exists()  # so no summary: it marks a finished run
     run(*train_args(cdir, tmp_path / "run", *common, "--seed", 1, "--overwrite"))
     assert (tmp_path / "run" / "ckpt.pt").read_bytes() != before
     with pytest.raises(SystemExit):
@@ -385,13 +380,18 @@ def test_data_on_device_draws_each_image_once_per_epoch_and_refuses_torchrun(tmp
     cdir = make_codes(tmp_path / "codes", codes, labels, views=2, num_images=6)
     codes, labels, meta, images = train_ar.load_codes(cdir)
     cfg = train_ar.gpt_config("GPT-tiny", meta, 0.5, None, False)
-    data = train_ar.DeviceBatches(codes, labels, images, 2, 3, 1, 0, 0.5, cfg, torch.device("cpu"))
+
+    def batches(*flags):
+        argv = train_args(cdir, "out", "--global-batch-size", 3, "--class-dropout", 0.5, *flags)
+        args = train_ar.parse_args([str(a) for a in argv])
+        return train_ar.Batches(codes, labels, images, 2, args, 1, 0, cfg, torch.device("cpu"))
+    data = batches("--data-on-device")
     epoch = torch.cat([data(s)[0][0] for s in range(2)])  # (6, N): each image once, in one of its 2 views
     rows = [int(np.flatnonzero((codes == x.numpy()).all(1))[0]) for x in epoch]
     assert sorted(r % 6 for r in rows) == list(range(6))
-    again = train_ar.DeviceBatches(codes, labels, images, 2, 3, 1, 0, 0.5, cfg, torch.device("cpu"))(1)[0]
-    assert all(torch.equal(a, b) for a, b in zip(again, data(1)[0]))  # a function of (seed, step) alone
-    monkeypatch.setattr(train_ar, "setup_device", lambda name: (0, 2, torch.device("cpu")))
+    for other in (batches("--data-on-device"), batches()):  # a function of (seed, step) alone, on either path
+        assert all(torch.equal(a, b) for a, b in zip(other(1)[0], data(1)[0]))
+    monkeypatch.setattr(trainer, "setup_device", lambda name: (0, 2, torch.device("cpu")))
     with pytest.raises(SystemExit, match="--data-on-device is the one-process fast path"):
         run(*train_args(cdir, tmp_path / "run", "--global-batch-size", 4, "--epochs", 1, "--data-on-device"))
 
@@ -411,10 +411,11 @@ def test_cuda_graph_refuses_what_it_cannot_capture(tmp_path, flags, message):
 def graph_runs(tmp_path, *flags):
     """An eager run, a graphed run and a graphed run resumed halfway: 12 steps over 3 epochs of 4, dropout on (a
     replay must draw its step's masks), the lr decaying over the last epoch (2^-9 · k/4: exact in the graphed
-    AdamW's float32 lr tensor). Returns the runs' folders, the settings and the codes."""
+    AdamW's float32 lr tensor). Seed 1: no two replayed batches have the same sum, cpu_graphs' fingerprint of a
+    batch. Returns the runs' folders, the settings and the codes."""
     cdir = make_codes(tmp_path / "codes", *learnable_codes(32))
     common = ["--global-batch-size", 8, "--grad-accum", 2, "--epochs", 3, "--decay-epochs", 1, "--lr", 2 ** -9,
-              "--min-lr", 0, "--ema", "--ema-decay", 0.9, "--dropout", 0.1, "--data-on-device", *flags]
+              "--min-lr", 0, "--ema", "--ema-decay", 0.9, "--dropout", 0.1, "--data-on-device", "--seed", 1, *flags]
     run(*train_args(cdir, tmp_path / "eager", *common))
     run(*train_args(cdir, tmp_path / "graph", *common, "--cuda-graph"))
     run(*train_args(cdir, tmp_path / "split", *common, "--cuda-graph", "--max-steps", 6))
@@ -423,7 +424,7 @@ def graph_runs(tmp_path, *flags):
 
 
 def test_graphed_steps_match_eager_steps_and_resume_exactly(tmp_path, cpu_graphs):
-    replays = cpu_graphs(train_ar)
+    replays = cpu_graphs(trainer)
     (eager, *graphed), common, cdir = graph_runs(tmp_path)
     assert len(replays) == 9 + 3 + 3 and len(set(replays[:9])) == 9  # 3 eager steps per run, then one replay each
     a = load(eager)
@@ -441,8 +442,8 @@ def test_graphed_steps_match_eager_steps_and_resume_exactly(tmp_path, cpu_graphs
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_on_cuda_matches_eager_and_resumes(tmp_path, monkeypatch):
     captures = []
-    capture = data.StepGraph.capture
-    monkeypatch.setattr(data.StepGraph, "capture", lambda self: captures.append(1) or capture(self))
+    capture = trainer.StepGraph.capture
+    monkeypatch.setattr(trainer.StepGraph, "capture", lambda self: captures.append(1) or capture(self))
     (eager, *graphed), _, _ = graph_runs(tmp_path, "--device", "cuda")
     assert len(captures) == 3  # the graphed run and both parts of the resumed one (6 steps each)
     a = load(eager)

@@ -1,4 +1,5 @@
 """Tests of train_tokenizer.py (tiny tokenizer, CPU): python -m pytest -q tests/test_train_tokenizer.py"""
+import json
 import os
 import subprocess
 import sys
@@ -9,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import train_tokenizer as tt
+import trainer
 from tokenizer import Tokenizer, TokenizerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,12 +68,6 @@ def test_loss_falls_on_a_fixed_batch():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_lr_warms_up_holds_and_decays_to_zero():
-    lrs = [tt.get_lr(step, 1.0, 2, 4, 10) for step in range(10)]
-    assert lrs == [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
-    assert [tt.get_lr(step, 1.0, 2, 0, 10) for step in range(10)] == [0.0, 0.5] + [1.0] * 8  # paper: constant
-
-
 def test_resume_continues_exactly(image_folder, tmp_path):
     tt.main(train_args(image_folder, tmp_path / "full", "--max-steps", "4"))
     tt.main(train_args(image_folder, tmp_path / "split", "--max-steps", "2"))
@@ -86,6 +81,8 @@ def test_resume_continues_exactly(image_folder, tmp_path):
     tok = Tokenizer.from_checkpoint(tmp_path / "full" / "ckpt.pt")  # the EMA weights, config inside
     assert torch.equal(tok.state_dict()["patchify.weight"], full[1]["patchify.weight"])
     assert (tmp_path / "full" / "recon_0000004.png").exists()
+    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert summary["step"] == 4 and summary["loss"] > 0 and 0 < summary["codebook_used"] <= 100
 
 
 def test_missing_data_and_weights_fail_clearly(tmp_path, monkeypatch):
@@ -129,14 +126,20 @@ def test_lpips_takes_the_torchvision_vgg16_layout(vgg_file):
     assert net(x, x).abs().max() < 1e-6 < net(x, y).min()
 
 
-def test_samples_depend_only_on_their_stream_index(image_folder):
-    stream = tt.TrainStream(tt.make_dataset(image_folder, 32), seed=3)
-    one = list(zip(range(8), tt.stream_positions(1, 8, 1, 0)))
-    two = list(zip(range(4), tt.stream_positions(1, 8, 2, 0))) + list(zip(range(4), tt.stream_positions(1, 8, 2, 1)))
-    assert sorted(g for _, g in one) == sorted(g for _, g in two) == list(range(8, 16))
-    a, b = stream[13], tt.TrainStream(stream.images, seed=3)[13]  # a fresh stream (another worker) agrees
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
-    assert not torch.equal(stream[13][2], stream[14][2])
+def test_micro_batches_depend_only_on_the_step_and_their_place_in_it(image_folder):
+    """Step 1's micro-batches (x, t, noise): one process with 2 micro-steps, 2 ranks with one each, the loader path and
+    the resident one (--data-on-device) all draw the same."""
+    dataset, cpu = tt.make_dataset(image_folder, 32), torch.device("cpu")
+    args = tt.get_args(train_args(image_folder, "out", "--global-batch-size", 8, "--grad-accum", 2, "--seed", 3))
+    one = next(tt.batches(dataset, args, 1, 1, 0, cpu))
+    args.grad_accum = 1
+    two = [next(tt.batches(dataset, args, 1, 2, rank, cpu))[0] for rank in (0, 1)]
+    args.grad_accum, args.data_on_device = 2, True
+    resident, again = (next(tt.batches(dataset, args, 1, 1, 0, cpu)) for _ in range(2))  # again: a resumed run
+    for other in (two, resident, again):
+        assert all(torch.equal(u, v) for a, b in zip(one, other) for u, v in zip(a, b))
+    assert not torch.equal(one[0][2], one[1][2])  # each micro-batch its own noise
+    assert not torch.equal(one[0][2], next(tt.batches(dataset, args, 2, 1, 0, cpu))[0][2])  # each step its own
 
 
 def test_two_process_ddp_matches_one_process(image_folder, vgg_file, tmp_path):
@@ -266,29 +269,21 @@ def test_data_on_device_trains(image_folder, tmp_path, capsys):
     assert len(losses) == 3 and losses[-1] < 0.7 * losses[0], losses
 
 
-def test_data_on_device_resumes_exactly(image_folder, tmp_path):
+def test_data_on_device_resumes_exactly_and_trains_as_the_loader(image_folder, tmp_path):
     # batch 3 of 8 images: steps straddle epoch boundaries, and the resumed run starts inside an epoch
-    common = ["--data-on-device", "--global-batch-size", 3, "--grad-accum", 3]
-    tt.main(train_args(image_folder, tmp_path / "full", "--max-steps", 5, *common))
-    tt.main(train_args(image_folder, tmp_path / "split", "--max-steps", 3, *common))
-    tt.main(train_args(image_folder, tmp_path / "split", "--max-steps", 5, "--resume", *common))
-    full, split = states(tmp_path / "full" / "ckpt.pt"), states(tmp_path / "split" / "ckpt.pt")
-    for a, b in zip(full[:2], split[:2]):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_device_stream_takes_each_image_once_per_epoch_and_depends_on_the_step():
-    images = torch.arange(10, dtype=torch.uint8)[:, None, None, None].expand(10, 2, 2, 3).contiguous()
-    stream = tt.DeviceStream(images, 0, torch.device("cpu"))
-    seen = [stream(s, 5, 1)[0] for s in range(4)]  # two epochs of 10 images
-    ids = [torch.round((x[:, 0, 0, 0] + 1) * 127.5).long().tolist() for x, _, _ in seen]
-    assert sorted(ids[0] + ids[1]) == sorted(ids[2] + ids[3]) == list(range(10)) and ids[:2] != ids[2:]
-    again = tt.DeviceStream(images, 0, torch.device("cpu"))(3, 5, 1)[0]  # a fresh stream: the same step-3 draws
-    assert all(torch.equal(a, b) for a, b in zip(again, seen[3]))
+    common = ["--global-batch-size", 3, "--grad-accum", 3, "--max-steps", 5]
+    tt.main(train_args(image_folder, tmp_path / "full", *common, "--data-on-device"))
+    tt.main(train_args(image_folder, tmp_path / "split", *common, "--data-on-device", "--max-steps", 3))
+    tt.main(train_args(image_folder, tmp_path / "split", *common, "--data-on-device", "--resume"))
+    tt.main(train_args(image_folder, tmp_path / "loader", *common))
+    full, split, loader = (states(tmp_path / run / "ckpt.pt") for run in ("full", "split", "loader"))
+    for other in (split, loader):
+        for a, b in zip(full[:2], other[:2]):
+            assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_data_on_device_refuses_torchrun(image_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(tt, "setup_device", lambda name: (0, 2, torch.device("cpu")))
+    monkeypatch.setattr(trainer, "setup_device", lambda name: (0, 2, torch.device("cpu")))
     with pytest.raises(SystemExit, match="--data-on-device is the one-process fast path: launch without torchrun"):
         tt.main(train_args(image_folder, tmp_path, "--data-on-device"))
 
@@ -310,7 +305,7 @@ def test_graphed_steps_match_eager_steps_and_resume_exactly(image_folder, tmp_pa
     common = ["--max-steps", 7, "--data-on-device", "--lr", 2 ** -9, "--warmup-steps", 4, "--num-show", 1]
     tt.main(train_args(image_folder, tmp_path / "eager", *common))
     eager_log = logged_losses(capsys.readouterr().out)
-    replays = cpu_graphs(tt)
+    replays = cpu_graphs(trainer)
     tt.main(train_args(image_folder, tmp_path / "graph", *common, "--cuda-graph"))
     assert logged_losses(capsys.readouterr().out) == eager_log and len(replays) == 4  # 3 eager steps, then replays
     assert len(set(replays)) == 4  # each replay read its own step's batch
@@ -329,8 +324,8 @@ def test_graphed_steps_match_eager_steps_and_resume_exactly(image_folder, tmp_pa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_on_cuda_matches_eager_and_resumes(image_folder, tmp_path, monkeypatch):
     captures = []
-    capture = data.StepGraph.capture
-    monkeypatch.setattr(data.StepGraph, "capture", lambda self: captures.append(1) or capture(self))
+    capture = trainer.StepGraph.capture
+    monkeypatch.setattr(trainer.StepGraph, "capture", lambda self: captures.append(1) or capture(self))
     common = ["--max-steps", 8, "--data-on-device", "--device", "cuda", "--lr", 2 ** -9, "--warmup-steps", 4,
               "--num-show", 1, "--grad-accum", 2]
     tt.main(train_args(image_folder, tmp_path / "eager", *common))

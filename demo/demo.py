@@ -1,43 +1,43 @@
-"""Watch D-AR think: a local page where tokens stream in and each finished group sharpens the image (paper Figure 1).
+"""Watch D-AR think: a local page where tokens stream in and each solver step sharpens the image (paper Figure 1).
 
-    python demo.py                                   # the shipped Fashion-MNIST model at http://127.0.0.1:8000/
-    python demo.py --host 0.0.0.0 --port 8080 --gpt-ckpt D-AR-L-360K.pt --gpt-model GPT-L \
+    python demo/demo.py                              # the shipped Fashion-MNIST model at http://127.0.0.1:8000/
+    python demo/demo.py --host 0.0.0.0 --port 8080 --gpt-ckpt D-AR-L-360K.pt --gpt-model GPT-L \
         --tokenizer-ckpt D-AR-tokenizer_v1.pt        # any pair sample.py takes; --host opens it to the network
 
-The page (demo.html, beside this file) posts one JSON request per run to /generate and reads the answer as
-server-sent events, written while sample.py's streaming decoder computes them (paper §3.3):
-    start    {labels, names, num_tokens, group_size, num_groups, prefix}   what is about to be generated
-    token    {index, codes}     the code at position `index` (decoding order) of every sample
-    preview  {group, images}    after the solver step of group `group` (1-based), each sample's jump estimate of the
-                                final image as a PNG data URL; the last one is the image, equal to sample.py's
-                                for the same labels, seed and settings
-    done     {seconds, gif}     the wall time and the run as an animated GIF (a data URL; sample.py --gif draws it too)
+The page (demo.html) posts a run as JSON to /generate and reads server-sent events, each sent as soon as sample.py's
+sampling loop has computed it (paper §3.3):
+    start    {labels, names, num_tokens, group_size, num_groups, num_steps, prefix}
+    token    {index, codes}     every sample's code at position `index` (generation order)
+    preview  {step, images}     after solver step `step` (1-based), each sample's jump estimate as a PNG data URL;
+                                the last is the image, equal to sample.py's for the same labels, seed and settings
+    done     {seconds, gif}     the wall time and the run as an animated GIF (sample.py --gif draws the same)
     error    {message}          the run failed after it had started
-A request the server refuses gets a 4xx with {"error": message}; one run at a time (409 while another runs); a
-client that goes away stops its run at the next token.
+A refused request gets a 4xx with {"error": message}; one run at a time (409 while another runs); a client that
+goes away stops its run at the next token.
 """
 import base64
 import binascii
 import io
 import json
-import os
+import sys
 import threading
 import time
 from argparse import ArgumentTypeError
+from contextlib import closing, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules live one folder up
 
-import sample
-from data import (CHECKPOINTS, ArgumentParser, fmnist_rgb32, load_fashion_mnist, nonnegative_int, open_image,
-                  positive_float, positive_int, setup_device, to_uint8)
-from model import cfg_schedule, decode_one_token
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
-FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                  "Ankle boot")  # the shipped model's 10 classes; a model with another count gets numbers
+import sample  # noqa: E402
+from data import (CHECKPOINTS, FMNIST_CLASSES, ArgumentParser, fmnist_rgb32, load_fashion_mnist,  # noqa: E402
+                  nonnegative_int, open_image, positive_float, positive_int, setup_device, to_uint8)
+from model import cfg_schedule  # noqa: E402
+
 MAX_SAMPLES = 16  # per run: the page draws every sample's token grid; a CPU takes 0.3-0.6 s per sample
 MAX_UPLOAD = 2 << 20  # bytes of an uploaded reference image
 MAX_BODY = MAX_UPLOAD * 4 // 3 + (64 << 10)  # the image travels base64-encoded inside the JSON request
@@ -71,52 +71,43 @@ def png_url(image):
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the server's state and the requests it accepts
-
 class Demo:
     """The models, what the page may choose from, and the lock that lets one run at a time."""
 
-    def __init__(self, tok, gpt, device):
-        self.tok, self.gpt, self.device = tok, gpt, device
+    def __init__(self, tok, gpt, device, decoder_precision):
+        self.tok, self.gpt, self.device, self.decoder_precision = tok, gpt, device, decoder_precision
         n = gpt.config.num_classes
-        self.names = list(FMNIST_CLASSES) if n == 10 else [str(c) for c in range(n)]
-        self.gallery, self.gallery_labels, self.gallery_note = load_gallery()  # (n, 28, 28) uint8
+        self.names = list(FMNIST_CLASSES) if n == len(FMNIST_CLASSES) else [str(c) for c in range(n)]  # or numbers
+        try:  # the first GALLERY_PER_CLASS test images of each class: layout references to click
+            images, labels = load_fashion_mnist("test")
+            idx = [i for c in range(len(FMNIST_CLASSES)) for i in np.flatnonzero(labels == c)[:GALLERY_PER_CLASS]]
+            self.gallery, self.gallery_labels, self.gallery_note = images[idx], labels[idx].tolist(), ""  # (n, 28, 28)
+        except (FileNotFoundError, ValueError) as e:
+            self.gallery, self.gallery_labels = np.zeros((0, 28, 28), np.uint8), []
+            self.gallery_note = f"No gallery: {e}. Upload an image instead."
         self.generator = torch.Generator(device)  # one for every run: CUDA graphs are captured with it
-        self.graphed = {}  # the AR decode step's CUDA graphs for the last (batch, guided, temperature)
+        self.steps = {}  # the AR decode step of the last (batch, cfg, temperature)
         self.lock = threading.Lock()
 
-    def decode_fn(self, batch, cfg, temperature):
-        """On a GPU sample.py's CUDA-graph decode step (captured again when the batch or the settings change), else
-        the eager step: the tokens are the same."""
-        if self.device.type != "cuda":
-            return decode_one_token
-        guided = cfg_schedule(cfg, self.gpt.config.block_size)[0].item() > 1
-        key = (batch, guided, temperature)
-        if key not in self.graphed:  # one at a time: graphs are bound to the KV cache of their batch size
-            self.graphed = {key: sample.GraphedDecoder(self.gpt, batch, guided, temperature=temperature, top_k=0,
-                                                       top_p=1.0, generator=self.generator)}
-        return self.graphed[key]
+    def decode_step(self, batch, cfg, temperature):
+        """sample.DecodeStep for the run (its CUDA graph on a GPU), made again when the batch or settings change."""
+        key = (batch, cfg, temperature)
+        if key not in self.steps:  # one at a time: each holds KV caches (and a graph) for its batch size
+            self.steps = {key: sample.DecodeStep(self.gpt, batch, cfg, temperature=temperature,
+                                                 generator=self.generator)}
+        return self.steps[key]
+
+    def shape(self):
+        c = self.tok.config
+        return dict(num_tokens=c.num_all_queries, group_size=c.queries_per_step, num_groups=c.num_query_groups,
+                    num_steps=c.num_denoising_steps)
 
     def config(self):
         """What the page needs to draw its controls (GET /config)."""
-        c = self.tok.config
-        return dict(names=self.names, num_tokens=c.num_all_queries, group_size=c.queries_per_step,
-                    num_groups=c.num_query_groups, max_samples=MAX_SAMPLES, max_upload=MAX_UPLOAD,
+        return dict(self.shape(), names=self.names, max_samples=MAX_SAMPLES, max_upload=MAX_UPLOAD,
                     layout=not self.gpt.config.reverse_order, gallery_note=self.gallery_note,
                     gallery=[dict(image=png_url(im), name=FMNIST_CLASSES[c])
                              for im, c in zip(fmnist_rgb32(self.gallery), self.gallery_labels)])
-
-
-def load_gallery():
-    """The first GALLERY_PER_CLASS test images of each Fashion-MNIST class: (n, 28, 28) uint8, labels, and a note
-    for the page when the data set is not installed."""
-    try:
-        images, labels = load_fashion_mnist("test")
-    except (FileNotFoundError, ValueError) as e:
-        return np.zeros((0, 28, 28), np.uint8), [], f"No gallery: {e}. Upload an image instead."
-    idx = [i for c in range(10) for i in np.flatnonzero(labels == c)[:GALLERY_PER_CLASS]]
-    return images[idx], labels[idx].tolist(), ""
 
 
 def field(req, name, parse):
@@ -148,7 +139,7 @@ def parse_run(req, demo):
         raise BadRequest(f"samples: at most {MAX_SAMPLES} per run, got {n}")
     labels = [demo.names.index(c) for c in classes] * n  # the classes in turn, as sample.py --labels
     cfg = field(req, "cfg", sample.cfg_scale_arg)  # 'a' or a ramp 'a,b'
-    if cfg_schedule(cfg, demo.gpt.config.block_size)[0] > 1 and not demo.gpt.config.null_class:
+    if cfg_schedule(cfg, demo.gpt.config.block_size) is not None and not demo.gpt.config.null_class:
         raise BadRequest(f"cfg: this AR model has no null class, so it cannot use guidance (use 1), got {cfg}")
     return dict(labels=labels[:n], cfg=cfg, temperature=field(req, "temperature", positive_float),
                 seed=field(req, "seed", nonnegative_int), **parse_reference(req, demo))
@@ -186,31 +177,27 @@ def parse_reference(req, demo):
     return dict(reference=image, keep=keep * demo.tok.config.queries_per_step)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# one run, streamed
-
 def stream_run(demo, run, send):
-    """Generates the run's samples with sample.py, calling send(event, data) for every token and every preview as
+    """Runs sample.py's loop for the run's samples, calling send(event, data) for every token and every preview as
     soon as it is computed; returns the seconds taken."""
-    tok, gpt, device = demo.tok, demo.gpt, demo.device
+    tok, device, R = demo.tok, demo.device, demo.tok.config.sampling_resolution
     labels = torch.tensor(run["labels"], device=device)
     prefix = None if run["reference"] is None else sample.prefix_codes(tok, run["reference"], run["keep"], device)
-    c = tok.config
-    send("start", dict(labels=run["labels"], names=[demo.names[i] for i in run["labels"]], num_tokens=c.num_all_queries,
-                       group_size=c.queries_per_step, num_groups=c.num_query_groups, prefix=run["keep"]))
-    previews = []
-
-    def on_token(i, tokens):
-        send("token", dict(index=i, codes=tokens[:, i].tolist()))
-
-    def on_preview(k, preview):
-        previews.append(to_uint8(preview).cpu().numpy())  # (B, H, W, 3)
-        send("preview", dict(group=k + 1, images=[png_url(im) for im in previews[-1]]))
+    send("start", dict(demo.shape(), labels=run["labels"], names=[demo.names[i] for i in run["labels"]],
+                       prefix=run["keep"]))
     t0 = time.perf_counter()
-    demo.generator.manual_seed(run["seed"])  # as sample.py seeds its first batch
-    sample.sample_batch(gpt, tok, labels, cfg_scale=run["cfg"], temperature=run["temperature"],
-                        generator=demo.generator, decode_fn=demo.decode_fn(len(labels), run["cfg"], run["temperature"]),
-                        prefix=prefix, keep_previews=False, on_token=on_token, on_preview=on_preview)
+    demo.generator.manual_seed(run["seed"])  # as sample.py seeds its first batch, whose noise it draws first
+    noise = torch.randn(len(labels), 3, R, R, generator=demo.generator, device=device)  # x0
+    step = demo.decode_step(len(labels), run["cfg"], run["temperature"])
+    previews = []
+    loop = sample.stream(demo.gpt, tok, labels, noise, step, prefix=prefix, decoder_precision=demo.decoder_precision)
+    with closing(loop):  # closed if the client goes
+        for kind, i, out in loop:
+            if kind == "token":
+                send("token", dict(index=i, codes=out[:, i].tolist()))
+            else:
+                previews.append(to_uint8(out).cpu().numpy())  # (B, H, W, 3)
+                send("preview", dict(step=i + 1, images=[png_url(im) for im in previews[-1]]))
     seconds = time.perf_counter() - t0
     gif = io.BytesIO()
     sample.previews_gif(np.stack(previews, 1), gif)  # the picture of sample.py --gif
@@ -242,50 +229,43 @@ class Handler(BaseHTTPRequestHandler):
         if not demo.lock.acquire(blocking=False):
             return self.fail(409, "busy: another run is in progress; try again when it has finished")
         try:
-            self.stream(demo, run)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            seconds = stream_run(demo, run, self.send)
+            self.log_message("run of %d sample(s) done in %.2f s", len(run["labels"]), seconds)
+        except ClientGone as e:
+            self.log_message("stopped: the client went away (at a %s event)", e)
+        except Exception as e:  # a genuine bug: the page shows it, the server keeps serving, the log has the trace
+            self.log_error("run failed: %r", e)
+            self.send("error", dict(message=f"the run failed: {e!r}"))
+            raise
         finally:
             demo.lock.release()
+
+    def send(self, event, data):
+        """One server-sent event; ClientGone when the browser has closed the stream."""
+        try:
+            self.wfile.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+        except (BrokenPipeError, ConnectionResetError):
+            raise ClientGone(event) from None
 
     def read_json(self):
         try:
             size = int(self.headers.get("Content-Length", ""))
         except ValueError:
             raise BadRequest("the request needs a Content-Length", 411) from None
-        if size > MAX_BODY:
-            self.discard(size)
+        if size > MAX_BODY:  # read it all the same (up to a limit), so that the client, still sending, gets the answer
+            left = size if size <= 16 * MAX_BODY else 0
+            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+                left -= len(chunk)
+            self.close_connection = True
             raise BadRequest(f"the request has {size} bytes; an uploaded image may have at most {MAX_UPLOAD}", 413)
         try:
             return json.loads(self.rfile.read(size))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BadRequest(f"the request is not JSON ({e})") from None
-
-    def discard(self, size):
-        """Reads a refused body (up to a limit), so that the client, still sending, gets the answer."""
-        left = size if size <= 16 * MAX_BODY else 0
-        while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
-            left -= len(chunk)
-        self.close_connection = True
-
-    def stream(self, demo, run):
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()
-
-        def send(event, data):
-            try:
-                self.wfile.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
-            except (BrokenPipeError, ConnectionResetError):
-                raise ClientGone(event) from None
-        try:
-            seconds = stream_run(demo, run, send)
-            self.log_message("run of %d sample(s) done in %.2f s", len(run["labels"]), seconds)
-        except ClientGone as e:
-            self.log_message("stopped: the client went away (at a %s event)", e)
-        except Exception as e:  # a genuine bug: the page shows it, the server keeps serving, the log has the trace
-            self.log_error("run failed: %r", e)
-            send("error", dict(message=f"the run failed: {e!r}"))
-            raise
 
     def reply(self, status, body, content_type):
         self.send_response(status)
@@ -298,51 +278,36 @@ class Handler(BaseHTTPRequestHandler):
         self.reply(status, json.dumps(dict(error=message)).encode(), "application/json")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-
 def main(args):
     try:
         _, _, device = setup_device(args.device)
         server = ThreadingHTTPServer((args.host, args.port), Handler)  # a taken port fails now, not after loading
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as sample.py --precision auto
-        tok, gpt = sample.load_models(args.tokenizer_ckpt, args.gpt_ckpt, args.gpt_model, dtype, device)
-        sample.StreamingDecoder.check(tok)
+        tok, gpt = sample.load_models(args.tokenizer_ckpt, args.gpt_ckpt, args.gpt_model, dtype, device,
+                                      args.decoder_precision)
     except (ValueError, OSError) as e:
         raise SystemExit(f"demo.py: error: {str(e).splitlines()[0]}") from None
-    # fp32 means fp32, as in sample.py: no TF32 rounding, so the images equal sample.py's
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    server.daemon_threads = True
-    server.demo = Demo(tok, gpt, device)
+    server.demo = Demo(tok, gpt, device, args.decoder_precision)
     host, port = server.server_address[:2]
     print(f"D-AR demo on {device}: open http://{host}:{port}/  (Ctrl-C stops it)", flush=True)
-    try:
+    with server, suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-
-
-def port_arg(text):
-    port = nonnegative_int(text)
-    if port > 65535:
-        raise ArgumentTypeError(f"{text!r} must be a port number, 0..65535")
-    return port
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network interface)")
-    p.add_argument("--port", type=port_arg, default=8000, help="port to listen on (0: any free one)")
+    p.add_argument("--port", type=nonnegative_int, default=8000, help="port to listen on (0: any free one)")
     p.add_argument("--tokenizer-ckpt", default=str(CHECKPOINTS / "tokenizer_fmnist.pt"),
                    help="our or official tokenizer file")
     p.add_argument("--gpt-ckpt", default=str(CHECKPOINTS / "gpt_fmnist.pt"), help="our or official AR model file")
     p.add_argument("--gpt-model", default=None, help="GPT preset (GPT-L, GPT-XL): needed for official GPT files")
+    p.add_argument("--decoder-precision", choices=["tf32", "fp32", "bf16"], default="tf32",
+                   help="pixel decoder precision, as sample.py's (on a CPU tf32 and fp32 are the same)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     args = p.parse_args(argv)
-    for flag, path in (("--tokenizer-ckpt", args.tokenizer_ckpt), ("--gpt-ckpt", args.gpt_ckpt)):
-        if not os.path.isfile(path):
-            p.error(f"{flag} {path}: no such file (the shipped ones are in checkpoints/)")
+    if args.port > 65535:
+        p.error(f"argument --port: '{args.port}' must be a port number, 0..65535")
     return args
 
 
