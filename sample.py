@@ -24,8 +24,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from data import (CHECKPOINTS, ArgumentParser, atomic_save, center_crop_arr, check_writable, from_uint8,
-                  nonnegative_int, open_image, positive_float, positive_int, setup_device, to_uint8)
+from data import (CHECKPOINTS, ArgumentParser, atomic_save, check_writable, nonnegative_int, open_image,
+                  positive_float, positive_int, reference_image, setup_device, to_uint8)
 from kernels import cuda_graph, fuse_feed_forward
 from model import GPT, GPTConfig, cfg_labels, cfg_schedule, decode_one_token, prefill
 from tokenizer import Tokenizer, precision
@@ -233,15 +233,6 @@ def pick_labels(labels, num_samples, seed, num_classes):
     if num_samples:
         return torch.randint(num_classes, (num_samples,), generator=torch.Generator().manual_seed(seed))
     return torch.arange(min(10, num_classes))
-
-
-def reference_image(image, size):
-    """A PIL image → (1, 3, size, size) in [-1, 1], preprocessed like the training images: ADM's centre crop, except
-    that a 28×28 image for a 32-pixel tokenizer is taken for a Fashion-MNIST image and padded with black, as the
-    Fashion-MNIST training images are."""
-    if image.size == (28, 28) and size == 32:
-        return from_uint8(np.pad(np.asarray(image), ((2, 2), (2, 2), (0, 0)))[None])
-    return from_uint8(center_crop_arr(image, size)[None])
 
 
 def prefix_codes(tok, image, k, device):

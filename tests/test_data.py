@@ -145,3 +145,13 @@ def test_reference_image_pads_a_fashion_mnist_item_and_crops_the_rest():
     big = Image.new("RGB", (40, 30), (255, 0, 0))
     expected = data.from_uint8(data.center_crop_arr(big, 16)[None])
     assert torch.equal(data.reference_image(big, 16), expected) and len(data.FMNIST_CLASSES) == 10
+
+
+def test_reference_images_are_preprocessed_like_training_images():
+    gray = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
+    x = data.reference_image(Image.fromarray(gray).convert("RGB"), 32)  # Fashion-MNIST: padded with black
+    assert x.shape == (1, 3, 32, 32)
+    assert np.array_equal(data.to_uint8(x)[0, 2:30, 2:30, 0].numpy(), gray) and (x[0, :, :2] == -1).all()
+    wide = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 500, 3), dtype=np.uint8))
+    y = data.reference_image(wide, 32)  # ADM centre crop of the middle 300×300
+    assert y.shape == (1, 3, 32, 32) and y.abs().max() <= 1
