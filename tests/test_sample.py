@@ -354,3 +354,12 @@ def test_cuda_main_runs(ckpts, tmp_path):
                                        "--out", tmp_path / "g.png", "--decoder-precision", "bf16", "--device", "cuda")))
     with np.load(tmp_path / "s.npz") as f:
         assert f["arr_0"].shape == (5, 32, 32, 3) and f["arr_0"].std() > 10
+
+
+def test_main_leaves_the_tf32_switches_as_it_found_them(ckpts, tmp_path):
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    for mode in ("fp32", "tf32"):
+        sample.main(sample.parse_args(argv(ckpts, "--out", tmp_path / f"{mode}.png", "--decoder-precision", mode)))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    # on a CPU tf32 and fp32 are the same computation
+    assert (tmp_path / "fp32.png").read_bytes() == (tmp_path / "tf32.png").read_bytes()

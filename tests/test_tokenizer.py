@@ -384,3 +384,36 @@ def test_repa_projector_and_table_sizes_are_explicit_fields():
         TokenizerConfig.from_name("tiny", repa_layer=2)
     with pytest.raises(ValueError, match="max_tokens"):
         TokenizerConfig.from_name("tiny", max_tokens=16)
+
+
+def test_precision_sets_the_tf32_switches_inside_and_restores_them():
+    from tokenizer import precision
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    for name, inside in (("tf32", (True, True)), ("fp32", (False, False)), ("bf16", (False, False))):
+        with precision(name, "cpu"):
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == inside
+            assert torch.is_autocast_enabled("cpu") == (name == "bf16")
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        with precision("fp16", "cpu"):
+            pass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tf32_decoding_stays_close_to_fp32_on_cuda():
+    """TF32 rounds matmul and convolution inputs to 10-bit mantissas: the same tokens decode within 1e-2 of strict
+    fp32 (the full-size tokenizer: 1.6e-3 at most, docs/results.md), and strict fp32 really differs from it."""
+    from tokenizer import precision
+    torch.manual_seed(0)
+    tok = Tokenizer(TokenizerConfig.from_name("tiny")).cuda().eval()
+    with torch.no_grad():
+        for p in tok.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    codes = torch.randint(64, (4, 32), device="cuda")
+    noise = torch.randn(4, 3, 32, 32, device="cuda")
+    out = {}
+    for name in ("fp32", "tf32"):
+        with precision(name, "cuda"):
+            out[name] = tok.decode(codes, noise=noise)
+    diff = (out["tf32"] - out["fp32"]).abs().max().item()
+    assert 0 < diff < 1e-2, diff
