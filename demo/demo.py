@@ -5,15 +5,15 @@
         --tokenizer-ckpt D-AR-tokenizer_v1.pt        # any pair sample.py takes; --host opens it to the network
 
 The page (demo.html) posts a run as JSON to /generate and reads server-sent events, each sent as soon as sample.py's
-sampling loop has computed it (paper §3.3):
+loop has computed it (paper §3.3):
     start    {labels, names, num_tokens, group_size, num_groups, num_steps, prefix}
     token    {index, codes}     every sample's code at position `index` (generation order)
     preview  {step, images}     after solver step `step` (1-based), each sample's jump estimate as a PNG data URL;
                                 the last is the image, equal to sample.py's for the same labels, seed and settings
     done     {seconds, gif}     the wall time and the run as an animated GIF (sample.py --gif draws the same)
     error    {message}          the run failed after it had started
-A refused request gets a 4xx with {"error": message}; one run at a time (409 while another runs); a client that
-goes away stops its run at the next token.
+A refused request gets a 4xx with {"error": message} (409: another run is in progress); a client that goes away
+stops its run at the next token.
 """
 import base64
 import binascii
@@ -76,6 +76,9 @@ class Demo:
 
     def __init__(self, tok, gpt, device, decoder_precision):
         self.tok, self.gpt, self.device, self.decoder_precision = tok, gpt, device, decoder_precision
+        c = tok.config
+        self.shape = dict(num_tokens=c.num_all_queries, group_size=c.queries_per_step, num_groups=c.num_query_groups,
+                          num_steps=c.num_denoising_steps)
         n = gpt.config.num_classes
         self.names = list(FMNIST_CLASSES) if n == len(FMNIST_CLASSES) else [str(c) for c in range(n)]  # or numbers
         try:  # the first GALLERY_PER_CLASS test images of each class: layout references to click
@@ -97,27 +100,25 @@ class Demo:
                                                  generator=self.generator)}
         return self.steps[key]
 
-    def shape(self):
-        c = self.tok.config
-        return dict(num_tokens=c.num_all_queries, group_size=c.queries_per_step, num_groups=c.num_query_groups,
-                    num_steps=c.num_denoising_steps)
-
     def config(self):
         """What the page needs to draw its controls (GET /config)."""
-        return dict(self.shape(), names=self.names, max_samples=MAX_SAMPLES, max_upload=MAX_UPLOAD,
-                    layout=not self.gpt.config.reverse_order, gallery_note=self.gallery_note,
+        return dict(self.shape, names=self.names, max_samples=MAX_SAMPLES, gallery_note=self.gallery_note,
+                    layout=not self.gpt.config.reverse_order,
                     gallery=[dict(image=png_url(im), name=FMNIST_CLASSES[c])
                              for im, c in zip(fmnist_rgb32(self.gallery), self.gallery_labels)])
 
 
-def field(req, name, parse):
-    """req[name] through one of data.py's argparse number types; a BadRequest names the field."""
+def field(req, name, parse, at_most=None, of=""):
+    """req[name] through one of data.py's argparse types, at most `at_most`; a BadRequest names the field."""
     if name not in req:
         raise BadRequest(f"{name}: missing")
     try:
-        return parse(str(req[name]))
+        value = parse(str(req[name]))
     except ArgumentTypeError as e:
         raise BadRequest(f"{name}: {e}") from None
+    if at_most is not None and value > at_most:
+        raise BadRequest(f"{name}: at most {at_most}{of}, got {value}")
+    return value
 
 
 def parse_run(req, demo):
@@ -134,9 +135,7 @@ def parse_run(req, demo):
     if unknown:
         choices = ", ".join(demo.names) if len(demo.names) <= 20 else f"0 .. {len(demo.names) - 1}"
         raise BadRequest(f"unknown class {unknown[0]!r}: choose from {choices}")
-    n = field(req, "samples", positive_int)
-    if n > MAX_SAMPLES:
-        raise BadRequest(f"samples: at most {MAX_SAMPLES} per run, got {n}")
+    n = field(req, "samples", positive_int, MAX_SAMPLES, " per run")
     labels = [demo.names.index(c) for c in classes] * n  # the classes in turn, as sample.py --labels
     cfg = field(req, "cfg", sample.cfg_scale_arg)  # 'a' or a ramp 'a,b'
     if cfg_schedule(cfg, demo.gpt.config.block_size) is not None and not demo.gpt.config.null_class:
@@ -155,9 +154,7 @@ def parse_reference(req, demo):
     if demo.gpt.config.reverse_order:
         raise BadRequest("this AR model generates fine-to-coarse (reverse_order): it cannot keep a layout")
     K = demo.tok.config.num_query_groups
-    keep = field(req, "keep_groups", positive_int)
-    if keep >= K:
-        raise BadRequest(f"keep_groups: at most {K - 1} of the {K} groups, got {keep}")
+    keep = field(req, "keep_groups", positive_int, K - 1, f" of the {K} groups")
     if "gallery" in ref:
         i = field(ref, "gallery", nonnegative_int)
         if i >= len(demo.gallery):
@@ -183,7 +180,7 @@ def stream_run(demo, run, send):
     tok, device, R = demo.tok, demo.device, demo.tok.config.sampling_resolution
     labels = torch.tensor(run["labels"], device=device)
     prefix = None if run["reference"] is None else sample.prefix_codes(tok, run["reference"], run["keep"], device)
-    send("start", dict(demo.shape(), labels=run["labels"], names=[demo.names[i] for i in run["labels"]],
+    send("start", dict(demo.shape, labels=run["labels"], names=[demo.names[i] for i in run["labels"]],
                        prefix=run["keep"]))
     t0 = time.perf_counter()
     demo.generator.manual_seed(run["seed"])  # as sample.py seeds its first batch, whose noise it draws first

@@ -6,15 +6,11 @@
     python experiments/ablations.py table7 --stage metrics  # the metrics from the saved image sets
     python experiments/ablations.py all --recipe tiny --out-dir /tmp/abl  # the pipeline quickly (numbers meaningless)
 
-Each study writes out-dir/results_<table>.json and out-dir/<table>.md (ours: experiments/results/): our numbers
-beside the paper's (ImageNet 256 px, D-AR-L unless noted) and a verdict computed from them: does the paper's
-direction hold here? The models are made by running train_tokenizer.py and train_ar.py as a user would, into
-out-dir/models/<name>/; their summary.json marks a finished training (a training cut short resumes when the command
-is repeated). out-dir/sets/ holds the image sets (.npz, uint8 NHWC) and the models' numbers (.json): all that --stage
-metrics reads. Metrics are evaluate.py's: FID, precision and recall (k = 3) of Inception-v3 features against the
-first n Fashion-MNIST test images, beside the real-vs-real floor (the first n training images: FID over a few
-thousand images is biased upwards); class accuracy by the Fashion-MNIST classifier; rFID, PSNR and class kept of
-the reconstructions of the first n test images.
+Each study writes out-dir/results_<table>.json and <table>.md (ours: experiments/results/): our numbers beside the
+paper's (ImageNet 256 px, D-AR-L unless noted) and a verdict: does the paper's direction hold here? The models are
+trained by train_tokenizer.py and train_ar.py, run as a user would, into out-dir/models/ (a training cut short
+resumes when the command is repeated); out-dir/sets/ holds the image sets (.npz, uint8 NHWC) and the models' final
+figures (.json), all that --stage metrics reads. Metrics are evaluate.py's (docs/results.md says which).
 """
 import gzip
 import hashlib
@@ -35,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 import evaluate  # noqa: E402
 import sample  # noqa: E402
 from data import (ArgumentParser, atomic_save, fmnist_dir, fmnist_rgb32, from_uint8, load_fashion_mnist,  # noqa: E402
-                  nonnegative_int, setup_device)
+                  nonnegative_int, setup_device, write_json)
 from tokenizer import Tokenizer  # noqa: E402
 
 PROG = "ablations.py"
@@ -120,8 +116,8 @@ class Workspace:
     'metrics' nothing is trained or sampled: the sets must be there."""
 
     def __init__(self, out_dir, recipe_name, seed, device, stage):
-        self.out, self.recipe, self.seed, self.stage = Path(out_dir).resolve(), RECIPES[recipe_name], seed, stage
-        self.recipe_name = recipe_name
+        self.out, self.recipe_name, self.seed, self.stage = Path(out_dir).resolve(), recipe_name, seed, stage
+        self.recipe = RECIPES[recipe_name]
         self.device_flag = [] if device is None else ["--device", device]
         self.device = setup_device(device)[2]
         self.sets = self.out / "sets"
@@ -194,10 +190,6 @@ def write_idx(path, magic, array):
     path.parent.mkdir(parents=True, exist_ok=True)
     header = np.array([magic, *array.shape], dtype=">i4").tobytes()
     atomic_save(path, lambda f: f.write(gzip.compress(header + array.tobytes())))
-
-
-def write_json(path, obj):
-    atomic_save(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def samples(ws, cfg_scale, shift=2, groups=8, reverse=False, previews=False):
@@ -280,14 +272,14 @@ class Metrics:
         return feats
 
     def fid(self, images):
-        """FID, precision and recall of the images against the reference test images."""
         feats = self.features(images)
         precision, recall = evaluate.precision_recall(torch.from_numpy(self.reference), torch.from_numpy(feats))
         fid = evaluate.frechet_distance(*evaluate.statistics(self.reference), *evaluate.statistics(feats))
         return {"FID": fid, "Precision": precision, "Recall": recall}
 
     def floor(self):
-        """The real-vs-real floor: the first fid_images training images against the reference."""
+        """The real-vs-real floor, the first fid_images training images against the reference: FID over a few
+        thousand images is biased upwards."""
         return self.fid(self.ws.images("train", self.ws.recipe.fid_images)[0])
 
     def accuracy(self, images, labels):
@@ -334,6 +326,7 @@ PAPER_TABLE7 = {"1.0": (11.22, 0.68, 0.62), "1.5": (4.17, 0.84, 0.50), "1.75": (
 
 
 def row(key, setting, paper, *measures):
+    """One row of a study: its key for the verdict, its label, the paper's numbers and the sets to measure."""
     return {"key": key, "setting": setting, "paper": paper, "measures": list(measures)}
 
 
@@ -376,74 +369,70 @@ def figure7(ws):
 
 
 def table7(ws):
-    settings = ("1.0", "1.5", "1.75", RAMP, REVERSED_RAMP)
     return [row(f"{'reversed' if rev else 'normal'} {cfg}", f"{'reversed' if rev else 'normal'}, {cfg_label(cfg)}",
                 gen_paper((PAPER_TABLE7 if rev else PAPER_TABLE4).get(CFG[cfg])),
-                ("generation", samples(ws, cfg, reverse=rev))) for rev in (False, True) for cfg in settings]
+                ("generation", samples(ws, cfg, reverse=rev))) for rev in (False, True) for cfg in CFG]
 
 
-# ---- verdicts: does the paper's direction hold here?
+# ---- verdicts: does the paper's direction hold here? Each gets {metric: {row key: our value}}.
 
 def holds(ok):
     return "holds" if ok else "does NOT hold"
 
 
-def ours(rows, metric):
-    return {r["key"]: r["ours"][metric] for r in rows}
+def falls(values):
+    return all(a > b for a, b in zip(values, values[1:]))
 
 
 def series(values, fmt=".3g", sep=" / "):
     return sep.join(f"{v:{fmt}}" for v in values)
 
 
-def verdict_table2(rows):
-    r = ours(rows, "rFID")
-    euler = {n: r[f"euler-{n}"] for n in (4, 8, 12, 16)}
-    best = min(euler, key=euler.get)
+def verdict_table2(ours):
+    r = ours["rFID"]
+    best = min((4, 8, 12, 16), key=lambda n: r[f"euler-{n}"])
     return (f"Paper: Euler is best at 8 steps, and Adams-2 beats Euler at 8 steps. Here Euler is best at {best} "
-            f"steps ({holds(best == 8)}); Adams-2 {r['adams2-8']:.3g} vs Euler {euler[8]:.3g} rFID "
-            f"({holds(r['adams2-8'] < euler[8])}).")
+            f"steps ({holds(best == 8)}); Adams-2 {r['adams2-8']:.3g} vs Euler {r['euler-8']:.3g} rFID "
+            f"({holds(r['adams2-8'] < r['euler-8'])}).")
 
 
-def verdict_table4(rows):
-    fid = ours(rows, "FID")
+def verdict_table4(ours):
+    fid = ours["FID"]
     best = min(fid, key=fid.get)
     return (f"Paper: the linear ramp gives the best FID. Here the best is {cfg_label(best)} with FID "
             f"{fid[best]:.3g} ({holds(best == RAMP)}).")
 
 
-def verdict_table5(rows):
-    fid = list(ours(rows, "FID").values())
+def verdict_table5(ours):
+    fid = list(ours["FID"].values())
     return (f"Paper: FID falls as more of the tokens are generated (7.38 → 3.94 → 2.93 → 2.44). Here "
-            f"{series(fid, sep=' → ')} ({holds(all(a > b for a, b in zip(fid, fid[1:])))}).")
+            f"{series(fid, sep=' → ')} ({holds(falls(fid))}).")
 
 
-def verdict_table6(rows):
-    r, c = ours(rows, "rFID"), ours(rows, "Codebook use")
+def verdict_table6(ours):
+    r, c = ours["rFID"], ours["Codebook use"]
     return (f"Paper: β = 1 is clearly worse than β = 2 and 4 in rFID and codebook use. Here rFID "
             f"{series(r.values())} ({holds(r[1] > max(r[2], r[4]))}), codebook use "
             f"{series(c.values(), '.1%')} ({holds(c[1] < min(c[2], c[4]))}).")
 
 
-def verdict_figure7(rows):
-    r, g, loss = (list(ours(rows, m).values()) for m in ("rFID", "FID", "AR loss"))
+def verdict_figure7(ours):
+    r, g, loss = (list(ours[m].values()) for m in ("rFID", "FID", "AR loss"))
     return (f"Paper: rFID rises with K; gFID about flat up to K = 8 and worse at 16; larger K lowers the AR loss. "
             f"Here rFID {series(r)} ({holds(all(a <= b for a, b in zip(r, r[1:])))}); gFID {series(g)} (worst at "
-            f"16: {holds(g[3] > max(g[:3]))}); AR loss {series(loss, '.4g')} "
-            f"({holds(all(a > b for a, b in zip(loss, loss[1:])))}).")
+            f"16: {holds(g[3] > max(g[:3]))}); AR loss {series(loss, '.4g')} ({holds(falls(loss))}).")
 
 
-def verdict_table7(rows):
-    fid = ours(rows, "FID")
-    pairs = [(fid[f"normal {c}"], fid[f"reversed {c}"]) for c in CFG]
-    worse = sum(rev > normal for normal, rev in pairs)
-    best_normal, best_rev = min(p[0] for p in pairs), min(p[1] for p in pairs)
+def verdict_table7(ours):
+    fid = ours["FID"]
+    normal, reversed_ = [fid[f"normal {c}"] for c in CFG], [fid[f"reversed {c}"] for c in CFG]
+    worse = sum(rev > norm for norm, rev in zip(normal, reversed_))
     return (f"Paper: the reversed (fine-to-coarse) model is worse at every CFG setting, 4.17 vs 2.44 at best. Here "
-            f"it is worse at {worse} of {len(pairs)} settings, {best_rev:.3g} vs {best_normal:.3g} at best "
-            f"({holds(worse == len(pairs) and best_rev > best_normal)}).")
+            f"it is worse at {worse} of {len(CFG)} settings, {min(reversed_):.3g} vs {min(normal):.3g} at best "
+            f"({holds(worse == len(CFG) and min(reversed_) > min(normal))}).")
 
 
-# rows: workspace → the rows, making whatever sets are missing; verdict: the measured rows → one line
+# rows: workspace → the rows, making whatever sets are missing; verdict: our numbers → one line
 Study = namedtuple("Study", "title rows verdict note")
 
 
@@ -495,22 +484,24 @@ def markdown(result):
 def run_study(ws, table, metrics):
     """Makes the study's sets; unless the stage is 'sample', measures them and writes results_<table>.json and
     <table>.md. Returns the metrics object (created on first use: it loads the feature network)."""
-    study = STUDIES[table]
+    study, recipe = STUDIES[table], ws.recipe
     rows = study.rows(ws)
     if ws.stage == "sample":
         print(f"{PROG}: {table}: sets ready in {ws.sets}", flush=True)
         return metrics
     metrics = metrics or Metrics(ws)
-    generation = any(m[0] == "generation" for r in rows for m in r["measures"])  # FID of samples: show the floor
+    ours = {}  # metric → {row key: value}, what the verdict reads
     for r in rows:
-        r["ours"] = {k: v for m in r.pop("measures") for k, v in metrics.measure(*m).items()}
-    recipe = ws.recipe
+        r["ours"] = {k: v for m in r["measures"] for k, v in metrics.measure(*m).items()}
+        for metric, value in r["ours"].items():
+            ours.setdefault(metric, {})[r["key"]] = value
     features = "Inception-v3 pool_3" if recipe.features == "inception" else "2x2 mean gray levels (a stand-in)"
     result = {"table": table, "title": study.title, "recipe": ws.recipe_name, "seed": ws.seed,
               "images": {"samples per set": recipe.fid_images, "reconstructions per set": recipe.reconstruction_images},
-              "features": features,
-              "rows": [{k: r[k] for k in ("setting", "ours", "paper")} for r in rows],
-              "verdict": study.verdict(rows), "note": study.note, **({"floor": metrics.floor()} if generation else {})}
+              "features": features, "rows": [{k: r[k] for k in ("setting", "ours", "paper")} for r in rows],
+              "verdict": study.verdict(ours), "note": study.note}
+    if "FID" in ours:  # samples were measured: the real-vs-real floor goes beside them
+        result["floor"] = metrics.floor()
     write_json(ws.out / f"results_{table}.json", result)
     atomic_save(ws.out / f"{table}.md", lambda f: f.write(markdown(result).encode()))
     print(f"{PROG}: {table}: {result['verdict']}\n  wrote {ws.out / f'results_{table}.json'} and "

@@ -125,20 +125,15 @@ def test_a_failed_training_is_a_one_line_error(tmp_path, monkeypatch):
         ablations.train_once(tmp_path, "train_ar.py", "train", "--max-steps", "3")
 
 
-def rows(metric, values):
-    return [{"key": k, "ours": {metric: v}} for k, v in values.items()]
-
-
 def test_verdicts_follow_the_numbers():
-    good = rows("rFID", {"euler-4": 3.0, "euler-8": 2.0, "adams2-8": 1.9, "euler-12": 2.1, "euler-16": 2.2})
-    assert "NOT" not in ablations.verdict_table2(good)
-    assert "NOT" in ablations.verdict_table2(rows("rFID", {**{r["key"]: r["ours"]["rFID"] for r in good},
-                                                           "euler-4": 1.0}))
-    assert "NOT" not in ablations.verdict_table5(rows("FID", {1: 9.0, 2: 5.0, 3: 4.0, 4: 3.0}))
-    assert "NOT" in ablations.verdict_table5(rows("FID", {1: 9.0, 2: 5.0, 3: 6.0, 4: 3.0}))
+    good = {"euler-4": 3.0, "euler-8": 2.0, "adams2-8": 1.9, "euler-12": 2.1, "euler-16": 2.2}
+    assert "NOT" not in ablations.verdict_table2({"rFID": good})
+    assert "NOT" in ablations.verdict_table2({"rFID": {**good, "euler-4": 1.0}})
+    assert "NOT" not in ablations.verdict_table5({"FID": {1: 9.0, 2: 5.0, 3: 4.0, 4: 3.0}})
+    assert "NOT" in ablations.verdict_table5({"FID": {1: 9.0, 2: 5.0, 3: 6.0, 4: 3.0}})
     fid = {f"normal {c}": 3.0 for c in ablations.CFG} | {f"reversed {c}": 4.0 for c in ablations.CFG}
-    assert "worse at 5 of 5" in ablations.verdict_table7(rows("FID", fid))
-    assert "NOT" in ablations.verdict_table7(rows("FID", {**fid, "reversed 1.5": 2.0}))
+    assert "worse at 5 of 5" in ablations.verdict_table7({"FID": fid})
+    assert "NOT" in ablations.verdict_table7({"FID": {**fid, "reversed 1.5": 2.0}})
 
 
 def test_codebook_use_and_ar_loss_are_the_trainers_final_figures(out_dir):
