@@ -7,49 +7,37 @@
 `extract` writes codes.npy (views·n, N) int16/int32, labels.npy (views·n,) int64 and meta.json into --out; row
 v·n + i holds view v of image i. The views stand in for the official AR trainer's augmentation, which tokenizes each
 image on the fly from a random one of ten crops:
-  * --views ten-crop (default for image folders): ADM's centre crop to int(1.1·S) px (281 for S = 256), then
-    TenCrop(S) in torchvision's order: the four corners and the centre, then the same of the mirror image (ImageNet
-    at 256 px: 10 views × 256 tokens × 2 bytes × 1.28M images ≈ 6.6 GB).
-  * --views flip: the centre crop (ADM's, to S) and its mirror image.
-  * --views single (default for Fashion-MNIST): the centre crop only. Fashion-MNIST's images are 28-px items padded
-    to 32 px, so crops would cut the items and ten-crop is refused there; and its shoes nearly all point left, so an
-    AR model trained on flip views draws mirrored shoes that the dataset does not contain.
-Extraction works in chunks split across torchrun ranks; a rerun skips the chunks already done, and meta.json says
-"complete" only once every chunk is. Unreadable images are named as they are met, skipped (their rows are never
-trained on), counted at the end and listed in meta.json.
+  * ten-crop (default for image folders): ADM's centre crop to int(1.1·S) px (281 for S = 256), then TenCrop(S) in
+    torchvision's order (ImageNet at 256 px: 10 views × 256 tokens × 2 bytes × 1.28M images ≈ 6.6 GB).
+  * flip: the centre crop (ADM's, to S) and its mirror image.
+  * single (default for Fashion-MNIST): the centre crop only. Crops would cut its padded 28-px items, so ten-crop is
+    refused there; and its shoes nearly all point left, so flip views teach mirrored shoes the data do not contain.
+Extraction works in resumable chunks split across torchrun ranks; meta.json says "complete" once every chunk is.
+Unreadable images are named, skipped (never trained on) and listed in meta.json.
 
-`train` memory-maps these files (no tokenizer in memory) and minimises the cross-entropy of the N image tokens after
-the class token: gpt(codes[:, :-1], labels, codes). An epoch takes each image once, in a random one of its views.
-Every random draw is a function of the seed: the data order of (seed, epoch), the class-dropout mask of each sample
-of the global batch of (seed, step), the dropout masks of (seed, step, rank), whether the codes sit on the device
-(--data-on-device) or are read from the memory map. So --resume continues exactly, and with dropout off a torchrun
-group matches one process on the same global batch. The loop, its non-finite guard and --cuda-graph: trainer.py.
+`train` memory-maps the codes and minimises the cross-entropy of the N image tokens after the class token; an epoch
+takes each image once, in a random one of its views. Class dropout is drawn per global-batch sample from (seed, step),
+dropout from (seed, step, rank): --resume continues exactly and, with dropout off, torchrun equals one process.
 """
+import itertools
 import json
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (ArgumentParser, FashionMNIST, atomic_save, center_crop_arr, check_writable, from_uint8, make_dataset,
                   nonnegative_float, nonnegative_int, open_image, positive_float, positive_int, probability,
                   setup_device, write_json)
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
-from trainer import (DRAWS, DROPOUT, Order, Trainer, add_common_args, default_workers, exit_on_error, generator,
+from trainer import (DRAWS, DROPOUT, Order, Trainer, add_common_args, add_data_args, exit_on_error, generator,
                      get_lr, seed_of, setup)
 
 VIEWS = {"ten-crop": 10, "flip": 2, "single": 1}  # stored views per image
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 # ---- extraction ----
@@ -87,8 +75,7 @@ class Views(torch.utils.data.Dataset):
 
 
 def open_codes(out, meta, labels, rank):
-    """Creates the output files (rank 0, once), or checks that a previous run used the same settings; returns the
-    codes memmap (rows, N). The arrays are filled in place; meta.json, written last, says when they are complete."""
+    """Creates the output files (rank 0) or checks a rerun's settings → the codes memmap (rows, N), filled in place."""
     if (out / "meta.json").exists():  # a rerun: continue only with the same settings
         old = read_meta(out / "meta.json")
         if {k: v for k, v in old.items() if k not in ("complete", "skipped")} != meta:
@@ -100,14 +87,14 @@ def open_codes(out, meta, labels, rank):
         np.lib.format.open_memmap(out / "codes.npy", "w+", dtype, (rows, meta["num_tokens"])).flush()
         atomic_save(out / "labels.npy", lambda f: np.save(f, np.tile(labels, meta["views"])))
         write_json(out / "meta.json", {**meta, "complete": False})
-    barrier()
+    if dist.is_initialized():
+        dist.barrier()
     return np.lib.format.open_memmap(out / "codes.npy", "r+")
 
 
 @torch.no_grad()
 def encode_views(tok, loader, codes, n, chunk_size, done, log_every, device):
-    """Encodes every view of the loader's images into codes[v·n + i], and marks each chunk once it is complete: its
-    marker file lists the chunk's unreadable images."""
+    """Encodes every view of the loader's images into codes[v·n + i]; a whole chunk's marker lists its bad images."""
     skipped, t0 = {}, time.time()
     for b, (x, i, errors) in enumerate(loader):  # (B, V, 3, S, S), (B,), B messages
         i = i.numpy()
@@ -164,7 +151,8 @@ def extract_main(args):
     subset = torch.utils.data.Subset(Views(data, views, S), indices)
     loader = torch.utils.data.DataLoader(subset, args.batch_size, num_workers=args.num_workers)
     encode_views(tok, loader, codes, n, cs, out / "done", args.log_every, device)
-    barrier()
+    if dist.is_initialized():
+        dist.barrier()
     if rank == 0:
         finish_extraction(out, meta, math.ceil(n / cs))
 
@@ -191,8 +179,7 @@ def read_array(path, mmap_mode=None):
 
 
 def load_codes(folder):
-    """The files `extract` wrote, checked against meta.json → codes (rows, N) memmap, labels (rows,), meta and the
-    readable images (their indices)."""
+    """The files `extract` wrote, checked → codes (rows, N) memmap, labels (rows,), meta, the readable images."""
     folder = Path(folder)
     meta = read_meta(folder / "meta.json") if (folder / "meta.json").is_file() else None
     if meta is None or meta.get("complete") is not True:
@@ -204,10 +191,10 @@ def load_codes(folder):
                          f"integers ({n} images × {meta['views']} views)")
     if labels.shape != (rows,) or labels.dtype.kind not in "iu":
         raise ValueError(f"{folder / 'labels.npy'} holds {labels.dtype} {labels.shape}, but meta.json says ({rows},)")
-    if rows and not 0 <= labels.min() <= labels.max() < meta["num_classes"]:
+    if not 0 <= labels.min() <= labels.max() < meta["num_classes"]:
         raise ValueError(f"{folder / 'labels.npy'} holds labels {labels.min()}..{labels.max()}, outside the "
                          f"{meta['num_classes']} classes of meta.json")
-    if rows and not 0 <= codes.min() <= codes.max() < meta["vocab_size"]:  # would crash on the GPU: refused here
+    if not 0 <= codes.min() <= codes.max() < meta["vocab_size"]:  # would crash on the GPU: refused here
         raise ValueError(f"{folder / 'codes.npy'} holds tokens outside the vocabulary [0, {meta['vocab_size']})")
     skipped = meta.get("skipped", [])
     if not isinstance(skipped, list) or not all(type(i) is int and 0 <= i < n for i in skipped):
@@ -215,58 +202,23 @@ def load_codes(folder):
     return codes, labels, meta, np.setdiff1d(np.arange(n), skipped)
 
 
-class Batches:
-    """This rank's micro-batches [(tokens (b, N), labels (b,), drop (b,)), ...] of a step: its slice of the step's rows
-    (trainer.Order), read from the memory map or from copies on the device (--data-on-device), with the class-dropout
-    mask drawn on the device for the whole global batch from (seed, step), whatever the split."""
-
-    def __init__(self, codes, labels, images, views, args, world, rank, cfg, device):
-        self.resident, self.reverse, self.args = args.data_on_device, cfg.reverse_order, args
-        self.codes, self.labels, self.world, self.rank, self.device = codes, labels, world, rank, device
-        if self.resident:
-            self.codes, self.labels = torch.from_numpy(np.array(codes)).to(device), torch.from_numpy(labels).to(device)
-        where = device if self.resident else torch.device("cpu")
-        self.order = Order(images, args.global_batch_size, args.seed, where, views, len(codes) // views)
-
-    def __call__(self, step):
-        B, A, seed = self.args.global_batch_size, self.args.grad_accum, self.args.seed
-        rows = self.order(step).view(self.world, -1)[self.rank]  # (A·b,)
-        rows = rows if self.resident else rows.numpy()  # the memory map is read on the host
-        drop = torch.rand(B, generator=generator(self.device, seed, DRAWS, step), device=self.device)
-        drop = (drop < self.args.class_dropout).view(self.world, -1)[self.rank]
-        x = torch.as_tensor(self.codes[rows]).to(self.device, non_blocking=True).long()  # (A·b, N)
-        y = torch.as_tensor(self.labels[rows]).to(self.device, non_blocking=True)
-        if self.reverse:  # fine-to-coarse ablation (paper A.5): the model sees the last token first
+def batches(codes, labels, images, meta, args, step, world, rank, device):
+    """This rank's micro-batches [(tokens (b, N), labels (b,), drop (b,)), ...] of every step from `step` on: its rows,
+    from the memory map or the device; the class-dropout mask drawn for the whole global batch from (seed, step)."""
+    B, A = args.global_batch_size, args.grad_accum
+    if args.data_on_device:
+        codes, labels = torch.from_numpy(np.array(codes)).to(device), torch.from_numpy(labels).to(device)
+    where = device if args.data_on_device else torch.device("cpu")
+    order = Order(images, B, args.seed, where, meta["views"], meta["num_images"])
+    for s in itertools.count(step):
+        rows = order(s).view(world, -1)[rank]  # (A·b,)
+        rows = rows if args.data_on_device else rows.numpy()  # the memory map is read on the host
+        drop = torch.rand(B, generator=generator(device, args.seed, DRAWS, s), device=device) < args.class_dropout
+        x = torch.as_tensor(codes[rows]).to(device, non_blocking=True).long()  # (A·b, N)
+        y = torch.as_tensor(labels[rows]).to(device, non_blocking=True)
+        if args.reverse_order:  # fine-to-coarse ablation (paper A.5): the model sees the last token first
             x = x.flip(1)
-        return list(zip(x.chunk(A), y.chunk(A), drop.chunk(A)))
-
-
-def gpt_config(name, meta, class_dropout, dropout, reverse_order):
-    """The --gpt-model preset sized to the codes (vocabulary, sequence length, classes)."""
-    dropout = {} if dropout is None else dict(token_dropout_p=dropout, resid_dropout_p=dropout, ffn_dropout_p=dropout)
-    return GPTConfig.from_name(name, vocab_size=meta["vocab_size"], block_size=meta["num_tokens"],
-                               num_classes=meta["num_classes"], class_dropout_prob=class_dropout,
-                               reverse_order=reverse_order, **dropout)
-
-
-def flops_per_token(model, cfg):
-    """6 FLOPs per matmul weight per token (2 forward, 4 backward) plus attention: 12·n_layer·dim·T for the
-    score and value products (PaLM appendix B, as nanoGPT; counts the full T×T map although causal attention
-    needs half). Embedding tables are lookups, not matmuls, so they are left out."""
-    n = sum(p.numel() for name, p in model.named_parameters() if "embedding" not in name)
-    return 6 * n + 12 * cfg.n_layer * cfg.dim * cfg.block_size
-
-
-def build(cfg, device, fsdp, bf16):
-    """GPT, with --fsdp sharded by FSDP2: each block's parameters, gradients and optimizer state across the ranks."""
-    model = GPT(cfg).to(device)
-    if fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-        for layer in model.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-    return model
+        yield list(zip(x.chunk(A), y.chunk(A), drop.view(world, -1)[rank].chunk(A)))
 
 
 def train_main(args):
@@ -276,8 +228,11 @@ def train_main(args):
     codes, labels, meta, images = load_codes(args.codes)
     if len(images) < args.global_batch_size:
         raise ValueError(f"{len(images)} images are fewer than one global batch of {args.global_batch_size}")
-    cfg = gpt_config(args.gpt_model, meta, args.class_dropout, args.dropout, args.reverse_order)
-    data = Batches(codes, labels, images, meta["views"], args, world, rank, cfg, device)
+    names = ("token_dropout_p", "resid_dropout_p", "ffn_dropout_p")
+    dropout = {} if args.dropout is None else dict.fromkeys(names, args.dropout)
+    cfg = GPTConfig.from_name(args.gpt_model, vocab_size=meta["vocab_size"], block_size=meta["num_tokens"],
+                              num_classes=meta["num_classes"], class_dropout_prob=args.class_dropout,
+                              reverse_order=args.reverse_order, **dropout)  # the preset sized to the codes
     B, A, per_epoch = args.global_batch_size, args.grad_accum, len(images) / args.global_batch_size  # steps per epoch
     total = max(1, round(args.epochs * per_epoch))
     warmup = round(args.warmup_epochs * per_epoch)
@@ -285,26 +240,32 @@ def train_main(args):
     end = min(total, args.max_steps or total)
     bf16 = device.type == "cuda" and args.precision == "bf16"
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    raw = build(cfg, device, args.fsdp, bf16)
-    model = torch.compile(raw) if args.compile else raw
-    if world > 1 and not args.fsdp:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    raw = GPT(cfg).to(device)
+    if args.fsdp:  # FSDP2: each block's parameters, gradients and optimizer state sharded across the ranks
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+        for module in [*raw.layers, raw]:
+            fully_shard(module, mp_policy=mp)
 
     def forward(m, x, y, drop):  # (b, N), (b,), (b,)
-        with ctx:
-            return model(x[:, :-1], y, x, drop=drop)[1][None]
+        return run.model(x[:, :-1], y, x, drop=drop)[1][None]
+    # MFU: 6 FLOPs per matmul weight per token (2 forward, 4 backward), embeddings left out, plus 12·n_layer·dim·T
+    # for attention's full T×T score and value products (PaLM appendix B, as nanoGPT)
+    matmul = sum(p.numel() for name, p in raw.named_parameters() if "embedding" not in name)
+    flops = 6 * matmul + 12 * cfg.n_layer * cfg.dim * cfg.block_size if bf16 else None
     ema = [p.detach().clone() for p in raw.parameters()] if args.ema else None
-    run = Trainer(raw, model, forward, ["loss"], ema, args, device, "gpt", cfg, path)
+    model = torch.compile(raw) if args.compile else raw
+    run = Trainer(raw, model, forward, ["loss"], ema, args, device, "gpt", cfg, path, bf16)
+    data = batches(codes, labels, images, meta, args, run.step, world, rank, device)
     if rank == 0:
         print(f"{cfg}\n{sum(p.numel() for p in raw.parameters()) / 1e6:.1f}M parameters, {len(images)} images × "
               f"{meta['views']} views, {per_epoch:.1f} steps/epoch, steps {run.step} -> {end} of {total}, "
               f"micro-batch {B // (world * A)} × {A} accumulation × {world} ranks", flush=True)
     while run.step < end:
         torch.manual_seed(seed_of(args.seed, DROPOUT, run.step, rank))  # dropout masks; a graph replay draws them too
-        run(data(run.step), get_lr(run.step, args.lr, warmup, decay_start, total, args.min_lr))
+        run(next(data), get_lr(run.step, args.lr, warmup, decay_start, total, args.min_lr))
         if run.step % args.log_every == 0 or run.step == end:
-            run.log(total, B * cfg.block_size, "tok", flops_per_token(raw, cfg) if bf16 else None)
+            run.log(total, B * cfg.block_size, "tok", flops)
         if run.step % args.ckpt_every == 0 or run.step == end:
             run.save()
     run.finish()
@@ -320,37 +281,28 @@ def parse_args(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("extract", help="encode a dataset into codes.npy / labels.npy with a trained tokenizer")
     p.add_argument("--tokenizer-ckpt", required=True, help="tokenizer checkpoint (ours or official)")
-    p.add_argument("--data", required=True,
-                   help="image folder (class sub-folders or flat), 'fashion-mnist', or a folder of its idx .gz files")
+    add_data_args(p)
     p.add_argument("--out", required=True, help="output folder for codes.npy, labels.npy, meta.json")
     p.add_argument("--views", choices=list(VIEWS), default=None,
-                   help="views stored per image: ten-crop (10, the official AR augmentation), flip (2) or single "
-                        "(1); default: ten-crop for image folders, single for Fashion-MNIST")
+                   help="views per image (default: ten-crop, the official augmentation; single for Fashion-MNIST)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder batch and rank")
     p.add_argument("--chunk-size", type=positive_int, default=10000, help="images per resumable unit of work")
-    p.add_argument("--num-workers", type=nonnegative_int, default=default_workers(),
-                   help="data loader worker processes per rank (default: the usable cores, at most 8)")
     p.add_argument("--log-every", type=positive_int, default=100, help="print progress every this many batches")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     p = sub.add_parser("train", help="train the AR model on extracted codes")
     p.add_argument("--codes", required=True, help="folder written by `train_ar.py extract`")
     p.add_argument("--gpt-model", default="GPT-L", help="model preset: GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-tiny, ...")
     p.add_argument("--epochs", type=positive_float, default=300, help="length of training (paper: 300)")
-    p.add_argument("--max-steps", type=positive_int, default=None,
-                   help="stop after this step (smoke tests, benchmarks); the lr schedule still follows --epochs")
-    p.add_argument("--lr", type=positive_float, default=4e-4,
-                   help="peak learning rate (paper 4e-4; official script 1e-4)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop here; the lr still follows --epochs")
+    p.add_argument("--lr", type=positive_float, default=4e-4, help="peak learning rate (paper 4e-4; official 1e-4)")
     p.add_argument("--min-lr", type=nonnegative_float, default=1e-5, help="learning rate at the end of the decay")
-    p.add_argument("--decay-epochs", type=nonnegative_float, default=50,
-                   help="linear decay to --min-lr over the last epochs")
+    p.add_argument("--decay-epochs", type=nonnegative_float, default=50, help="final epochs of decay to --min-lr")
     p.add_argument("--warmup-epochs", type=nonnegative_float, default=0, help="linear warmup (the paper uses none)")
     p.add_argument("--class-dropout", type=probability, default=0.1, help="probability of the null class (for CFG)")
-    p.add_argument("--dropout", type=probability, default=None,
-                   help="token/residual/FFN dropout (default: the preset's, 0.1 for the official sizes)")
+    p.add_argument("--dropout", type=probability, default=None, help="token/residual/FFN dropout (default: preset's)")
     p.add_argument("--reverse-order", action="store_true", help="train on reversed sequences (fine-to-coarse)")
     p.add_argument("--ema", action="store_true", help="keep an EMA of the weights (saved as 'ema')")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
-                   help="bf16 autocast or fp32 (TF32 matmuls) on CUDA")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="on CUDA: bf16 autocast or TF32")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (large presets)")
     add_common_args(p, out_dir="out/ar", weight_decay=0.05, ema_decay=0.9999)
     return parser.parse_args(argv)

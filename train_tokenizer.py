@@ -1,40 +1,26 @@
 """Stage 1 of D-AR: train the sequential diffusion tokenizer (paper §3.1, §4 and §5).
 
-    python train_tokenizer.py --preset fmnist --data fashion-mnist --data-on-device --cuda-graph --compile \
-        --global-batch-size 512 --max-steps 18000 --lr 1.6e-3 --decay-steps 3600 --lpips-weight 0 --repa-weight 0 \
-        --out-dir out/tok-fmnist          # the shipped Fashion-MNIST tokenizer, on one GPU
+    python train_tokenizer.py --preset fmnist --data fashion-mnist --lpips-weight 0 --repa-weight 0 ...  # README.md
     torchrun --standalone --nproc_per_node=8 train_tokenizer.py --preset tokenizer_v1 --data /data/imagenet/train \
         --vgg-weights vgg16-397923af.pth --repa-weights dinov2_vitb14_pretrain.pth --compile --out-dir out/tok
 
-Objective (paper eq. 7): L = fm + vq + commit + λ1·LPIPS(x̂1, x) + λ2·REPA, λ1 = λ2 = 0.5.
-`Tokenizer.loss` gives the first three terms, the one-jump image estimate x̂1 and the REPA student features; this
-script adds the two frozen teachers:
-  * LPIPS: the `lpips` package's VGG16 variant with the linear heads shipped in its wheel; the VGG16 backbone gets
-    torchvision's ImageNet weights (--vgg-weights, else torch.hub's usual download). As in the official trainer the
-    loss module runs in train mode, so the Dropout(0.5) before each linear head is active: it only adds noise to
-    the perceptual gradient, and we keep it for fidelity.
-  * REPA: DINOv2-B/14 (timm `vit_base_patch14_dinov2`, 224 px) final-norm patch tokens (B, 256, 768) against the
-    projected block-8 tokens of the pixel decoder, loss mean(1 − cos). Weights: the official
-    dinov2_vitb14_pretrain.pth (--repa-weights, else the usual download).
-Without their weights the run stops and says how to get them or how to switch the term off (weight 0): a randomly
-initialised teacher would train silently wrong.
-
-Data: an image folder (class sub-folders or flat; ADM's centre crop, random flip) or Fashion-MNIST (gray → 3
-channels, padded to 32×32). The official trainer resized the short side to a random length in [256, 320] and took a
-random 256-px crop; we keep the centre crop of the AR stage so that both stages see the same images. An unreadable
-image stops the run with its name (it cannot be skipped without changing the data stream of every later step).
-
-Randomness: the data order comes from (seed, epoch); the flips, raw times t, noise x0 and LPIPS dropout of micro-batch
-j of the global step from (seed, step, j), drawn on the device whether the images sit there (--data-on-device) or
-come from loader workers. So --resume continues exactly, both paths train alike, and a torchrun group makes the same
-update as one process running the same micro-batches (one batch of all of them differs slightly: the masked VQ terms
-are normalised per micro-batch, as in the official trainer). The loop, its non-finite guard and --cuda-graph:
-trainer.py.
+Objective (paper eq. 7): L = fm + vq + commit + λ1·LPIPS(x̂1, x) + λ2·REPA, λ1 = λ2 = 0.5. `Tokenizer.loss` gives the
+first three terms, the one-jump estimate x̂1 and the REPA student features; this script adds two frozen teachers,
+and stops where their weights are missing (a random teacher would train silently wrong):
+  * LPIPS: the `lpips` package's VGG16 variant (its linear heads, torchvision's ImageNet backbone), in train mode as
+    in the official trainer: the Dropout(0.5) before each head adds noise to the perceptual gradient; kept for fidelity.
+  * REPA: DINOv2-B/14 (timm, 224 px) final-norm patch tokens (B, 256, 768) against the projected block-8 tokens of
+    the pixel decoder, loss mean(1 − cos).
+Data: an image folder (ADM's centre crop, random flip) or Fashion-MNIST. The official trainer took a random 256-px crop
+of a short side resized into [256, 320]; we keep the AR stage's centre crop so that both stages see the same images.
+An unreadable image stops the run with its name (skipping it would change the data of every later step).
+Randomness: the flips, times t, noise x0 and LPIPS dropout of micro-batch j of a step come from (seed, step, j), on the
+device on either data path: --resume continues exactly, both paths train alike, and torchrun equals one process running
+the same micro-batches (not one batch of them all: VQ terms are normalised per micro-batch, as officially).
 """
 import itertools
 import math
 import warnings
-from contextlib import nullcontext
 from copy import deepcopy
 from pathlib import Path
 
@@ -43,12 +29,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (ArgumentParser, FashionMNIST, atomic_save, from_uint8, make_dataset, nonnegative_float,
                   nonnegative_int, positive_float, positive_int, to_uint8)
 from tokenizer import Tokenizer, TokenizerConfig, load_checkpoint
-from trainer import (DRAWS, DROPOUT, Order, Trainer, add_common_args, default_workers, exit_on_error, generator,
+from trainer import (DRAWS, DROPOUT, Order, Trainer, add_common_args, add_data_args, exit_on_error, generator,
                      get_lr, seed_of, setup)
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's ImageNet VGG16
@@ -56,9 +41,7 @@ DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_
 
 
 def tokenizer_config(preset, image_size, repa, time_shift=None, groups=None):
-    """The preset at the training resolution, time shift and number of token groups, checked against the patch
-    sizes and the REPA teacher. K groups of N/K tokens are decoded in max(K, 8) steps: fewer than 8 groups still
-    take 8 solver steps (paper Figure 7), each group conditioning several of them."""
+    """The preset with the flags' overrides, checked; K < 8 groups still take 8 solver steps (paper Figure 7)."""
     overrides = {} if image_size is None else dict(sampling_resolution=image_size)
     if time_shift is not None:
         overrides["time_shift"] = time_shift
@@ -79,13 +62,6 @@ def tokenizer_config(preset, image_size, repa, time_shift=None, groups=None):
 
 
 # ---- data ----
-def resident_images(dataset, device):
-    """The whole dataset as (n, S, S, 3) uint8 on the device: Fashion-MNIST's array, or each image of a folder once."""
-    if isinstance(dataset, FashionMNIST):
-        return dataset.images.to(device)
-    return torch.cat([to_uint8(dataset[i][0][None]) for i in range(len(dataset))]).to(device)
-
-
 def augment(x, g):
     """(b, 3, S, S) images → (x flipped at random, raw times t ~ U[0, 1) (b,), noise x0 (b, 3, S, S)), drawn from g."""
     flip = torch.rand(len(x), generator=g, device=x.device) < 0.5
@@ -95,13 +71,13 @@ def augment(x, g):
 
 
 def batches(dataset, args, step, world, rank, device):
-    """This rank's micro-batches [(x, t, noise), ...] of every step from `step` on: its slice of the step's images,
-    resident on the device (--data-on-device) or read by loader workers, augmented on the device from (seed, step,
-    micro-batch of the global step)."""
+    """This rank's micro-batches [(x, t, noise), ...] of every step from `step` on: its slice of the step's images, on
+    the device or from loader workers, augmented on the device from (seed, step, micro-batch of the global step)."""
     B, A = args.global_batch_size, args.grad_accum
     order = Order(torch.arange(len(dataset)), B, args.seed, device if args.data_on_device else torch.device("cpu"))
-    if args.data_on_device:  # one process
-        images = resident_images(dataset, device)
+    if args.data_on_device:  # one process; (n, S, S, 3) uint8: Fashion-MNIST's array, or each folder image read once
+        fmnist = isinstance(dataset, FashionMNIST)
+        images = (dataset.images if fmnist else torch.cat([to_uint8(x[None]) for x, _ in dataset])).to(device)
         # contiguous as the loader's images: a channels-last batch would take other convolution kernels
         micro = (from_uint8(images[order(s)]).contiguous().chunk(A) for s in itertools.count(step))
     else:
@@ -117,16 +93,15 @@ def batches(dataset, args, step, world, rank, device):
 # ---- the frozen teachers ----
 def load_teacher_weights(path, url, what, flag, weight_flag):
     """A teacher's state dict from `path`, else downloaded from `url`; loading never runs code (weights_only)."""
+    instead = f"or pass {weight_flag} 0 to train without this loss term"
     if path is None:
         try:
             return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
         except Exception as e:  # no network, proxy, disk full, ...: say what to do instead
             raise ValueError(f"the {what} weights could not be downloaded from {url} ({type(e).__name__}: {e}); "
-                             f"download that file elsewhere and pass {flag} PATH, or pass {weight_flag} 0 to train "
-                             f"without this loss term") from None
+                             f"download that file elsewhere and pass {flag} PATH, {instead}") from None
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{flag} {path}: no such file; get the {what} weights from {url}, or pass "
-                                f"{weight_flag} 0 to train without this loss term")
+        raise FileNotFoundError(f"{flag} {path}: no such file; get the {what} weights from {url}, {instead}")
     try:
         sd = load_checkpoint(path)
     except ValueError as e:
@@ -150,33 +125,25 @@ def build_lpips(vgg_weights):
     try:
         import lpips  # optional dependency: only needed with LPIPS on
     except ImportError:
-        raise ValueError("the LPIPS term needs the lpips package (pip install lpips); or pass --lpips-weight 0") \
-            from None
-    sd = load_teacher_weights(vgg_weights, VGG16_URL, "VGG16 (torchvision, ImageNet)", "--vgg-weights",
-                              "--lpips-weight")
+        raise ValueError("LPIPS needs the lpips package (pip install lpips), or pass --lpips-weight 0") from None
+    sd = load_teacher_weights(vgg_weights, VGG16_URL, "torchvision VGG16", "--vgg-weights", "--lpips-weight")
     with warnings.catch_warnings():  # lpips asks torchvision for VGG16 with the deprecated `pretrained=False`
         warnings.simplefilter("ignore", UserWarning)
         net = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)  # random backbone, replaced now
-    # torchvision `features.i` → lpips `slice{k}.i`, the slices ending after relu1_2, 2_2, 3_3, 4_3, 5_3
-    ends = [4, 9, 16, 23, 30]
-    backbone = {}
-    for key, value in sd.items():
-        parts = key.split(".")
-        if parts[0] == "features" and parts[1].isdigit() and int(parts[1]) < ends[-1]:
-            i = int(parts[1])
-            backbone[f"slice{1 + sum(i >= e for e in ends)}.{key[len('features.'):]}"] = value
+    # lpips cuts torchvision's `features` into slices after relu1_2, 2_2, 3_3, 4_3, 5_3: `features.i` → `slice{k}.i`
+    names = {"features." + key.split(".", 1)[1]: key for key in net.net.state_dict()}
+    backbone = {names[key]: value for key, value in sd.items() if key in names}
     fit(net.net, backbone, "--vgg-weights", vgg_weights, "torchvision's VGG16 `features.*`")
     return net.requires_grad_(False).to(memory_format=torch.channels_last)  # NHWC: cuDNN's fast bf16 layout
 
 
 def build_dino(repa_weights):
-    """DINOv2-B/14 without registers at 224 px. The official run used torch hub's model at its native 518 px grid,
-    whose 37×37 position table is resized on the fly (bicubic, scale (16 + 0.1)/37, no antialias); we resize the
-    table the same way once at load time."""
+    """DINOv2-B/14 without registers at 224 px. The official run resized the 37×37 position table of torch hub's 518-px
+    model on the fly (bicubic, scale (16 + 0.1)/37, no antialias); we do the same once, at load time."""
     try:
         import timm  # optional dependency: only needed with REPA on
     except ImportError:
-        raise ValueError("the REPA term needs the timm package (pip install timm), or pass --repa-weight 0") from None
+        raise ValueError("REPA needs the timm package (pip install timm), or pass --repa-weight 0") from None
     sd = dict(load_teacher_weights(repa_weights, DINOV2_URL, "DINOv2 ViT-B/14", "--repa-weights", "--repa-weight"))
     dino = timm.create_model("vit_base_patch14_dinov2", pretrained=False, img_size=224, num_classes=0)
     sd.pop("mask_token", None)  # used by DINOv2's own training only
@@ -217,10 +184,8 @@ class Objective(nn.Module):
 
 
 def flops_per_image(objective, images, t, noise):
-    """Matmul, convolution and attention FLOPs of one training step per image as PyTorch executes it: tokenizer
-    forward + backward, the frozen VGG16 forwards and the backward through its input, the DINOv2 forward. On CUDA
-    the count includes the attention kernels' recomputation of the scores in the backward (about 1.6% of the total
-    for tokenizer_v1); CPU attention kernels are not counted."""
+    """Matmul, convolution and attention FLOPs of one training step per image as PyTorch executes it (teachers
+    included; on CUDA with the attention backward's recomputation of the scores, CPU attention not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as counter:
         objective(images[:1], t[:1], noise[:1])[0].backward()
@@ -242,9 +207,8 @@ def save_reconstructions(tok, images, noise, path):
 
 
 # ---- training ----
-def build(args, cfg, image, rank, world, device, path):
-    """The tokenizer, its EMA copy (what inference loads), the objective with the frozen teachers, its FLOPs per
-    image, the codes seen since the last log line, and the run."""
+def build(args, cfg, image, rank, device, path):
+    """The run, the EMA tokenizer (what inference loads), the FLOPs per image and the codes used since the last log."""
     lpips_net = build_lpips(args.vgg_weights) if args.lpips_weight else None
     dino = build_dino(args.repa_weights) if args.repa_weight else None
     torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -260,19 +224,17 @@ def build(args, cfg, image, rank, world, device, path):
         for blocks in (tok.encoder_layers, tok.decoder_layers, tok.diff_decoder.net.blocks):
             for block in blocks:
                 block.compile(dynamic=False)
-    model = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else objective
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    used, A = torch.zeros(cfg.vq_codebook_size, device=device), args.grad_accum
+    used = torch.zeros(cfg.vq_codebook_size, device=device)
 
     def forward(m, x, t, noise):  # (b, 3, S, S), (b,), (b, 3, S, S)
         if lpips_net is not None:  # its dropout: the same masks whichever rank or micro-step runs micro-batch m
-            torch.manual_seed(seed_of(args.seed, DROPOUT, run.step, rank * A + m))
-        with ctx:
-            loss, terms, codes = model(x, t, noise)
+            torch.manual_seed(seed_of(args.seed, DROPOUT, run.step, rank * args.grad_accum + m))
+        loss, terms, codes = run.model(x, t, noise)
         used.index_fill_(0, codes.flatten(), 1)  # no sort, unlike used[codes] = 1
         return torch.stack([loss, *terms.values()])
     names = ["loss", "fm", "vq", "commit"] + ["lpips"] * (lpips_net is not None) + ["repa"] * (dino is not None)
-    run = Trainer(tok, model, forward, names, list(ema.parameters()), args, device, "tokenizer", cfg, path)
+    run = Trainer(tok, objective, forward, names, list(ema.parameters()), args, device, "tokenizer", cfg, path,
+                  bf16=device.type == "cuda")
     return run, ema, fpi, used
 
 
@@ -285,7 +247,7 @@ def train_main(args):
     dataset = make_dataset(args.data, cfg.sampling_resolution)
     show = torch.stack([dataset[i][0] for i in range(min(args.num_show, len(dataset)))]).to(device)  # fixed images
     show_noise = torch.randn(show.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    run, ema, fpi, used = build(args, cfg, show[0], rank, world, device, path)
+    run, ema, fpi, used = build(args, cfg, show[0], rank, device, path)
     data = batches(dataset, args, run.step, world, rank, device)
     B, A, end = args.global_batch_size, args.grad_accum, args.max_steps
     if rank == 0:
@@ -315,31 +277,21 @@ def main(argv=None):
 def get_args(argv=None):
     p = ArgumentParser(prog="train_tokenizer.py", description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="tokenizer_v1", help="tokenizer size: tokenizer_v1, fmnist or tiny")
-    p.add_argument("--data", required=True,
-                   help="image folder (class sub-folders or flat), 'fashion-mnist', or a folder of its idx .gz files")
+    add_data_args(p)
     p.add_argument("--image-size", type=positive_int, default=None, help="training resolution (default: the preset's)")
     p.add_argument("--time-shift", type=positive_float, default=None,
-                   help="flow-matching time shift s of shift(t) = t / (t + s(1 - t)) (default: the preset's, 2; "
-                        "paper Table 6 compares 1, 2, 4)")
+                   help="s of shift(t) = t / (t + s(1 - t)) (default: the preset's, 2; paper Table 6: 1, 2, 4)")
     p.add_argument("--groups", type=positive_int, default=None,
-                   help="number K of token groups (must divide the preset's tokens N): groups of N/K tokens, decoded "
-                        "in max(K, 8) steps (paper Figure 7: 1, 4, 8, 16; default: the preset's, 8)")
+                   help="token groups K, dividing the preset's N tokens; decoded in max(K, 8) steps (paper Figure 7)")
     p.add_argument("--max-steps", type=positive_int, default=210000, help="optimizer steps (paper: 210k)")
-    p.add_argument("--lr", type=positive_float, default=2e-4,
-                   help="learning rate after warm-up (paper §5: constant; see --decay-steps)")
+    p.add_argument("--lr", type=positive_float, default=2e-4, help="learning rate after warm-up (paper §5: constant)")
     p.add_argument("--warmup-steps", type=nonnegative_int, default=500, help="linear warm-up from 0 (official: 500)")
-    p.add_argument("--decay-steps", type=nonnegative_int, default=0,
-                   help="the last this many of --max-steps decay the learning rate linearly towards 0 (paper: 0)")
-    p.add_argument("--lpips-weight", type=nonnegative_float, default=0.5,
-                   help="λ1 of the LPIPS term; 0 switches it off")
-    p.add_argument("--repa-weight", type=nonnegative_float, default=0.5,
-                   help="λ2 of the REPA term; 0 switches it off")
+    p.add_argument("--decay-steps", type=nonnegative_int, default=0, help="final steps of linear decay to 0 (paper: 0)")
+    p.add_argument("--lpips-weight", type=nonnegative_float, default=0.5, help="λ1 of LPIPS; 0 switches it off")
+    p.add_argument("--repa-weight", type=nonnegative_float, default=0.5, help="λ2 of REPA; 0 switches it off")
     p.add_argument("--vgg-weights", default=None, help=f"torchvision VGG16 file for LPIPS (else {VGG16_URL})")
     p.add_argument("--repa-weights", default=None, help=f"DINOv2 ViT-B/14 file for REPA (else {DINOV2_URL})")
-    p.add_argument("--num-workers", type=nonnegative_int, default=default_workers(),
-                   help="data loader worker processes per rank (default: the usable cores, at most 8)")
-    p.add_argument("--show-every", type=positive_int, default=5000,
-                   help="write a reconstruction PNG every this many steps")
+    p.add_argument("--show-every", type=positive_int, default=5000, help="write a reconstruction PNG this often")
     p.add_argument("--num-show", type=positive_int, default=8, help="images in the reconstruction PNG")
     add_common_args(p, out_dir="out/tokenizer", weight_decay=0.0, ema_decay=0.999)
     return p.parse_args(argv)

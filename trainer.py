@@ -1,10 +1,10 @@
-"""The loop both trainers share (train_tokenizer.py, train_ar.py): common flags, set-up, the order of the samples,
-AdamW with its schedule and EMA, the skip of non-finite steps, the CUDA-graph step, the log line, the checkpoint and
-the closing <out-dir>/summary.json. Exact resume and "N ranks equal one process" rest on one rule: every random draw
-comes from a generator seeded by a key such as (seed, ORDER, epoch), never from state carried between steps."""
+"""The loop both trainers share: flags, set-up, sample order, AdamW, schedule, EMA, the non-finite skip, the CUDA-graph
+step, log line, checkpoint and <out-dir>/summary.json. Exact resume and "N ranks equal one process" rest on one rule:
+every random draw comes from a generator seeded by a key such as (seed, ORDER, epoch), never from carried state."""
 import os
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,17 +34,14 @@ def add_common_args(p, out_dir, weight_decay, ema_decay):
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-steps per optimizer step")
     p.add_argument("--beta1", type=probability, default=0.9, help="AdamW beta1")
     p.add_argument("--beta2", type=probability, default=0.95, help="AdamW beta2 (official: 0.95)")
-    p.add_argument("--weight-decay", type=nonnegative_float, default=weight_decay,
-                   help="AdamW weight decay (of matrices and embeddings only)")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=weight_decay, help="AdamW's (2-D weights only)")
     p.add_argument("--grad-clip", type=positive_float, default=1.0, help="max global gradient norm")
     p.add_argument("--ema-decay", type=probability, default=ema_decay, help="EMA decay per step")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (the tokenizer: block by block)")
     p.add_argument("--data-on-device", action="store_true",
-                   help="fast path for small data sets, one process (GPU or CPU): the data set resident on the device, "
-                        "no loader; the same samples and random draws as the loader")
+                   help="one process, small data sets: the data on the device, no loader (the same samples and draws)")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="with --data-on-device on CUDA: replay the whole optimizer step as one CUDA graph after 3 "
-                        "eager steps, for small models whose eager step is bound by launching kernels")
+                   help="with --data-on-device on CUDA: replay each optimizer step as a CUDA graph after 3 eager ones")
     p.add_argument("--peak-tflops", type=positive_float, default=989.0, help="GPU peak for MFU (H100 bf16: 989)")
     p.add_argument("--log-every", type=positive_int, default=100, help="print a log line every this many steps")
     p.add_argument("--ckpt-every", type=positive_int, default=5000, help="write the checkpoint every this many steps")
@@ -52,42 +49,42 @@ def add_common_args(p, out_dir, weight_decay, ema_decay):
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
 
 
-def default_workers():
-    """Data loader workers per rank: at most 8, and no more than this rank's share of the usable cores."""
+def add_data_args(p):
+    """--data and --num-workers, for train_tokenizer.py and `train_ar.py extract`."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    workers = min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # this rank's share of the usable cores
+    p.add_argument("--data", required=True,
+                   help="image folder (class sub-folders or flat), 'fashion-mnist', or a folder of its idx .gz files")
+    p.add_argument("--num-workers", type=nonnegative_int, default=workers, help="loader workers per rank (at most 8)")
 
 
 def exit_on_error(prog, main, args):
-    """main(args); a ValueError or FileNotFoundError ends the run in one line. An error raised in a data loader worker
-    (an unreadable image) carries the worker's traceback, whose last line is the error itself."""
+    """main(args); a ValueError or FileNotFoundError ends the run in one line."""
     try:
         main(args)
     except (ValueError, FileNotFoundError) as e:
         message = str(e).strip()
-        if "Traceback" in message:
+        if "Traceback" in message:  # raised in a loader worker: the last line of its traceback is the error
             message = message.splitlines()[-1].removeprefix(f"{type(e).__name__}: ")
         raise SystemExit(f"{prog}: error: {message}") from None
 
 
 def check_cuda_graph(args, device):
-    if not args.data_on_device:
+    if args.cuda_graph and not args.data_on_device:
         raise ValueError("--cuda-graph captures the --data-on-device step: pass --data-on-device too")
-    if device.type != "cuda":
+    if args.cuda_graph and device.type != "cuda":
         raise ValueError(f"--cuda-graph needs a CUDA device, not {device.type}")
 
 
 def setup(args):
-    """nanoGPT's set-up (DDP only under torchrun) once the shared flags are checked: rank, world size, device, and
-    the checkpoint path, refused where a checkpoint exists and neither --resume nor --overwrite says what to do."""
+    """Checks the shared flags → rank, world size, device (DDP only under torchrun) and the checkpoint path."""
     rank, world, device = setup_device(args.device)
     if args.global_batch_size % (world * args.grad_accum):
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks × "
                          f"{args.grad_accum} micro-steps")
     if args.data_on_device and world > 1:
         raise ValueError("--data-on-device is the one-process fast path: launch without torchrun")
-    if args.cuda_graph:
-        check_cuda_graph(args, device)
+    check_cuda_graph(args, device)
     path = Path(args.out_dir) / "ckpt.pt"
     if args.resume and not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
@@ -114,9 +111,8 @@ def generator(device, *key):
 
 
 class Order:
-    """The items (image indices, or rows of codes) of each step: step s takes positions [s·B, (s+1)·B) of an endless
-    stream that takes every item once per epoch, in an order drawn on the host from (seed, epoch) and kept on
-    `device`, where the data are. With views > 1 each item comes in a random one of its views: row item + n·view."""
+    """Step s takes items (image indices, code rows) [s·B, (s+1)·B) of a stream holding each once per epoch, in an order
+    drawn from (seed, epoch), kept on `device`; with views > 1 each in a random view v, row item + n·v."""
 
     def __init__(self, items, B, seed, device, views=1, n=0):
         self.items, self.B, self.seed, self.device = torch.as_tensor(items), B, seed, device
@@ -177,19 +173,21 @@ class StepGraph:
         return self.outputs
 
     def capture(self):
-        """Records the step without running it: the eager calls before were its warm-up."""
-        graph, self.outputs = cuda_graph(lambda: self.step(self.inputs), warmup=0)
+        graph, self.outputs = cuda_graph(lambda: self.step(self.inputs), warmup=0)  # the eager calls were its warm-up
         return graph
 
 
 class Trainer:
-    """A run: the raw model (unwrapped: what is saved), the model to call (compiled, DDP), fused AdamW, the EMA weights
-    (tensors, or None), the step, and device-side sums for the log. `forward(m, *micro_batch)` returns micro-batch
-    m's terms (K,) named by `names`, the loss first with its graph. Only log, save and restore wait for the GPU."""
+    """A run: the raw model (saved), the model to call (compiled; put in DDP here unless sharded), fused AdamW, the EMA
+    (tensors, or None), the step, device-side sums for the log. `forward(m, *micro_batch)`, autocast to bf16 if asked,
+    gives micro-batch m's terms (K,) named by `names`, the loss first. Only log, save and restore wait for the GPU."""
 
-    def __init__(self, raw, model, forward, names, ema, args, device, kind, config, path):
+    def __init__(self, raw, model, forward, names, ema, args, device, kind, config, path, bf16=False):
+        if dist.is_initialized() and dist.get_world_size() > 1 and not hasattr(raw, "set_requires_gradient_sync"):
+            model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)  # not under FSDP
         self.raw, self.model, self.forward, self.ema, self.args = raw, model, forward, ema, args
         self.kind, self.config, self.path = kind, config, path
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
         self.master = not dist.is_initialized() or dist.get_rank() == 0
         params = list(raw.parameters())
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
@@ -215,7 +213,8 @@ class Trainer:
                 self.model.require_backward_grad_sync = last
             elif hasattr(self.raw, "set_requires_gradient_sync"):
                 self.raw.set_requires_gradient_sync(last)
-            parts = self.forward(m, *micro)  # (K,)
+            with self.autocast:
+                parts = self.forward(m, *micro)  # (K,)
             (parts[0] / len(batches)).backward()
             terms = terms + parts.detach().float() / len(batches)
         params = list(self.raw.parameters())
@@ -255,8 +254,7 @@ class Trainer:
                              f"or check the data")
 
     def log(self, total, per_step, unit, flops=None, extra=""):
-        """Prints (rank 0) the means over the applied steps and the ranks since the last line, the skips, the rate
-        (per_step units a step) and the MFU where the FLOPs per unit are given."""
+        """Prints (rank 0) the means since the last line over applied steps and ranks, the skips, the rate and MFU."""
         self.check()
         sums, world = self.sums.clone(), dist.get_world_size() if dist.is_initialized() else 1
         if world > 1:
@@ -295,8 +293,7 @@ class Trainer:
         if dist.is_initialized():
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite:
-            raise ValueError(f"step {self.step}: the weights are not finite; {self.path} keeps the checkpoint it had "
-                             f"(lower --lr)")
+            raise ValueError(f"step {self.step}: non-finite weights; {self.path} keeps its checkpoint (lower --lr)")
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.raw, options=opts)
         ckpt = dict(kind=self.kind, config=asdict(self.config), model=state, ema=None, step=self.step,
@@ -310,8 +307,7 @@ class Trainer:
             dist.barrier()
 
     def finish(self, **figures):
-        """Writes <out-dir>/summary.json (atomically) where this run logged: the last step, the last logged mean loss
-        and `figures`."""
+        """Writes <out-dir>/summary.json: the last step, the last logged mean loss and `figures`."""
         if self.master and self.last:
             write_json(self.path.parent / "summary.json", dict(step=self.step, loss=self.last["loss"], **figures))
         if dist.is_initialized():

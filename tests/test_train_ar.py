@@ -379,18 +379,18 @@ def test_data_on_device_draws_each_image_once_per_epoch_and_refuses_torchrun(tmp
     codes, labels = learnable_codes(12)
     cdir = make_codes(tmp_path / "codes", codes, labels, views=2, num_images=6)
     codes, labels, meta, images = train_ar.load_codes(cdir)
-    cfg = train_ar.gpt_config("GPT-tiny", meta, 0.5, None, False)
 
-    def batches(*flags):
+    def batches(step, *flags):
         argv = train_args(cdir, "out", "--global-batch-size", 3, "--class-dropout", 0.5, *flags)
         args = train_ar.parse_args([str(a) for a in argv])
-        return train_ar.Batches(codes, labels, images, 2, args, 1, 0, cfg, torch.device("cpu"))
-    data = batches("--data-on-device")
-    epoch = torch.cat([data(s)[0][0] for s in range(2)])  # (6, N): each image once, in one of its 2 views
+        return train_ar.batches(codes, labels, images, meta, args, step, 1, 0, torch.device("cpu"))
+    data = batches(0, "--data-on-device")
+    steps = [next(data) for _ in range(2)]
+    epoch = torch.cat([step[0][0] for step in steps])  # (6, N): each image once, in one of its 2 views
     rows = [int(np.flatnonzero((codes == x.numpy()).all(1))[0]) for x in epoch]
     assert sorted(r % 6 for r in rows) == list(range(6))
-    for other in (batches("--data-on-device"), batches()):  # a function of (seed, step) alone, on either path
-        assert all(torch.equal(a, b) for a, b in zip(other(1)[0], data(1)[0]))
+    for other in (batches(1, "--data-on-device"), batches(1)):  # a function of (seed, step) alone, on either path
+        assert all(torch.equal(a, b) for a, b in zip(next(other)[0], steps[1][0]))
     monkeypatch.setattr(trainer, "setup_device", lambda name: (0, 2, torch.device("cpu")))
     with pytest.raises(SystemExit, match="--data-on-device is the one-process fast path"):
         run(*train_args(cdir, tmp_path / "run", "--global-batch-size", 4, "--epochs", 1, "--data-on-device"))
