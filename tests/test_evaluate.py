@@ -354,7 +354,7 @@ def test_reconstruction_metrics_skip_corrupt_images(tmp_path, random_inception, 
     (tmp_path / "3.png").write_bytes(b"not a png")
     # the 2048-d square root is covered above; LPIPS would fetch VGG16 weights from the internet
     monkeypatch.setattr(evaluate, "frechet_distance", lambda mu1, s1, mu2, s2: float(((mu1 - mu2) ** 2).sum()))
-    paths = evaluate.list_images(tmp_path)
+    paths = sorted(str(p) for p in tmp_path.glob("*.png"))
     m = evaluate.reconstruction_metrics(tiny_tok, paths, random_inception, batch_size=2, solver="euler", steps=4)
     assert m["rFID"] > 0 and 0 < m["PSNR"] < 40 and -1 < m["SSIM"] < 1 and m["LPIPS"] is None
     assert m["Images"] == 3 and m["Skipped images"] == 1 and m["SSIM definition"].startswith("scikit-image")
