@@ -117,7 +117,8 @@ def stream(gpt, tok, labels, noise, step, *, solver="adams2", steps=None, prefix
     slices = tok.group_slices(tok.check_steps(steps))  # per solver step, the codes of its condition group
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
     fixed = 0 if prefix is None else prefix.shape[1]
-    tokens[:, :fixed] = prefix if fixed else tokens[:, :0]
+    if fixed:
+        tokens[:, :fixed] = prefix
     cache, cond = tok.new_condition_cache(), None  # the decoder transformer's keys/values; condition tokens so far
     x, v, done = noise, None, 0  # ODE state, last velocity (Adams-2), solver steps taken
     ar = px = None
