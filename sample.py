@@ -302,8 +302,8 @@ def save_grid(path, images, strips):
 
 
 def previews_gif(strips, f, scale=4, ms=500, hold=4):
-    """strips (n, K, H, W, 3) uint8 → an animated GIF written to the binary file f (also demo.py's "save GIF"):
-    frame k shows every sample's preview after group k, up to 8 in a row, enlarged `scale`× without smoothing;
+    """strips (n, S, H, W, 3) uint8 → an animated GIF written to the binary file f (also demo.py's "save GIF"):
+    frame k shows every sample's preview after solver step k, up to 8 in a row, enlarged `scale`× without smoothing;
     the last frame, the images, stays `hold`× longer."""
     n, K = strips.shape[:2]
     frames = []
@@ -431,14 +431,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seeds the labels, the noise and the token draws")
     p.add_argument("--solver", choices=["adams2", "euler"], default="adams2", help="ODE solver of the pixel decoder")
     p.add_argument("--previews", action=argparse.BooleanOptionalAction, default=True,
-                   help="show each sample as a strip of the previews after every group (the last is the image)")
+                   help="show each sample as a strip of the previews after every solver step (the last is the image)")
     p.add_argument("--prefix-image", default=None, help="layout control: reference image whose first codes are kept")
     p.add_argument("--prefix-tokens", type=positive_int, default=None,
                    help="how many leading codes of --prefix-image to keep (default: a quarter, 64 of 256)")
     p.add_argument("--out", default="samples.png", help="PNG/JPEG grid of the samples (empty: none)")
     p.add_argument("--save-each", default=None, help="folder for one PNG per sample (and its preview strip)")
     p.add_argument("--gif", default=None, help="animated GIF of the first 64 samples: frame k shows the previews "
-                   "after group k, as demo.py's 'save GIF'")
+                   "after solver step k (group k with 8 steps), as demo.py's 'save GIF'")
     p.add_argument("--npz", default=None, help="write all samples to this .npz file, ADM-style "
                    "(arr_0 uint8 NHWC, arr_1 int64 labels)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
