@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from data import (ArgumentParser, FashionMNIST, atomic_save, center_crop_arr, check_writable, from_uint8, make_dataset,
-                  nonnegative_float, nonnegative_int, open_image, positive_float, positive_int, probability,
+                  nonnegative_float, open_image, positive_float, positive_int, probability,
                   setup_device, write_json)
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
