@@ -112,7 +112,8 @@ def stream(gpt, tok, labels, noise, step, *, solver="adams2", steps=None, prefix
     (tok.group_slices) is complete, so any step count streams (paper Table 2: 16 steps use each of 8 groups twice).
     prefix (B, k): fixed leading codes (layout control, paper §5.1). A fine-to-coarse model (reverse_order)
     completes its first group last: its steps all run after the last token. decoder_precision: tokenizer.precision's
-    "tf32", "fp32" or "bf16" for the decoder transformer and the pixel network."""
+    "tf32", "fp32" or "bf16" for the decoder transformer and the pixel network; a preview is yielded inside that
+    precision and, on CUDA, on the decoder's stream, so what the caller does with it runs there too."""
     N, B, device = gpt.config.block_size, labels.shape[0], labels.device
     slices = tok.group_slices(tok.check_steps(steps))  # per solver step, the codes of its condition group
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
