@@ -72,10 +72,11 @@ def ar_bytes_per_token(gpt, rows):
 
 def ar_tokens(step, labels, N):
     """The AR half of sample.stream: prefill, then one DecodeStep per token (no pixel decoder)."""
-    token = step.prefill(labels)
-    for i in range(1, N):
-        token = step(token, i)
-    return token
+    tokens = torch.empty(len(labels), N, dtype=torch.long, device=labels.device)
+    i = step.start(labels, tokens, 0)
+    while i < N:
+        i = step.advance(tokens, i)
+    return tokens
 
 
 def append(path, text):

@@ -186,7 +186,6 @@ class GPT(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # the rope table is derived, not state (the official key lists do not contain it), and float32 always
         self.register_buffer("rope", rope_table(cfg.block_size + 1, cfg.head_dim, cfg.rope_base), persistent=False)
-        self.causal_mask = None
         if self.tok_embeddings.weight.device.type != "meta":
             self.initialize_weights()
 
@@ -231,15 +230,15 @@ class GPT(nn.Module):
         return logits, loss
 
     # ---- cached inference ----
-    def setup_caches(self, max_batch_size, device=None):
-        """Static caches for [class token + block_size tokens], length rounded up to a multiple of 8."""
+    def setup_caches(self, max_batch_size, device=None, extra=0):
+        """Static caches for [class token + block_size tokens + `extra` slots (a speculative window reaching past the
+        last token)], length rounded up to a multiple of 8."""
         cfg = self.config
-        seq = (cfg.block_size + 1 + 7) // 8 * 8
+        seq = (cfg.block_size + 1 + extra + 7) // 8 * 8
         dtype = self.tok_embeddings.weight.dtype
         device = device or self.tok_embeddings.weight.device
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch_size, seq, cfg.n_kv_head, cfg.head_dim, dtype, device)
-        self.causal_mask = torch.tril(torch.ones(seq, seq, dtype=torch.bool, device=device))
         if self.rope.shape[0] < seq:  # positions past the sequence are never written, but index_select needs rows
             self.rope = rope_table(seq, cfg.head_dim, cfg.rope_base).to(device)
 
@@ -249,8 +248,9 @@ class GPT(nn.Module):
         (SDPA); kernels.decode_attention reads a device tensor (S == 1), so one CUDA graph serves every position."""
         if x.shape[1] == 1 and torch.is_tensor(kv_len):
             return self._trunk(x, self.rope[input_pos], input_pos, None, kv_len)
-        mask = self.causal_mask[None, None, input_pos, :kv_len]  # (1, 1, S, kv_len): only written slots are visible
-        return self._trunk(x, self.rope[input_pos], input_pos, mask)
+        n = self.layers[0].attention.kv_cache.k_cache.shape[2] if kv_len is None else kv_len
+        mask = input_pos[:, None] >= torch.arange(n, device=x.device)  # (S, n): only written slots are visible
+        return self._trunk(x, self.rope[input_pos], input_pos, mask[None, None])
 
     @classmethod
     def from_checkpoint(cls, path, name=None, map_location="cpu", **overrides):
@@ -317,22 +317,31 @@ def cfg_labels(model, labels, guided):
     return torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
 
 
-def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """logits (B, V) → tokens (B,), without host synchronisation."""
+def sampling_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """logits (..., V) → the distribution tokens are drawn from (..., V): temperature, then top-k, then top-p."""
     logits = logits / max(temperature, 1e-5)
     if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         remove = (cum > top_p).roll(1, dims=-1)  # shifted by one: keep the first entry that crosses the threshold
-        remove[:, 0] = False
-        logits = logits.masked_fill(remove.scatter(1, idx, remove), float("-inf"))
-    probs = logits.softmax(-1)
-    # exponential race = multinomial with one draw, but graph-capturable and driven by an explicit generator
+        remove[..., 0] = False
+        logits = logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+    return logits.softmax(-1)
+
+
+def draw(probs, generator=None):
+    """probs (..., V), not necessarily normalised → one token each (...,), without host synchronisation: the
+    exponential race is a multinomial draw, but graph-capturable and driven by an explicit generator."""
     q = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / q).argmax(-1)
+
+
+def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """logits (B, V) → tokens (B,)."""
+    return draw(sampling_probs(logits, temperature, top_k, top_p), generator)
 
 
 def guide(logits, scale):

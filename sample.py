@@ -27,7 +27,7 @@ from tqdm import tqdm
 from data import (CHECKPOINTS, ArgumentParser, atomic_save, check_writable, nonnegative_int, open_image,
                   positive_float, positive_int, reference_image, setup_device, to_uint8)
 from kernels import cuda_graph, fuse_feed_forward
-from model import GPT, GPTConfig, cfg_labels, cfg_schedule, decode_one_token, prefill
+from model import GPT, GPTConfig, cfg_labels, cfg_schedule, decode_one_token, draw, guide, prefill, sampling_probs
 from tokenizer import Tokenizer, precision
 
 PROG = "sample.py"
@@ -73,12 +73,24 @@ class DecodeStep:
         if device.type == "cuda" if graph is None else graph:
             self.graph, self.out = cuda_graph(self.step, generator=generator)
 
-    def prefill(self, labels):
-        """labels (B,) → the first image token (B,), from the class token at position 0."""
+    def start(self, labels, tokens, fixed):
+        """The class token's prefill → 1, the positions run. Its first token goes to tokens[:, 0] unless a prefix
+        fills tokens[:, :fixed]: the prefix is teacher-forced, its draws discarded (as model.generate)."""
         for layer, cache in zip(self.gpt.layers, self.caches):
-            layer.attention.kv_cache = cache  # the graph reads these: another DecodeStep may have swapped its own in
+            layer.attention.kv_cache = cache  # the graph reads these: another step may have swapped its own in
+        self.fixed = fixed
         scale = None if self.scales is None else self.scales[0]
-        return prefill(self.gpt, cfg_labels(self.gpt, labels, scale is not None), scale, **self.settings)
+        token = prefill(self.gpt, cfg_labels(self.gpt, labels, scale is not None), scale, **self.settings)
+        if fixed == 0:
+            tokens[:, 0] = token
+        return 1
+
+    def advance(self, tokens, i):
+        """Runs position i (0 < i < N) → i + 1; its token goes to tokens[:, i] unless the prefix holds it."""
+        token = self(tokens[:, i - 1], i)
+        if i >= self.fixed:
+            tokens[:, i] = token
+        return i + 1
 
     def __call__(self, token, i):
         """token (B,) at position i (a host int) → token i + 1 (B,)."""
@@ -96,6 +108,113 @@ class DecodeStep:
         if kv_len is None:
             kv_len = torch.add(self.input_pos, 1, out=self.kv_len)
         return decode_one_token(self.gpt, self.token, self.input_pos, self.scale, kv_len=kv_len, **self.settings)
+
+
+class SpeculativeStep:
+    """The AR side of one batch with speculative Jacobi decoding (Teng et al. 2024, "Accelerating Auto-regressive
+    Text-to-Image Generation with Training-free Speculative Jacobi Decoding"): one forward scores a window of
+    `window` draft tokens, each drawn from a distribution q kept beside it. Draft j is accepted with probability
+    min(1, p_j/q_j) under the final sampling distribution p (guidance, temperature, top-k, top-p); a row's first
+    rejected token is drawn from max(0, p - q) instead, so every token is distributed exactly as the sequential
+    sampler's (speculative sampling, Leviathan et al. 2023). The batch advances by the fewest tokens any row
+    verified; a row's further verified tokens stay in the window with q = p (accepted again), the others are drawn
+    anew from this forward's distributions, and slots past the window from its last one. The cache needs no rewind:
+    entries past the accepted tokens are overwritten by the next window. On CUDA the window is one CUDA graph and
+    the accept rule runs on the device: one host synchronisation per forward (reading how far the batch got)."""
+
+    @torch.no_grad()
+    def __init__(self, gpt, batch, window, cfg_scale=1.0, *, temperature=1.0, top_k=0, top_p=1.0, generator=None,
+                 graph=None):
+        device, N, V = gpt.tok_embeddings.weight.device, gpt.config.block_size, gpt.config.vocab_size
+        self.gpt, self.device, self.N = gpt, device, N
+        self.settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        self.scales = cfg_schedule(cfg_scale, N)
+        if self.scales is not None:  # slots past the last token reuse its scale (their tokens are never kept)
+            self.scales = torch.cat([self.scales, self.scales[-1:].expand(window)]).to(device)
+        gpt.setup_caches(batch * (1 + (self.scales is not None)), device=device, extra=window)
+        self.caches = [layer.attention.kv_cache for layer in gpt.layers]
+        self.pos = torch.zeros(window, dtype=torch.long, device=device)  # slot s predicts token pos[s]
+        self.inputs = torch.zeros(batch, window, dtype=torch.long, device=device)  # [last token, drafts[:-1]]
+        self.drafts = torch.zeros(batch, window, dtype=torch.long, device=device)
+        self.q = torch.full((batch, window, V), 1 / V, device=device)  # the drafts' distributions
+        self.noise = torch.ones(batch, window, V, device=device)  # the drafts' exponential races (model.draw)
+        self.verified = torch.zeros(batch, window, dtype=torch.long, device=device)
+        self.n = torch.zeros((), dtype=torch.long, device=device)  # tokens the last window added
+        self.graph = None
+        if device.type == "cuda" if graph is None else graph:
+            self.graph, _ = cuda_graph(self.window, generator=generator)
+
+    def probs(self, logits, pos):
+        """logits (B', ..., V) at token indices pos → the final sampling distribution (B, ..., V)."""
+        settings = {k: v for k, v in self.settings.items() if k != "generator"}
+        if self.scales is None:
+            return sampling_probs(logits, **settings)
+        return sampling_probs(guide(logits, self.scales[pos].view(-1, *[1] * (logits.dim() - 2))), **settings)
+
+    def start(self, labels, tokens, fixed):
+        """One forward over the class token and the prefix tokens[:, :fixed] → fixed + 1, the positions run; token
+        `fixed` is drawn, the first window is drawn from its distribution."""
+        for layer, cache in zip(self.gpt.layers, self.caches):
+            layer.attention.kv_cache = cache
+        guided, g = self.scales is not None, self.settings["generator"]
+        prefix = tokens[:, :fixed].repeat(1 + guided, 1)  # (B', fixed)
+        x = self.gpt._embed(prefix, cfg_labels(self.gpt, labels, guided))  # (B', 1 + fixed, C)
+        p = self.probs(self.gpt.forward_cached(x, torch.arange(fixed + 1, device=self.device))[:, -1], fixed)
+        tokens[:, fixed] = draw(p, g)
+        W = self.pos.shape[0]
+        self.pos.copy_(torch.arange(fixed + 1, fixed + 1 + W))
+        self.q.copy_(p[:, None].expand(-1, W, -1))
+        self.noise.exponential_(1, generator=g)
+        self.drafts.copy_((self.q / self.noise).argmax(-1))
+        self.inputs.copy_(torch.cat([tokens[:, fixed:fixed + 1], self.drafts[:, :-1]], 1))
+        return fixed + 1
+
+    def window(self):
+        """One forward over the window, the accept rule, the next window: everything on the device."""
+        (B, W), g = self.drafts.shape, self.settings["generator"]
+        inputs = self.inputs.repeat(1 + (self.scales is not None), 1)
+        p = self.probs(self.gpt.forward_cached(self.gpt.tok_embeddings(inputs), self.pos), self.pos)  # (B, W, V)
+        slot = torch.arange(W, device=self.device)
+        p_d, q_d = (t.gather(-1, self.drafts[..., None])[..., 0] for t in (p, self.q))  # (B, W)
+        u = torch.rand(B, W, generator=g, device=self.device)
+        first = (u * q_d < p_d).cumprod(-1).sum(-1)  # (B,): each row's first rejected slot (W: none)
+        at = first.clamp(max=W - 1)[:, None, None].expand(-1, 1, p.shape[-1])
+        residual = (p.gather(1, at) - self.q.gather(1, at)).clamp(min=0)[:, 0]  # (B, V) max(0, p - q)
+        verified = torch.where(slot < first[:, None], self.drafts, draw(residual, g)[:, None])  # up to `first`
+        reach = (first + 1).clamp(max=W)  # (B,) verified tokens per row
+        n = torch.minimum(reach.min(), self.N - self.pos[0])  # the batch advances by the fewest
+        src = slot + n  # the next window's slot s is this window's slot s + n, or past it
+        past = src >= W
+        src = src.clamp(max=W - 1)
+        q = torch.where(past[:, None], p[:, W - 1:], p[:, src])  # (B, W, V): stale distributions
+        keep = ~past & (src < reach[:, None])  # (B, W): a verified token, drawn from p exactly
+        noise = torch.where(past[:, None], torch.empty_like(q).exponential_(1, generator=g), self.noise[:, src])
+        drafts = torch.where(keep, verified[:, src], (q / noise).argmax(-1))
+        last = verified.gather(1, (n - 1).clamp(min=0).expand(B, 1))  # the last accepted token (B, 1)
+        self.verified.copy_(verified)
+        self.inputs.copy_(torch.cat([last, drafts[:, :-1]], 1))
+        self.drafts.copy_(drafts)
+        self.q.copy_(q)
+        self.noise.copy_(noise)
+        self.pos.add_(n)
+        self.n.copy_(n)
+
+    def advance(self, tokens, i):
+        """Runs the window at positions i, i + 1, ... → the new count of tokens, written to tokens[:, i:]."""
+        if self.graph is None:
+            self.window()
+        else:
+            self.graph.replay()
+        n = int(self.n)  # the one host synchronisation
+        tokens[:, i:i + n] = self.verified[:, :n]
+        return i + n
+
+
+def decode_step(gpt, batch, cfg_scale=1.0, speculative=0, **settings):
+    """The AR side of a batch: a DecodeStep, or with speculative = W a SpeculativeStep with a window of W."""
+    if speculative:
+        return SpeculativeStep(gpt, batch, speculative, cfg_scale, **settings)
+    return DecodeStep(gpt, batch, cfg_scale, **settings)
 
 
 def on(stream):  # a CUDA stream's context, or nothing on other devices
@@ -129,14 +248,12 @@ def stream(gpt, tok, labels, noise, step, *, solver="adams2", steps=None, prefix
         noise.record_stream(px)  # read there: its memory must not be reused before the first step
     try:
         with on(ar):
-            token = step.prefill(labels)
-            for i in range(N):
-                if i > 0:
-                    token = step(tokens[:, i - 1], i)
-                if i >= fixed:
-                    tokens[:, i] = token
-                yield "token", i, tokens
-                ready = N if i == N - 1 else 0 if gpt.config.reverse_order else max(fixed, i + 1)
+            i = 0
+            while i < N:
+                start, i = i, step.advance(tokens, i) if i else step.start(labels, tokens, fixed)
+                for j in range(start, i):
+                    yield "token", j, tokens
+                ready = N if i == N else 0 if gpt.config.reverse_order else max(fixed, i)
                 while done < len(slices) and slices[done].stop <= ready:
                     if px is not None:
                         px.wait_stream(ar)  # the group's codes are written
@@ -176,7 +293,7 @@ def sample_batch(gpt, tok, labels, step, *, solver="adams2", steps=None, prefix=
 
 
 def sample_indices(gpt, tok, labels, indices, *, seed, batch_size, graph, progress, cfg_scale, temperature,
-                   top_k, top_p, solver, prefix, keep_previews, decoder_precision):
+                   top_k, top_p, solver, prefix, keep_previews, decoder_precision, speculative=0):
     """Samples labels[indices] in batches → images (n, H, W, 3) uint8 and preview strips (n, S, H, W, 3) uint8, or
     None without keep_previews. A batch draws from a generator seeded with seed + the index of its first sample, so
     a sample does not depend on how many processes share the work (as long as batches start at the same indices)."""
@@ -189,8 +306,8 @@ def sample_indices(gpt, tok, labels, indices, *, seed, batch_size, graph, progre
         idx = indices[start:start + batch_size]
         generator.manual_seed(seed + int(idx[0]))
         if len(idx) not in decode_steps:
-            decode_steps[len(idx)] = DecodeStep(gpt, len(idx), cfg_scale, temperature=temperature, top_k=top_k,
-                                                top_p=top_p, generator=generator, graph=graph)
+            decode_steps[len(idx)] = decode_step(gpt, len(idx), cfg_scale, speculative, temperature=temperature,
+                                                 top_k=top_k, top_p=top_p, generator=generator, graph=graph)
         prefix_b = None if prefix is None else prefix.expand(len(idx), -1)
         _, _, image, previews = sample_batch(gpt, tok, labels[idx].to(device), decode_steps[len(idx)], solver=solver,
                                              prefix=prefix_b, keep_previews=keep_previews,
@@ -345,7 +462,8 @@ def main(args):
         gpt, tok, labels, mine, seed=args.seed, batch_size=args.batch_size,
         graph=args.cuda_graph and device.type == "cuda", progress=rank == 0 and len(labels) > args.batch_size,
         cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        solver=args.solver, prefix=prefix, keep_previews=keep_previews, decoder_precision=args.decoder_precision)
+        solver=args.solver, prefix=prefix, keep_previews=keep_previews, decoder_precision=args.decoder_precision,
+        speculative=args.speculative)
     if args.save_each:
         save_each(args.save_each, images, strips, mine, labels)
     if args.npz:
@@ -447,6 +565,9 @@ def parse_args(argv=None):
     p.add_argument("--decoder-precision", choices=["tf32", "fp32", "bf16"], default="tf32",
                    help="pixel decoder precision: tf32 (TF32 matmuls, as the official sampler), fp32 (strict), bf16 "
                         "(bf16 weights on CUDA, autocast elsewhere); on a CPU tf32 and fp32 are the same")
+    p.add_argument("--speculative", type=nonnegative_int, default=0, metavar="W",
+                   help="speculative Jacobi decoding with a window of W tokens (e.g. 16): the same distribution in "
+                        "fewer AR forwards, for small batches (the batch advances by its slowest row); 0: off")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="replay the AR decode step from CUDA graphs (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (a few seconds)")

@@ -74,8 +74,9 @@ def png_url(image):
 class Demo:
     """The models, what the page may choose from, and the lock that lets one run at a time."""
 
-    def __init__(self, tok, gpt, device, decoder_precision):
+    def __init__(self, tok, gpt, device, decoder_precision, speculative=0):
         self.tok, self.gpt, self.device, self.decoder_precision = tok, gpt, device, decoder_precision
+        self.speculative = speculative  # sample.py --speculative: the window, 0 for one token per forward
         c = tok.config
         self.shape = dict(num_tokens=c.num_all_queries, group_size=c.queries_per_step, num_groups=c.num_query_groups,
                           num_steps=c.num_denoising_steps)
@@ -93,11 +94,11 @@ class Demo:
         self.lock = threading.Lock()
 
     def decode_step(self, batch, cfg, temperature):
-        """sample.DecodeStep for the run (its CUDA graph on a GPU), made again when the batch or settings change."""
+        """sample.decode_step for the run (its CUDA graph on a GPU), made again when the batch or settings change."""
         key = (batch, cfg, temperature)
         if key not in self.steps:  # one at a time: each holds KV caches (and a graph) for its batch size
-            self.steps = {key: sample.DecodeStep(self.gpt, batch, cfg, temperature=temperature,
-                                                 generator=self.generator)}
+            self.steps = {key: sample.decode_step(self.gpt, batch, cfg, self.speculative, temperature=temperature,
+                                                  generator=self.generator)}
         return self.steps[key]
 
     def config(self):
@@ -284,7 +285,7 @@ def main(args):
                                       args.decoder_precision)
     except (ValueError, OSError) as e:
         raise SystemExit(f"demo.py: error: {str(e).splitlines()[0]}") from None
-    server.demo = Demo(tok, gpt, device, args.decoder_precision)
+    server.demo = Demo(tok, gpt, device, args.decoder_precision, args.speculative)
     host, port = server.server_address[:2]
     print(f"D-AR demo on {device}: open http://{host}:{port}/  (Ctrl-C stops it)", flush=True)
     with server, suppress(KeyboardInterrupt):
@@ -301,6 +302,8 @@ def parse_args(argv=None):
     p.add_argument("--gpt-model", default=None, help="GPT preset (GPT-L, GPT-XL): needed for official GPT files")
     p.add_argument("--decoder-precision", choices=["tf32", "fp32", "bf16"], default="tf32",
                    help="pixel decoder precision, as sample.py's (on a CPU tf32 and fp32 are the same)")
+    p.add_argument("--speculative", type=nonnegative_int, default=0, metavar="W",
+                   help="speculative Jacobi decoding with a window of W tokens, as sample.py's (0: off)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     args = p.parse_args(argv)
     if args.port > 65535:

@@ -45,10 +45,10 @@ def test_ar_tokens_are_the_loops_tokens():
         gpt.output.weight.normal_(std=0.5)
     labels = torch.arange(3)
     step = sample.DecodeStep(gpt.eval(), 3, bench.CFG, generator=torch.Generator().manual_seed(0))
-    last = bench.ar_tokens(step, labels, 32)
+    tokens = bench.ar_tokens(step, labels, 32)
     step.settings["generator"].manual_seed(0)
     want = generate(gpt, labels, cfg_scale=bench.CFG, generator=step.settings["generator"])
-    assert torch.equal(last, want[:, -1])
+    assert torch.equal(tokens, want)
 
 
 def test_ar_bound_counts_weights_and_the_filled_slots_read():

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import sample
 from data import fmnist_dir
 from evaluate import fmnist_reconstruction, load_fmnist_classifier
 from model import GPT, generate
@@ -29,20 +30,39 @@ def test_shipped_checkpoints_are_small():
     assert os.path.getsize(FILES["fmnist_classifier.pt"]) < 1e6
 
 
-def test_generated_samples_are_recognised(shipped):
-    """At sample.py's default guidance, 4.0. These 100 samples (CPU, fp32): 100%; 1,000 of `python sample.py` on a
-    GPU: 100%, 5,000: 99.6% (the classifier recognises 91.2% of the real test images)."""
+@pytest.fixture(scope="module")
+def accuracy(shipped):
+    """The classifier's accuracy on 100 samples (10 per class) at sample.py's default guidance, 4.0, drawn
+    sequentially (model.generate) or speculatively (a window of 16, batches of 10, as sample.py --speculative 16)."""
     tok, gpt = shipped
-    torch.manual_seed(0)
-    labels = torch.arange(10).repeat_interleave(10)  # 100 samples, 10 per class
+    classifier = load_fmnist_classifier(FILES["fmnist_classifier.pt"])
+    labels = torch.arange(10).repeat_interleave(10)
     g = torch.Generator().manual_seed(0)
+
+    def of(images):
+        assert images.shape == (100, 3, 32, 32)
+        return (classifier.classify(images) == labels).float().mean().item()
+
     with torch.no_grad():
-        images = torch.cat([tok.decode(generate(gpt, y, cfg_scale=4.0, generator=g), generator=g)
-                            for y in labels.split(50)])
-    assert images.shape == (100, 3, 32, 32)
-    predicted = load_fmnist_classifier(FILES["fmnist_classifier.pt"]).classify(images)
-    accuracy = (predicted == labels).float().mean().item()
-    assert accuracy >= 0.95, f"only {accuracy:.0%} of the samples are classified as their label"
+        sequential = of(torch.cat([tok.decode(generate(gpt, y, cfg_scale=4.0, generator=g), generator=g)
+                                   for y in labels.split(50)]))
+        step = sample.SpeculativeStep(gpt, 10, 16, 4.0, generator=g)
+        speculative = of(torch.cat([sample.sample_batch(gpt, tok, y, step, keep_previews=False)[2]
+                                    for y in labels.split(10)]))
+    return dict(sequential=sequential, speculative=speculative)
+
+
+@pytest.mark.parametrize("sampler", ["sequential", "speculative"])
+def test_generated_samples_are_recognised(accuracy, sampler):
+    """These 100 samples (CPU, fp32): 100% either way; 1,000 of `python sample.py` on a GPU: 100%, 5,000: 99.6% (the
+    classifier recognises 91.2% of the real test images)."""
+    assert accuracy[sampler] >= 0.95, f"only {accuracy[sampler]:.0%} of the samples are classified as their label"
+
+
+def test_speculative_samples_are_recognised_as_often(accuracy):
+    """Speculative decoding changes only the number of forwards: the accuracies agree within binomial noise."""
+    p = (accuracy["sequential"] + accuracy["speculative"]) / 2
+    assert abs(accuracy["sequential"] - accuracy["speculative"]) <= 3 * (2 * max(p * (1 - p), 0.01) / 100) ** 0.5
 
 
 def test_reconstruction_keeps_the_class(shipped):

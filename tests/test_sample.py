@@ -4,6 +4,7 @@
 
 The torchrun test starts 2 gloo processes (a few seconds).
 """
+import itertools
 import os
 import subprocess
 import sys
@@ -14,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy.stats import chisquare
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sample  # noqa: E402
 from data import to_uint8  # noqa: E402
-from model import GPT, GPTConfig, generate  # noqa: E402
+from model import GPT, GPTConfig, cfg_schedule, generate, guide, sampling_probs  # noqa: E402
 from tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
 
 
@@ -151,6 +153,71 @@ def test_reverse_order_flips_before_decoding(ckpts):
     assert seen == [("token", i) for i in range(32)] + [("preview", k) for k in range(8)]
 
 
+def sequence_probs(gpt, label, cfg_scale, top_k, prefix):
+    """Every continuation of `prefix` (tuples) and its probability under the sequential sampler, by enumeration."""
+    N, V = gpt.config.block_size, gpt.config.vocab_size
+    seqs = [prefix + rest for rest in itertools.product(range(V), repeat=N - len(prefix))]
+    t = torch.tensor(seqs)
+    with torch.no_grad():
+        cond, _ = gpt(t[:, :-1], torch.full((len(seqs),), label))
+        null, _ = gpt(t[:, :-1], torch.full((len(seqs),), gpt.config.num_classes))
+    logits = guide(torch.cat([cond, null]), cfg_schedule(cfg_scale, N)[None, :, None])
+    p = sampling_probs(logits, top_k=top_k).gather(-1, t[..., None])[..., 0]  # (S, N)
+    return seqs, p[:, len(prefix):].prod(-1)
+
+
+@pytest.mark.parametrize("window, batch, runs, prefix", [(2, 4, 800, ()), (4, 400, 8, ()), (3, 4, 500, (1,))])
+def test_speculative_sampling_is_exact_in_distribution(window, batch, runs, prefix):
+    """3 tokens from 4 codes under a guidance ramp and top-k 3: the sequences of many speculative runs pass a χ² test
+    against the enumerated distribution. Small batches accept whole windows; batch 400 advances by its slowest row,
+    so rows carry verified tokens over; a window past the last token (4 > 3); a prefix. (A rule that accepts drafts
+    twice as often, or resamples from p instead of max(0, p - q), fails with p < 1e-14.)"""
+    torch.manual_seed(0)
+    gpt = jitter(GPT(GPTConfig(n_layer=2, n_head=2, dim=32, vocab_size=4, block_size=3, num_classes=2,
+                               multiple_of=32, token_dropout_p=0, resid_dropout_p=0, ffn_dropout_p=0)), 0.15)
+    seqs, probs = sequence_probs(gpt, 1, "1.5,3.0", 3, prefix)
+    step = sample.SpeculativeStep(gpt, batch, window, "1.5,3.0", top_k=3, generator=torch.Generator().manual_seed(0))
+    counts = torch.zeros(len(seqs))
+    index = {s: k for k, s in enumerate(seqs)}
+    with torch.no_grad():
+        for _ in range(runs):
+            tokens = torch.tensor([prefix + (0,) * (3 - len(prefix))] * batch)
+            i = step.start(torch.ones(batch, dtype=torch.long), tokens, len(prefix))
+            while i < 3:
+                i = step.advance(tokens, i)
+            for row in tokens.tolist():
+                counts[index[tuple(row)]] += 1
+    expected = probs * counts.sum()
+    big = expected > 5  # the rare sequences pooled into one bin
+    observed = torch.cat([counts[big], counts[~big].sum()[None]])
+    expected = torch.cat([expected[big], expected[~big].sum()[None]])
+    assert big.sum() >= 8 and observed[-1] <= expected[-1] + 5 * expected[-1].sqrt() + 5
+    assert chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-3
+
+
+def test_speculative_streaming_equals_offline(ckpts):
+    """Tokens arrive several per forward; each solver step still runs as soon as its group is in, and the image and
+    previews equal the offline decode of the tokens (16 steps: each group twice), a layout prefix kept."""
+    tok, gpt = models(ckpts)
+    labels, prefix = torch.tensor([1, 4]), torch.randint(64, (2, 6), generator=torch.Generator().manual_seed(0))
+    step = sample.SpeculativeStep(gpt, 2, 8, "1.5,3.0", generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    seen, tokens, slices, previews = [], None, tok.group_slices(16), []
+    for kind, i, out in sample.stream(gpt, tok, labels, noise, step, steps=16, prefix=prefix):
+        seen.append((kind, i))
+        tokens = out if kind == "token" else tokens
+        if kind == "preview":
+            previews.append(to_uint8(out))
+            assert max(j for k, j in seen if k == "token") + 1 >= max(6, slices[i].stop)
+    assert [i for k, i in seen if k == "token"] == list(range(32))
+    assert [i for k, i in seen if k == "preview"] == list(range(16))
+    assert torch.equal(tokens[:, :6], prefix)
+    for n in (3, 16):
+        ref = to_uint8(tok.decode(tokens, noise=noise, groups=(n + 1) // 2, steps=16)).int()
+        assert (previews[n - 1].int() - ref).abs().max() <= 1
+    torch.testing.assert_close(out, tok.decode(tokens, noise=noise, steps=16), atol=1e-5, rtol=1e-5)
+
+
 def test_layout_control_keeps_the_reference_prefix(ckpts):
     k = 12
     tok, gpt = models(ckpts)
@@ -183,6 +250,18 @@ def test_npz_holds_the_samples_at_the_exact_path(ckpts, tmp_path):
     tok, gpt = models(ckpts)
     _, _, image, _ = run(gpt, tok, torch.from_numpy(labels[4:]), 0 + 4, cfg_scale="4.0", keep_previews=False)
     assert np.array_equal(to_uint8(image).numpy(), images[4:])
+
+
+def test_speculative_flag_samples_with_a_window(ckpts, tmp_path):
+    path = tmp_path / "s.npz"
+    sample.main(sample.parse_args(argv(ckpts, "--num-samples", 3, "--batch-size", 2, "--npz", path, "--out", "",
+                                       "--speculative", 8, "--cfg-scale", "1.5,3")))
+    with np.load(path) as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    tok, gpt = models(ckpts)  # the last batch again, through a SpeculativeStep seeded by its first index
+    step = sample.SpeculativeStep(gpt, 1, 8, "1.5,3", generator=torch.Generator().manual_seed(2))
+    image = sample.sample_batch(gpt, tok, torch.from_numpy(labels[2:]), step, keep_previews=False)[2]
+    assert images.shape == (3, 32, 32, 3) and np.array_equal(to_uint8(image).numpy(), images[2:])
 
 
 def test_interrupted_write_keeps_the_old_file(ckpts, tmp_path, monkeypatch):
@@ -346,6 +425,19 @@ def test_cuda_graph_tokens_equal_eager(ckpts):
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     assert (previews[:, 1].int() - ref).abs().max() <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_speculative_graph_equals_eager(ckpts):
+    """The speculative window replayed from its CUDA graph draws the tokens of the eager window for the same seed."""
+    tok, gpt = sample.load_models(ckpts / "tok.pt", ckpts / "gpt.pt", None, torch.bfloat16, torch.device("cuda"))
+    labels, results = torch.arange(3, device="cuda"), []
+    for graph in (False, True):
+        g = torch.Generator("cuda")
+        step = sample.SpeculativeStep(gpt, 3, 8, "1.5,4", top_k=20, generator=g, graph=graph)
+        g.manual_seed(0)
+        results.append(sample.sample_batch(gpt, tok, labels, step)[0])
+    assert torch.equal(*results)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
