@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from data import ArgumentParser, atomic_save, check_writable, positive_float, positive_int
 from kernels import _decode_attention, cuda_graph, decode_attention, fuse_feed_forward, silu_mul
 from model import GPT, GPTConfig
-from sample import DecodeStep, sample_batch, stream
+from sample import DecodeStep, SpeculativeStep, sample_batch, stream
 from tokenizer import Tokenizer, TokenizerConfig, precision
 
 PROG = "bench.py"
@@ -161,10 +161,11 @@ def latency_ms(gpt, tok, step, mode, repeats):
 
 
 @torch.no_grad()
-def bench_model(name, gpt, decoders, *, batches, repeats, flops, bw, peak, row, profile_path, ar_only=False):
-    """AR start-up and ms/token at batch 1 and each of `batches`; batch-1 latencies; end to end at each batch, for
-    each decoder precision in `decoders` ({"tf32": tokenizer, "bf16": tokenizer with bf16 pixel weights}).
-    ar_only: no latencies and no end to end (no pixel decoder)."""
+def bench_model(name, gpt, decoders, *, batches, windows, repeats, flops, bw, peak, row, profile_path, ar_only=False):
+    """AR start-up and ms/token at batch 1 and each of `batches`; at batch 1 and the first of `batches`, one
+    speculative forward per window size; batch-1 latencies; end to end at each batch, for each decoder precision in
+    `decoders` ({"tf32": tokenizer, "bf16": tokenizer with bf16 pixel weights}). ar_only: no latencies and no end to
+    end (no pixel decoder)."""
     device, N = gpt.tok_embeddings.weight.device, gpt.config.block_size
     for b in (1, *batches):
         g = torch.Generator(device).manual_seed(0)
@@ -175,6 +176,16 @@ def bench_model(name, gpt, decoders, *, batches, repeats, flops, bw, peak, row, 
         ms = median_ms(lambda: ar_tokens(step, labels, N), repeats)[0]
         bound = ar_bytes_per_token(gpt, 2 * b) / bw * 1e3
         row(f"{name} AR, batch {b} with CFG", ms / N, "ms/token", bound)
+        for w in windows if b in (1, batches[0]) else ():
+            spec = SpeculativeStep(gpt, b, w, CFG, generator=g)
+
+            def window():  # mid-sequence: the window attends over the whole cache, masked, wherever it is
+                spec.pos.fill_(N // 2)
+                spec.graph.replay()
+            window_ms = median_ms(window, repeats)[0]
+            row(f"{name} speculative window {w}, batch {b} with CFG: one forward", window_ms,
+                f"ms ({window_ms / (ms / N):.2f} sequential steps)")
+            del spec
         for mode, tok in ({} if ar_only else decoders).items():
             if b == 1:
                 first, final = latency_ms(gpt, tok, step, mode, repeats)
@@ -300,7 +311,8 @@ def main(args):
         for name, t, mode in decoders:
             profile_decoder(name, t, mode, codes[:args.batch_sizes[0]], noise[:args.batch_sizes[0]], args.profile)
     for name, gpt in gpts.items():
-        bench_model(name, gpt, {"tf32": tok, "bf16": tok_bf16}, batches=args.batch_sizes, repeats=args.repeats,
+        bench_model(name, gpt, {"tf32": tok, "bf16": tok_bf16}, batches=args.batch_sizes, windows=args.windows,
+                    repeats=args.repeats,
                     flops=flops, bw=bw, peak=peak, row=row, profile_path=args.profile, ar_only=args.ar_only)
 
 
@@ -309,6 +321,8 @@ def parse_args(argv=None):
     p.add_argument("--models", nargs="+", default=["GPT-L", "GPT-XL"], help="GPT presets to time")
     p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[64, 256],
                    help="large batches for AR and end to end (the first also times the pixel decoder alone)")
+    p.add_argument("--windows", type=positive_int, nargs="*", default=[8, 16, 32],
+                   help="speculative window sizes whose forward is timed (none: skip)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per figure (median)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (as sample.py)")
     p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,

@@ -1,0 +1,101 @@
+"""Speculative Jacobi decoding (sample.py --speculative W) on the shipped Fashion-MNIST model: how many tokens one
+forward yields, and what that does to the time a single image takes.
+
+    python experiments/speculative.py                                   # CPU: latency only (a few minutes)
+    python experiments/speculative.py --device cuda --tokens-per-forward --out speculative_cuda.md
+
+Tokens per forward: at temperature 1 for each guidance scale and window, averaged over --samples samples (one class
+after another), and at guidance 4 for larger batches (a batch advances by its slowest row). Latency: batch 1 at
+sample.py's default guidance (4.0), sample.py's loop from the class label to the image (pixel decoder included),
+the median of --samples runs after one warm-up. Sample quality is measured with sample.py --npz and evaluate.py
+fmnist (docs/results.md gives the commands).
+"""
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import sample  # noqa: E402
+from data import CHECKPOINTS, ArgumentParser, positive_int, setup_device  # noqa: E402
+
+
+def forwards(step, labels, N):
+    """AR forwards one batch takes (the class token's prefill counted)."""
+    tokens = torch.zeros(len(labels), N, dtype=torch.long, device=labels.device)
+    i, count = step.start(labels, tokens, 0), 1
+    while i < N:
+        i, count = step.advance(tokens, i), count + 1
+    return count
+
+
+def tokens_per_forward(gpt, cfg_scales, windows, samples, device, emit):
+    N = gpt.config.block_size
+    emit("| guidance | " + " | ".join(f"window {w}" for w in windows) + " |\n|---|" + "---|" * len(windows))
+    for cfg in cfg_scales:
+        cells = []
+        for w in windows:
+            step = sample.SpeculativeStep(gpt, 1, w, cfg, generator=torch.Generator(device).manual_seed(0))
+            count = sum(forwards(step, torch.tensor([s % 10], device=device), N) for s in range(samples))
+            cells.append(f"{samples * N / count:.2f}")
+        emit(f"| {cfg} | " + " | ".join(cells) + " |")
+    emit("\n| batch (guidance 4, window 16) | tokens per forward |\n|---|---|")
+    for batch in (1, 8, 64):
+        step = sample.SpeculativeStep(gpt, batch, 16, 4.0, generator=torch.Generator(device).manual_seed(0))
+        runs = max(1, samples // batch)
+        count = sum(forwards(step, torch.arange(batch, device=device) % 10, N) for _ in range(runs))
+        emit(f"| {batch} | {runs * N / count:.2f} |")
+
+
+def latency(gpt, tok, windows, samples, device, emit):
+    emit("| batch 1, guidance 4 | ms to the image | speed-up |\n|---|---|---|")
+    base = None
+    for w in (0, *windows):
+        step = sample.decode_step(gpt, 1, 4.0, w, generator=torch.Generator(device).manual_seed(0))
+        times = []
+        for s in range(samples + 1):
+            start = time.perf_counter()
+            sample.sample_batch(gpt, tok, torch.tensor([s % 10], device=device), step, keep_previews=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+        ms = statistics.median(times[1:])
+        base = base or ms
+        emit(f"| {'sequential' if w == 0 else f'speculative, window {w}'} | {ms:.1f} | {base / ms:.2f}× |")
+
+
+def main(args):
+    _, _, device = setup_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as sample.py --precision auto
+    tok, gpt = sample.load_models(args.tokenizer_ckpt, args.gpt_ckpt, None, dtype, device)
+    lines = []
+
+    def emit(line):
+        print(line, flush=True)
+        lines.append(line)
+    with torch.no_grad():
+        if args.tokens_per_forward:
+            tokens_per_forward(gpt, args.cfg_scales, args.windows, args.samples, device, emit)
+        latency(gpt, tok, args.latency_windows, args.samples, device, emit)
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(prog="speculative.py", description=__doc__.split("\n")[0])
+    p.add_argument("--tokenizer-ckpt", default=str(CHECKPOINTS / "tokenizer_fmnist.pt"))
+    p.add_argument("--gpt-ckpt", default=str(CHECKPOINTS / "gpt_fmnist.pt"))
+    p.add_argument("--samples", type=positive_int, default=20, help="samples per figure")
+    p.add_argument("--tokens-per-forward", action="store_true", help="also the tokens-per-forward tables")
+    p.add_argument("--cfg-scales", nargs="+", default=["1.0", "3.0", "4.0", "1,4"])
+    p.add_argument("--windows", type=positive_int, nargs="+", default=[4, 8, 16, 32])
+    p.add_argument("--latency-windows", type=positive_int, nargs="+", default=[8, 16, 32])
+    p.add_argument("--out", default=None, help="also write the tables to this markdown file")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
