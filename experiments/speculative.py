@@ -49,21 +49,29 @@ def tokens_per_forward(gpt, cfg_scales, windows, samples, device, emit):
         emit(f"| {batch} | {runs * N / count:.2f} |")
 
 
+def median_ms(fn, samples, device):
+    """Median wall time of fn(s) over samples s = 1..samples, after fn(0) as a warm-up."""
+    times = []
+    for s in range(samples + 1):
+        start = time.perf_counter()
+        fn(s)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[1:])
+
+
 def latency(gpt, tok, windows, samples, device, emit):
-    emit("| batch 1, guidance 4 | ms to the image | speed-up |\n|---|---|---|")
+    emit("| batch 1, guidance 4 | ms to the last token | ms to the image | speed-up (image) |\n|---|---|---|---|")
     base = None
     for w in (0, *windows):
         step = sample.decode_step(gpt, 1, 4.0, w, generator=torch.Generator(device).manual_seed(0))
-        times = []
-        for s in range(samples + 1):
-            start = time.perf_counter()
-            sample.sample_batch(gpt, tok, torch.tensor([s % 10], device=device), step, keep_previews=False)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - start) * 1e3)
-        ms = statistics.median(times[1:])
+        label = lambda s: torch.tensor([s % 10], device=device)  # noqa: E731
+        ar = median_ms(lambda s: forwards(step, label(s), gpt.config.block_size), samples, device)
+        ms = median_ms(lambda s: sample.sample_batch(gpt, tok, label(s), step, keep_previews=False), samples, device)
         base = base or ms
-        emit(f"| {'sequential' if w == 0 else f'speculative, window {w}'} | {ms:.1f} | {base / ms:.2f}× |")
+        name = "sequential" if w == 0 else f"speculative, window {w}"
+        emit(f"| {name} | {ar:.1f} | {ms:.1f} | {base / ms:.2f}× |")
 
 
 def main(args):
