@@ -11,6 +11,7 @@ never half written).
 import argparse
 import gzip
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -26,6 +27,7 @@ FMNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashi
 FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                   "Ankle boot")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # what sample.py writes
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # larger images are refused (a decompression bomb would exhaust memory)
 
 
@@ -248,3 +250,73 @@ def check_writable(path, suffixes=None):
         raise ValueError(f"{path}: the folder {folder} is not writable")
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a file name")
+
+
+# ---- sample outputs: each written to a temporary name and renamed (atomic_save), never half written ----
+def grid(images, ncol):
+    """(n, H, W, 3) uint8 array → one (rows·(H+2), ncol·(W+2), 3) array with 2-pixel black gaps."""
+    n, H, W, _ = images.shape
+    rows = math.ceil(n / ncol)
+    out = np.zeros((rows * (H + 2), ncol * (W + 2), 3), dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncol)
+        out[r * (H + 2) + 1: r * (H + 2) + 1 + H, c * (W + 2) + 1: c * (W + 2) + 1 + W] = im
+    return out
+
+
+
+def save_image(path, array):
+    fmt = IMAGE_FORMATS[Path(path).suffix.lower()]
+    atomic_save(path, lambda f: Image.fromarray(array).save(f, format=fmt))
+
+
+def save_each(folder, images, strips, indices, labels):
+    """One PNG per sample (and its preview strip), named by the sample's index and class."""
+    os.makedirs(folder, exist_ok=True)
+    for j, i in enumerate(indices.tolist()):
+        name = os.path.join(folder, f"{i:06d}_class{int(labels[i])}")
+        save_image(name + ".png", images[j])
+        if strips is not None:
+            save_image(name + "_previews.png", grid(strips[j], strips.shape[1]))
+
+
+def save_npz(path, images, labels, rank, world):
+    """An ADM-style archive at exactly `path`: arr_0 (n, H, W, 3) uint8, arr_1 (n,) int64. Under torchrun each rank
+    writes its part beside it and rank 0 merges the parts in rank order."""
+    def write(target, images, labels):
+        atomic_save(target, lambda f: np.savez(f, arr_0=images, arr_1=labels.astype(np.int64)))
+    if world == 1:
+        return write(path, images, labels)
+    write(f"{path}.rank{rank}", images, labels)
+    dist.barrier()
+    if rank == 0:
+        parts = []
+        for r in range(world):
+            with np.load(f"{path}.rank{r}") as f:
+                parts.append((f["arr_0"], f["arr_1"]))
+        write(path, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        for r in range(world):
+            os.remove(f"{path}.rank{r}")
+
+
+def save_grid(path, images, strips):
+    """With previews one row per sample (the preview after each group, the last being the image), else a square
+    grid of the first 64 images."""
+    if strips is not None:
+        picture = grid(strips.reshape(-1, *strips.shape[2:]), strips.shape[1])
+    else:
+        picture = grid(images[:64], math.ceil(math.sqrt(len(images[:64]))))
+    save_image(path, picture)
+
+
+def previews_gif(strips, f, scale=4, ms=500, hold=4):
+    """strips (n, S, H, W, 3) uint8 → an animated GIF written to the binary file f (also demo.py's "save GIF"):
+    frame k shows every sample's preview after solver step k, up to 8 in a row, enlarged `scale`× without smoothing;
+    the last frame, the images, stays `hold`× longer."""
+    n, K = strips.shape[:2]
+    frames = []
+    for k in range(K):
+        im = Image.fromarray(grid(strips[:, k], min(n, 8)))
+        frames.append(im.resize((im.width * scale, im.height * scale), Image.NEAREST))
+    frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=[ms] * (K - 1) + [ms * hold],
+                   loop=0)

@@ -18,31 +18,18 @@ import os
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from tqdm import tqdm
 
-from data import (CHECKPOINTS, ArgumentParser, atomic_save, check_writable, nonnegative_int, open_image,
-                  positive_float, positive_int, reference_image, setup_device, to_uint8)
+from data import (CHECKPOINTS, IMAGE_FORMATS, ArgumentParser, atomic_save, check_writable, nonnegative_int, open_image,
+                  positive_float, positive_int, previews_gif, reference_image, save_each, save_grid, save_npz,
+                  setup_device, to_uint8)
 from kernels import cuda_graph, fuse_feed_forward
 from model import GPT, GPTConfig, cfg_labels, cfg_schedule, decode_one_token, draw, guide, prefill, sampling_probs
 from tokenizer import Tokenizer, precision
 
 PROG = "sample.py"
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # --out and --save-each write these
-
-
-def grid(images, ncol):
-    """(n, H, W, 3) uint8 array → one (rows·(H+2), ncol·(W+2), 3) array with 2-pixel black gaps."""
-    n, H, W, _ = images.shape
-    rows = math.ceil(n / ncol)
-    out = np.zeros((rows * (H + 2), ncol * (W + 2), 3), dtype=np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, ncol)
-        out[r * (H + 2) + 1: r * (H + 2) + 1 + H, c * (W + 2) + 1: c * (W + 2) + 1 + W] = im
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,21 +74,18 @@ class DecodeStep:
 
     def advance(self, tokens, i):
         """Runs position i (0 < i < N) → i + 1; its token goes to tokens[:, i] unless the prefix holds it."""
-        token = self(tokens[:, i - 1], i)
-        if i >= self.fixed:
-            tokens[:, i] = token
-        return i + 1
-
-    def __call__(self, token, i):
-        """token (B,) at position i (a host int) → token i + 1 (B,)."""
-        self.token.copy_(token)
+        self.token.copy_(tokens[:, i - 1])
         self.input_pos.fill_(i)
         if self.scale is not None:
             self.scale.copy_(self.scales[i])
         if self.graph is None:
-            return self.step(None if self.device.type == "cuda" else i + 1)
-        self.graph.replay()
-        return self.out
+            token = self.step(None if self.device.type == "cuda" else i + 1)
+        else:
+            self.graph.replay()
+            token = self.out
+        if i >= self.fixed:
+            tokens[:, i] = token
+        return i + 1
 
     def step(self, kv_len=None):
         """kv_len None: input_pos + 1 computed on the device (the graph's way); a host int slices the cache."""
@@ -118,7 +102,8 @@ class SpeculativeStep:
     rejected token is drawn from max(0, p - q) instead, so every token is distributed exactly as the sequential
     sampler's (speculative sampling, Leviathan et al. 2023). The batch advances by the fewest tokens any row
     verified; a row's further verified tokens stay in the window with q = p (accepted again), the others are drawn
-    anew from this forward's distributions, and slots past the window from its last one. The cache needs no rewind:
+    anew from this forward's distributions (slots past the window from its last one) with the exponential-race noise
+    they were drawn with before, so a draft changes only where its distribution does. The cache needs no rewind:
     entries past the accepted tokens are overwritten by the next window. On CUDA the window is one CUDA graph and
     the accept rule runs on the device: one host synchronisation per forward (reading how far the batch got)."""
 
@@ -188,7 +173,10 @@ class SpeculativeStep:
         src = src.clamp(max=W - 1)
         q = torch.where(past[:, None], p[:, W - 1:], p[:, src])  # (B, W, V): stale distributions
         keep = ~past & (src < reach[:, None])  # (B, W): a verified token, drawn from p exactly
-        noise = torch.where(past[:, None], torch.empty_like(q).exponential_(1, generator=g), self.noise[:, src])
+        # a draft keeps its noise until it is verified (coupled: it changes only where its distribution does); a slot
+        # whose noise took part in a verification, or that is new, gets fresh noise
+        fresh = torch.empty_like(q).exponential_(1, generator=g)
+        noise = torch.where((past | keep)[..., None], fresh, self.noise[:, src])  # (B, W, V)
         drafts = torch.where(keep, verified[:, src], (q / noise).argmax(-1))
         last = verified.gather(1, (n - 1).clamp(min=0).expand(B, 1))  # the last accepted token (B, 1)
         self.verified.copy_(verified)
@@ -370,66 +358,6 @@ def compile_blocks(gpt, tok):
         layer.compile()
     for block in tok.diff_decoder.net.blocks:
         block.compile()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# outputs: each written to a temporary name and renamed (data.atomic_save), never half written
-
-def save_image(path, array):
-    fmt = IMAGE_FORMATS[Path(path).suffix.lower()]
-    atomic_save(path, lambda f: Image.fromarray(array).save(f, format=fmt))
-
-
-def save_each(folder, images, strips, indices, labels):
-    """One PNG per sample (and its preview strip), named by the sample's index and class."""
-    os.makedirs(folder, exist_ok=True)
-    for j, i in enumerate(indices.tolist()):
-        name = os.path.join(folder, f"{i:06d}_class{int(labels[i])}")
-        save_image(name + ".png", images[j])
-        if strips is not None:
-            save_image(name + "_previews.png", grid(strips[j], strips.shape[1]))
-
-
-def save_npz(path, images, labels, rank, world):
-    """An ADM-style archive at exactly `path`: arr_0 (n, H, W, 3) uint8, arr_1 (n,) int64. Under torchrun each rank
-    writes its part beside it and rank 0 merges the parts in rank order."""
-    def write(target, images, labels):
-        atomic_save(target, lambda f: np.savez(f, arr_0=images, arr_1=labels.astype(np.int64)))
-    if world == 1:
-        return write(path, images, labels)
-    write(f"{path}.rank{rank}", images, labels)
-    dist.barrier()
-    if rank == 0:
-        parts = []
-        for r in range(world):
-            with np.load(f"{path}.rank{r}") as f:
-                parts.append((f["arr_0"], f["arr_1"]))
-        write(path, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-        for r in range(world):
-            os.remove(f"{path}.rank{r}")
-
-
-def save_grid(path, images, strips):
-    """With previews one row per sample (the preview after each group, the last being the image), else a square
-    grid of the first 64 images."""
-    if strips is not None:
-        picture = grid(strips.reshape(-1, *strips.shape[2:]), strips.shape[1])
-    else:
-        picture = grid(images[:64], math.ceil(math.sqrt(len(images[:64]))))
-    save_image(path, picture)
-
-
-def previews_gif(strips, f, scale=4, ms=500, hold=4):
-    """strips (n, S, H, W, 3) uint8 → an animated GIF written to the binary file f (also demo.py's "save GIF"):
-    frame k shows every sample's preview after solver step k, up to 8 in a row, enlarged `scale`× without smoothing;
-    the last frame, the images, stays `hold`× longer."""
-    n, K = strips.shape[:2]
-    frames = []
-    for k in range(K):
-        im = Image.fromarray(grid(strips[:, k], min(n, 8)))
-        frames.append(im.resize((im.width * scale, im.height * scale), Image.NEAREST))
-    frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=[ms] * (K - 1) + [ms * hold],
-                   loop=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from PIL import Image  # noqa: E402
 
 import sample  # noqa: E402
 from data import (CHECKPOINTS, FMNIST_CLASSES, ArgumentParser, fmnist_rgb32, load_fashion_mnist,  # noqa: E402
-                  nonnegative_int, open_image, positive_float, positive_int, setup_device, to_uint8)
+                  nonnegative_int, open_image, positive_float, positive_int, previews_gif, setup_device, to_uint8)
 from model import cfg_schedule  # noqa: E402
 
 MAX_SAMPLES = 16  # per run: the page draws every sample's token grid; a CPU takes 0.3-0.6 s per sample
@@ -198,7 +198,7 @@ def stream_run(demo, run, send):
                 send("preview", dict(step=i + 1, images=[png_url(im) for im in previews[-1]]))
     seconds = time.perf_counter() - t0
     gif = io.BytesIO()
-    sample.previews_gif(np.stack(previews, 1), gif)  # the picture of sample.py --gif
+    previews_gif(np.stack(previews, 1), gif)  # the picture of sample.py --gif
     send("done", dict(seconds=round(seconds, 3), gif="data:image/gif;base64," + base64.b64encode(gif.getvalue())
                       .decode()))
     return seconds

@@ -19,6 +19,7 @@ from scipy.stats import chisquare
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
 import sample  # noqa: E402
 from data import to_uint8  # noqa: E402
 from model import GPT, GPTConfig, cfg_schedule, generate, guide, sampling_probs  # noqa: E402
@@ -271,7 +272,7 @@ def test_interrupted_write_keeps_the_old_file(ckpts, tmp_path, monkeypatch):
     def broken_savez(f, **arrays):  # numpy dies half-way through the archive (disk full, Ctrl-C, ...)
         f.write(b"PK\x03\x04 half an archive")
         raise KeyboardInterrupt
-    monkeypatch.setattr(sample.np, "savez", broken_savez)
+    monkeypatch.setattr(data.np, "savez", broken_savez)
     with pytest.raises(KeyboardInterrupt):
         sample.main(sample.parse_args(argv(ckpts, "--num-samples", 2, "--npz", path, "--out", "")))
     assert path.read_bytes() == b"the old archive" and os.listdir(tmp_path) == ["s.npz"]
