@@ -4,10 +4,12 @@
     python sample.py --gpt-ckpt D-AR-L-360K.pt --gpt-model GPT-L --tokenizer-ckpt D-AR-tokenizer_v1.pt \
         --labels 207 360 388 --cfg-scale 4.0 --compile
     python sample.py ... --prefix-image ref.png --prefix-tokens 64 --labels 1 2 3   # zero-shot layout control
+    python sample.py --speculative 16 --labels 3   # speculative Jacobi decoding: the same samples, fewer forwards
     torchrun --standalone --nproc_per_node=8 sample.py ... --cfg-scale 1.1,8.0 --num-samples 50000 --npz fid.npz
 
-The loop (`stream`) reads like gpt-fast's generate: prefill the class token, then one `DecodeStep` per token (a
-CUDA-graph replay on CUDA, the same step called eagerly elsewhere). As soon as the codes a pixel solver step is
+The loop (`stream`) reads like gpt-fast's generate: prefill the class token (`start`), then one `DecodeStep.advance`
+per token (a CUDA-graph replay on CUDA, the same step called eagerly elsewhere), or with --speculative a
+`SpeculativeStep.advance` that adds several tokens per forward. As soon as the codes a pixel solver step is
 conditioned on are complete, that step runs: the causal decoder transformer turns the new codes into condition
 tokens, the ODE takes one step, and its jump estimate x̂1 = x_t + (1 - t)·v previews the final image (paper §3.3,
 §5.1, Figure 4). On CUDA the pixel steps run on a second stream beside the AR model's.

@@ -33,7 +33,7 @@ def test_shipped_checkpoints_are_small():
 @pytest.fixture(scope="module")
 def accuracy(shipped):
     """The classifier's accuracy on 100 samples (10 per class) at sample.py's default guidance, 4.0, drawn
-    sequentially (model.generate) or speculatively (a window of 16, batches of 10, as sample.py --speculative 16)."""
+    sequentially (model.generate) or speculatively (a window of 16, as sample.py --speculative 16), in batches of 50."""
     tok, gpt = shipped
     classifier = load_fmnist_classifier(FILES["fmnist_classifier.pt"])
     labels = torch.arange(10).repeat_interleave(10)
@@ -46,9 +46,9 @@ def accuracy(shipped):
     with torch.no_grad():
         sequential = of(torch.cat([tok.decode(generate(gpt, y, cfg_scale=4.0, generator=g), generator=g)
                                    for y in labels.split(50)]))
-        step = sample.SpeculativeStep(gpt, 10, 16, 4.0, generator=g)
+        step = sample.SpeculativeStep(gpt, 50, 16, 4.0, generator=g)
         speculative = of(torch.cat([sample.sample_batch(gpt, tok, y, step, keep_previews=False)[2]
-                                    for y in labels.split(10)]))
+                                    for y in labels.split(50)]))
     return dict(sequential=sequential, speculative=speculative)
 
 
