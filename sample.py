@@ -4,7 +4,7 @@
     python sample.py --gpt-ckpt D-AR-L-360K.pt --gpt-model GPT-L --tokenizer-ckpt D-AR-tokenizer_v1.pt \
         --labels 207 360 388 --cfg-scale 4.0 --compile
     python sample.py ... --prefix-image ref.png --prefix-tokens 64 --labels 1 2 3   # zero-shot layout control
-    python sample.py --speculative 16 --labels 3   # speculative Jacobi decoding: the same samples, fewer forwards
+    python sample.py --speculative 16 --labels 3   # speculative decoding: the same distribution, fewer forwards
     torchrun --standalone --nproc_per_node=8 sample.py ... --cfg-scale 1.1,8.0 --num-samples 50000 --npz fid.npz
 
 The loop (`stream`) reads like gpt-fast's generate: prefill the class token (`start`), then one `DecodeStep.advance`
@@ -375,6 +375,9 @@ def main(args):
         if cfg_schedule(args.cfg_scale, gpt.config.block_size) is not None and not gpt.config.null_class:
             raise ValueError(f"--cfg-scale {args.cfg_scale}: {args.gpt_ckpt} has no null class, so it cannot use "
                              f"guidance (use --cfg-scale 1)")
+        if args.speculative > gpt.config.block_size:
+            raise ValueError(f"--speculative {args.speculative}: this model makes {gpt.config.block_size} tokens, "
+                             f"a longer window is never filled")
         labels = pick_labels(args.labels, args.num_samples, args.seed, gpt.config.num_classes)
         prefix = None
         if args.prefix_image is not None:

@@ -305,3 +305,10 @@ def test_page_shows_every_preview_in_headless_chromium(server, tmp_path):
         assert browser.js("document.querySelectorAll('.tokens span.kept').length") == 3 * 16
     finally:
         browser.close()
+
+
+def test_speculative_window_longer_than_the_tokens_is_refused_in_one_line():
+    out = subprocess.run([sys.executable, "demo/demo.py", "--port", "0", "--device", "cpu", "--speculative", "65"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and out.stderr.strip().splitlines() == [
+        "demo.py: error: --speculative 65: this model makes 64 tokens, a longer window is never filled"]

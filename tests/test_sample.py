@@ -334,6 +334,8 @@ BAD_INPUTS = [  # (extra arguments, what the one-line message must say)
     (["--gpt-ckpt", "{d}/gpt_big.pt"], "128 codes"),
     (["--gpt-ckpt", "{d}/gpt_nonull.pt"], "has no null class"),
     (["--gpt-ckpt", "{d}/gpt_rev.pt", "--prefix-image", "{d}/ref.png"], "reverse_order"),
+    (["--speculative", -2], "--speculative"),
+    (["--speculative", 33], "--speculative 33: this model makes 32 tokens"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["--device", "cuda"], "--device cuda: no CUDA GPU"))
