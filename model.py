@@ -339,11 +339,6 @@ def draw(probs, generator=None):
     return (probs / q).argmax(-1)
 
 
-def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """logits (B, V) → tokens (B,)."""
-    return draw(sampling_probs(logits, temperature, top_k, top_p), generator)
-
-
 def guide(logits, scale):
     """Classifier-free guidance on a doubled batch [cond; uncond]: ℓ_u + λ(ℓ_c − ℓ_u); scale None: logits as given."""
     if scale is None:
@@ -356,7 +351,7 @@ def prefill(model, labels, cfg_scale, temperature=1.0, top_k=0, top_p=1.0, gener
     """Runs the class token at position 0 and samples the first image token. labels (B',) from cfg_labels."""
     x = model._embed(None, labels)  # (B', 1, C)
     logits = model.forward_cached(x, torch.zeros(1, dtype=torch.long, device=x.device), kv_len=1)[:, -1]
-    return sample_logits(guide(logits, cfg_scale), temperature, top_k, top_p, generator)
+    return draw(sampling_probs(guide(logits, cfg_scale), temperature, top_k, top_p), generator)
 
 
 def decode_one_token(model, token, input_pos, cfg_scale, temperature=1.0, top_k=0, top_p=1.0, generator=None,
@@ -366,7 +361,7 @@ def decode_one_token(model, token, input_pos, cfg_scale, temperature=1.0, top_k=
     if cfg_scale is not None:
         token = torch.cat([token, token])
     logits = model.forward_cached(model.tok_embeddings(token)[:, None], input_pos, kv_len)[:, -1]
-    return sample_logits(guide(logits, cfg_scale), temperature, top_k, top_p, generator)
+    return draw(sampling_probs(guide(logits, cfg_scale), temperature, top_k, top_p), generator)
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model import GPT, GPTConfig, cfg_schedule, generate, sample_logits
+from model import GPT, GPTConfig, cfg_schedule, draw, generate, sampling_probs
 
 
 def tiny(**kw):
@@ -66,13 +66,13 @@ def test_cfg_schedule():
 def test_top_k_and_top_p_filtering():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
     g = torch.Generator().manual_seed(0)
-    top2 = sample_logits(logits, top_k=2, generator=g)
+    top2 = draw(sampling_probs(logits, top_k=2), g)
     assert set(top2.tolist()) == {0, 1}
     # top-p 0.7: cumulative (0.5, 0.8, ...) → tokens 0 and 1 survive (the one crossing the threshold is kept)
-    topp = sample_logits(logits, top_p=0.7, generator=g)
+    topp = draw(sampling_probs(logits, top_p=0.7), g)
     assert set(topp.tolist()) == {0, 1}
-    assert set(sample_logits(logits, top_p=0.4, generator=g).tolist()) == {0}  # the top token is always kept
-    counts = torch.bincount(sample_logits(logits, generator=g), minlength=4).float() / 2000
+    assert set(draw(sampling_probs(logits, top_p=0.4), g).tolist()) == {0}  # the top token is always kept
+    counts = torch.bincount(draw(sampling_probs(logits), g), minlength=4).float() / 2000
     torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04, rtol=0)
 
 
