@@ -71,7 +71,7 @@ def ar_bytes_per_token(gpt, rows):
 
 
 def ar_tokens(step, labels, N):
-    """The AR half of sample.stream: prefill, then one DecodeStep per token (no pixel decoder)."""
+    """The AR half of sample.stream: the step's start, then advance to the last token (no pixel decoder)."""
     tokens = torch.empty(len(labels), N, dtype=torch.long, device=labels.device)
     i = step.start(labels, tokens, 0)
     while i < N:
@@ -312,8 +312,8 @@ def main(args):
             profile_decoder(name, t, mode, codes[:args.batch_sizes[0]], noise[:args.batch_sizes[0]], args.profile)
     for name, gpt in gpts.items():
         bench_model(name, gpt, {"tf32": tok, "bf16": tok_bf16}, batches=args.batch_sizes, windows=args.windows,
-                    repeats=args.repeats,
-                    flops=flops, bw=bw, peak=peak, row=row, profile_path=args.profile, ar_only=args.ar_only)
+                    repeats=args.repeats, flops=flops, bw=bw, peak=peak, row=row, profile_path=args.profile,
+                    ar_only=args.ar_only)
 
 
 def parse_args(argv=None):

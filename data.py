@@ -264,7 +264,6 @@ def grid(images, ncol):
     return out
 
 
-
 def save_image(path, array):
     fmt = IMAGE_FORMATS[Path(path).suffix.lower()]
     atomic_save(path, lambda f: Image.fromarray(array).save(f, format=fmt))

@@ -114,7 +114,8 @@ class SpeculativeStep:
                  graph=None):
         device, N, V = gpt.tok_embeddings.weight.device, gpt.config.block_size, gpt.config.vocab_size
         self.gpt, self.device, self.N = gpt, device, N
-        self.settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)  # the final distribution's
+        self.settings = dict(self.sampling, generator=generator)
         self.scales = cfg_schedule(cfg_scale, N)
         if self.scales is not None:  # slots past the last token reuse its scale (their tokens are never kept)
             self.scales = torch.cat([self.scales, self.scales[-1:].expand(window)]).to(device)
@@ -133,10 +134,9 @@ class SpeculativeStep:
 
     def probs(self, logits, pos):
         """logits (B', ..., V) at token indices pos → the final sampling distribution (B, ..., V)."""
-        settings = {k: v for k, v in self.settings.items() if k != "generator"}
         if self.scales is None:
-            return sampling_probs(logits, **settings)
-        return sampling_probs(guide(logits, self.scales[pos].view(-1, *[1] * (logits.dim() - 2))), **settings)
+            return sampling_probs(logits, **self.sampling)
+        return sampling_probs(guide(logits, self.scales[pos].view(-1, *[1] * (logits.dim() - 2))), **self.sampling)
 
     def start(self, labels, tokens, fixed):
         """One forward over the class token and the prefix tokens[:, :fixed] → fixed + 1, the positions run; token
@@ -200,6 +200,13 @@ class SpeculativeStep:
         return i + n
 
 
+def check_window(window, gpt):
+    """--speculative W of sample.py and the demo: a window longer than the model's tokens is never filled."""
+    if window > gpt.config.block_size:
+        raise ValueError(f"--speculative {window}: this model makes {gpt.config.block_size} tokens, a longer window "
+                         f"is never filled")
+
+
 def decode_step(gpt, batch, cfg_scale=1.0, speculative=0, **settings):
     """The AR side of a batch: a DecodeStep, or with speculative = W a SpeculativeStep with a window of W."""
     if speculative:
@@ -240,9 +247,10 @@ def stream(gpt, tok, labels, noise, step, *, solver="adams2", steps=None, prefix
         with on(ar):
             i = 0
             while i < N:
-                start, i = i, step.advance(tokens, i) if i else step.start(labels, tokens, fixed)
-                for j in range(start, i):
+                new = step.start(labels, tokens, fixed) if i == 0 else step.advance(tokens, i)
+                for j in range(i, new):
                     yield "token", j, tokens
+                i = new
                 ready = N if i == N else 0 if gpt.config.reverse_order else max(fixed, i)
                 while done < len(slices) and slices[done].stop <= ready:
                     if px is not None:
@@ -375,9 +383,7 @@ def main(args):
         if cfg_schedule(args.cfg_scale, gpt.config.block_size) is not None and not gpt.config.null_class:
             raise ValueError(f"--cfg-scale {args.cfg_scale}: {args.gpt_ckpt} has no null class, so it cannot use "
                              f"guidance (use --cfg-scale 1)")
-        if args.speculative > gpt.config.block_size:
-            raise ValueError(f"--speculative {args.speculative}: this model makes {gpt.config.block_size} tokens, "
-                             f"a longer window is never filled")
+        check_window(args.speculative, gpt)
         labels = pick_labels(args.labels, args.num_samples, args.seed, gpt.config.num_classes)
         prefix = None
         if args.prefix_image is not None:

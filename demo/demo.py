@@ -283,9 +283,7 @@ def main(args):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as sample.py --precision auto
         tok, gpt = sample.load_models(args.tokenizer_ckpt, args.gpt_ckpt, args.gpt_model, dtype, device,
                                       args.decoder_precision)
-        if args.speculative > gpt.config.block_size:
-            raise ValueError(f"--speculative {args.speculative}: this model makes {gpt.config.block_size} tokens, "
-                             f"a longer window is never filled")
+        sample.check_window(args.speculative, gpt)
     except (ValueError, OSError) as e:
         raise SystemExit(f"demo.py: error: {str(e).splitlines()[0]}") from None
     server.demo = Demo(tok, gpt, device, args.decoder_precision, args.speculative)
