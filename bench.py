@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from data import ArgumentParser, atomic_save, check_writable, positive_float, positive_int
 from kernels import _decode_attention, cuda_graph, decode_attention, fuse_feed_forward, silu_mul
@@ -33,6 +33,13 @@ from tokenizer import Tokenizer, TokenizerConfig, precision
 PROG = "bench.py"
 CFG = 4.0  # guided: the batch is doubled (the paper samples without temperature, top-k or top-p)
 
+
+
+@register_flop_formula(torch.ops.dar.attention)
+def attention_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs):
+    """kernels.attention's operator, counted as FlopCounterMode counts SDPA: QKᵀ and PV."""
+    B, H, Lq, hd = q_shape
+    return 4 * B * H * Lq * k_shape[2] * hd
 
 def randomise(module):
     """Small random values everywhere: the official init has zero gates and heads, and zeros time unrealistically."""

@@ -3,11 +3,13 @@
 - `decode_attention`: one query per row against the first `kv_len` slots of a static KV cache. `kv_len` may be
   a device tensor, so one CUDA graph serves every position, and no slot past the filled ones is read (SDPA over
   a window rounded up to a multiple of 32 slots reads up to 31 empty ones and a mask per step).
+- `attention`: the tokenizer's unmasked fp32 attention with TF32 dots when TF32 is on, as its matmuls (SDPA's
+  fp32 kernel ignores the switch).
 - `fuse_feed_forward`: w1 and w3 of every SwiGLU become views of one weight, so one GEMM computes both, and
   `silu_mul` forms silu(a)·b in one pass. State-dict keys and values stay the official ones.
 
 The fallbacks (`decode_attention_reference`, the PyTorch branch of `silu_mul`) define the functions: the
-kernels compute the same thing with fp32 softmax/accumulation and differ by bf16 rounding only.
+kernels compute the same thing with fp32 softmax/accumulation and differ by bf16 (or TF32) rounding only.
 
 Micro-benchmarks of both against the PyTorch paths they replace: `python bench.py --kernels`.
 """
@@ -131,6 +133,76 @@ if triton is not None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# fp32 attention with TF32 dots
+
+def attention(q, k, v, attn_mask=None, is_causal=False):
+    """SDPA, except that unmasked fp32 attention without gradients on CUDA goes through `dar::attention`, which
+    follows the TF32 switch as matmuls do: TF32 on, a flash-attention kernel with TF32 dots; off, SDPA. (SDPA's fp32
+    kernel computes in plain fp32 whatever the switch says: it was half of a tf32 pixel-decoder step.)"""
+    fp32 = q.dtype == k.dtype == v.dtype == torch.float32 and not torch.is_autocast_enabled(q.device.type)
+    if (_use_triton(q) and fp32 and attn_mask is None and not is_causal and q.shape[-1] == 64
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        return _attention_op(q, k, v).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+
+@torch.library.custom_op("dar::attention", mutates_args=(), device_types="cuda")
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q (B, H, Lq, 64), k, v (B, H, Lk, 64) fp32 → (B, Lq, H, 64). The switch is read here, at run time (or at CUDA
+    graph capture), so compiled callers follow it without recompiling."""
+    if not torch.backends.cuda.matmul.allow_tf32:
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).contiguous()
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, Lq, hd = q.shape
+    out = torch.empty(B, Lq, H, hd, dtype=q.dtype, device=q.device)
+    block_m, block_n = 128, 64  # of those measured on an H200 the fastest at 1,024 keys, with 4 warps
+    _attention_kernel[(triton.cdiv(Lq, block_m), B * H)](
+        q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], out.stride(0), out.stride(2),
+        out.stride(1), H, Lq, k.shape[2], hd ** -0.5 * 1.4426950408889634, HD=hd, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=4, num_stages=2)
+    return out
+
+
+@_attention_op.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+
+
+if triton is not None:
+    @triton.jit
+    def _attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+                          so_b, so_h, so_s, H, Lq, Lk, qk_scale,
+                          HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program (query block, row·H + head): online softmax (base 2, fp32) over the keys, BLOCK_N at a time."""
+        bh = tl.program_id(1)
+        b, h = bh // H, bh % H
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, HD)
+        q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_s + d[None, :], mask=rows[:, None] < Lq,
+                    other=0.0)  # (M, D)
+        k_base, v_base = k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HD], tl.float32)
+        for n0 in range(0, Lk, BLOCK_N):  # every block holds at least one key, so m is finite after the first
+            cols = n0 + tl.arange(0, BLOCK_N)
+            ok = cols < Lk
+            k = tl.load(k_base + cols[None, :] * sk_s + d[:, None], mask=ok[None, :], other=0.0)  # (D, N)
+            s = tl.dot(q, k, input_precision="tf32") * qk_scale  # (M, N) logits · log2(e)
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m - m_new)
+            l = l * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + cols[:, None] * sv_s + d[None, :], mask=ok[:, None], other=0.0)  # (N, D)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="tf32")
+            m = m_new
+        out = out_ptr + b * so_b + h * so_h + rows[:, None] * so_s + d[None, :]
+        tl.store(out, acc / l[:, None], mask=rows[:, None] < Lq)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # SwiGLU with one in-projection
 
 def silu_mul(h):
@@ -185,11 +257,12 @@ def fuse_feed_forward(gpt):
 # ---------------------------------------------------------------------------------------------------------------
 # CUDA graphs
 
-def cuda_graph(fn, warmup=2, generator=None):
+def cuda_graph(fn, warmup=2, generator=None, pool=None):
     """Runs fn() `warmup` times on a side stream (compilation, cuBLAS workspaces, lazily made state), then records
     one call in a CUDA graph → (graph, the recorded call's outputs, which every replay overwrites). `generator` is
     registered with the graph, so each replay advances it as an eager call does; its state is restored after the
-    warm-up, so the warm-up draws nothing. The default CUDA generator is registered by PyTorch itself."""
+    warm-up, so the warm-up draws nothing. The default CUDA generator is registered by PyTorch itself. `pool`
+    (another graph's .pool()): share its memory, safe when the graphs are always replayed in capture order."""
     state = None if generator is None else generator.get_state()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -201,6 +274,6 @@ def cuda_graph(fn, warmup=2, generator=None):
     if generator is not None:
         generator.set_state(state)
         graph.register_generator_state(generator)
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn()
     return graph, out

@@ -58,7 +58,7 @@ class DecodeStep:
         self.input_pos = torch.ones(1, dtype=torch.long, device=device)
         self.kv_len = torch.ones(1, dtype=torch.long, device=device)
         self.scale = torch.ones((), device=device) if guided else None
-        self.graph = None
+        self.pixel_steps, self.graph = {}, None  # stream's PixelSteps per decoding setting
         if device.type == "cuda" if graph is None else graph:
             self.graph, self.out = cuda_graph(self.step, generator=generator)
 
@@ -128,7 +128,7 @@ class SpeculativeStep:
         self.noise = torch.ones(batch, window, V, device=device)  # the drafts' exponential races (model.draw)
         self.verified = torch.zeros(batch, window, dtype=torch.long, device=device)
         self.n = torch.zeros((), dtype=torch.long, device=device)  # tokens the last window added
-        self.graph = None
+        self.pixel_steps, self.graph = {}, None  # stream's PixelSteps per decoding setting
         if device.type == "cuda" if graph is None else graph:
             self.graph, _ = cuda_graph(self.window, generator=generator)
 
@@ -218,6 +218,69 @@ def on(stream):  # a CUDA stream's context, or nothing on other devices
     return nullcontext() if stream is None else torch.cuda.stream(stream)
 
 
+class PixelSteps:
+    """The pixel side of one batch: solver step k of `steps` turns the codes of its group into condition tokens (the
+    causal decoder transformer continues after the codes before them), takes one ODE step and jumps to a preview.
+    On CUDA (graph) each step is replayed from its own CUDA graph, captured in step order in one memory pool: step k
+    reads step k - 1's outputs, and the host launches one graph per step instead of each of its kernels."""
+
+    @torch.no_grad()
+    def __init__(self, tok, batch, steps, solver, decoder_precision, reverse, device, graph):
+        self.tok, self.solver, self.decoder_precision, self.reverse = tok, solver, decoder_precision, reverse
+        self.slices = tok.group_slices(steps)  # per solver step, the codes of its condition group
+        R, N = tok.config.sampling_resolution, tok.config.num_all_queries
+        self.tokens = torch.zeros(batch, N, dtype=torch.long, device=device)  # generation order
+        self.x0 = torch.zeros(batch, 3, R, R, device=device)
+        self.graphs = None
+        if graph:
+            self.graphs, self.previews, self.state = [], [], self.initial()
+            for k in range(len(self.slices)):
+                pool = self.graphs[0].pool() if self.graphs else None
+                g, (self.state, preview) = cuda_graph(lambda: self.eager(k, self.state), warmup=1, pool=pool)
+                self.graphs.append(g)
+                self.previews.append(preview)
+
+    def initial(self):  # (x, v, condition tokens so far (B, n, Dd), the decoder transformer's keys/values)
+        B = self.x0.shape[0]
+        return self.x0, None, self.x0.new_zeros(B, 0, self.tok.config.decoder_dim), self.tok.new_condition_cache()
+
+    def eager(self, k, state):
+        """The state after step k - 1 → (the state after step k, preview (B, 3, H, W) float, not clamped)."""
+        x, v, cond, cache = state
+        cache = [dict(layer) for layer in cache]  # new keys/values go into copies: the state before stays intact
+        codes = self.tokens.flip(1) if self.reverse else self.tokens  # decoding order
+        stop = self.slices[k].stop
+        with precision(self.decoder_precision, self.x0.device.type):
+            if cond.shape[1] < stop:
+                cond = torch.cat([cond, self.tok.condition(codes[:, cond.shape[1]:stop], cache)], 1)
+            x, v, preview = self.tok.solver_step(x, v, k, cond[:, self.slices[k]], self.solver, len(self.slices))
+        return (x, v, cond, cache), self.tok.resize_output(preview.float())
+
+    def start(self, noise):
+        self.x0.copy_(noise)
+        if self.graphs is None:
+            self.state = self.initial()
+
+    def run(self, k, tokens):
+        """Solver step k with the codes in tokens (B, N) → its preview, overwritten by the next batch's step k."""
+        self.tokens.copy_(tokens)
+        if self.graphs is None:
+            self.state, preview = self.eager(k, self.state)
+            return preview
+        self.graphs[k].replay()
+        return self.previews[k]
+
+
+def pixel_steps(step, tok, batch, steps, solver, decoder_precision, reverse, device):
+    """The PixelSteps of this setting for step's batch, made once and kept by the step: CUDA-graphed when its AR
+    side is, unless the pixel blocks are compiled (--compile, for large batches: that pair stalled on an H200)."""
+    key = (tok, steps, solver, decoder_precision)
+    if key not in step.pixel_steps:
+        graph = step.graph is not None and not any(compiled(b) for b in tok.diff_decoder.net.blocks)
+        step.pixel_steps[key] = PixelSteps(tok, batch, steps, solver, decoder_precision, reverse, device, graph)
+    return step.pixel_steps[key]
+
+
 @torch.no_grad()
 def stream(gpt, tok, labels, noise, step, *, solver="adams2", steps=None, prefix=None, decoder_precision="tf32"):
     """The sampling loop, a generator. labels (B,), noise x0 (B, 3, R, R), step a DecodeStep for B rows.
@@ -228,22 +291,25 @@ def stream(gpt, tok, labels, noise, step, *, solver="adams2", steps=None, prefix
     (tok.group_slices) is complete, so any step count streams (paper Table 2: 16 steps use each of 8 groups twice).
     prefix (B, k): fixed leading codes (layout control, paper §5.1). A fine-to-coarse model (reverse_order)
     completes its first group last: its steps all run after the last token. decoder_precision: tokenizer.precision's
-    "tf32", "fp32" or "bf16" for the decoder transformer and the pixel network; a preview is yielded inside that
-    precision and, on CUDA, on the decoder's stream, so what the caller does with it runs there too."""
+    "tf32", "fp32" or "bf16" for the decoder transformer and the pixel network. On CUDA a preview is yielded on the
+    decoder's stream, so what the caller does with it runs there too."""
     N, B, device = gpt.config.block_size, labels.shape[0], labels.device
-    slices = tok.group_slices(tok.check_steps(steps))  # per solver step, the codes of its condition group
+    steps = tok.check_steps(steps)
+    pixels = pixel_steps(step, tok, B, steps, solver, decoder_precision, gpt.config.reverse_order, device)
     tokens = torch.empty(B, N, dtype=torch.long, device=device)
     fixed = 0 if prefix is None else prefix.shape[1]
     if fixed:
         tokens[:, :fixed] = prefix
-    cache, cond = tok.new_condition_cache(), None  # the decoder transformer's keys/values; condition tokens so far
-    x, v, done = noise, None, 0  # ODE state, last velocity (Adams-2), solver steps taken
+    done = 0  # solver steps taken
     ar = px = None
     if device.type == "cuda":  # the AR model is the critical path; the pixel steps fill the gaps beside it
         ar, px = torch.cuda.Stream(device, priority=-1), torch.cuda.Stream(device)
         ar.wait_stream(torch.cuda.current_stream(device))
-        noise.record_stream(px)  # read there: its memory must not be reused before the first step
+        px.wait_stream(torch.cuda.current_stream(device))
+        noise.record_stream(px)  # read there: its memory must not be reused before the copy
     try:
+        with on(px):
+            pixels.start(noise)
         with on(ar):
             i = 0
             while i < N:
@@ -252,17 +318,11 @@ def stream(gpt, tok, labels, noise, step, *, solver="adams2", steps=None, prefix
                     yield "token", j, tokens
                 i = new
                 ready = N if i == N else 0 if gpt.config.reverse_order else max(fixed, i)
-                while done < len(slices) and slices[done].stop <= ready:
+                while done < steps and pixels.slices[done].stop <= ready:
                     if px is not None:
                         px.wait_stream(ar)  # the group's codes are written
-                    with on(px), precision(decoder_precision, device.type):
-                        codes = tokens.flip(1) if gpt.config.reverse_order else tokens  # decoding order
-                        have = 0 if cond is None else cond.shape[1]
-                        if have < slices[done].stop:
-                            new = tok.condition(codes[:, have:slices[done].stop], cache)  # (B, n, Dd)
-                            cond = new if cond is None else torch.cat([cond, new], 1)
-                        x, v, preview = tok.solver_step(x, v, done, cond[:, slices[done]], solver, len(slices))
-                        yield "preview", done, tok.resize_output(preview.float())
+                    with on(px):
+                        yield "preview", done, pixels.run(done, tokens)
                     done += 1
     finally:
         if ar is not None:
@@ -287,7 +347,7 @@ def sample_batch(gpt, tok, labels, step, *, solver="adams2", steps=None, prefix=
             if keep_previews:
                 previews.append(to_uint8(image))
     tokens = tokens.flip(1) if gpt.config.reverse_order else tokens
-    return tokens, noise, image, torch.stack(previews, 1) if keep_previews else None
+    return tokens, noise, image.clone(), torch.stack(previews, 1) if keep_previews else None
 
 
 def sample_indices(gpt, tok, labels, indices, *, seed, batch_size, graph, progress, cfg_scale, temperature,
@@ -360,6 +420,10 @@ def prefix_codes(tok, image, k, device):
     if not 1 <= k < N:
         raise ValueError(f"--prefix-tokens {k}: must lie in [1, {N - 1}] for this tokenizer ({N} tokens)")
     return tok.encode(reference_image(image, tok.config.sampling_resolution).to(device))[:, :k]
+
+
+def compiled(module):  # nn.Module.compile keeps its compiled call here
+    return getattr(module, "_compiled_call_impl", None) is not None
 
 
 def compile_blocks(gpt, tok):
@@ -508,7 +572,8 @@ def parse_args(argv=None):
                    help="speculative Jacobi decoding with a window of W tokens (e.g. 16): the same distribution in "
                         "fewer AR forwards, for small batches (the batch advances by its slowest row); 0: off")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-                   help="replay the AR decode step from CUDA graphs (CUDA only)")
+                   help="replay the AR decode step and the pixel solver steps from CUDA graphs (CUDA only; "
+                        "compiled pixel blocks are not captured)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (a few seconds)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     args = p.parse_args(argv)

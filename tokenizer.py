@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import attention
+
 HEAD_DIM = 64  # every tokenizer attention uses 64-wide heads (12 heads at width 768)
 
 
@@ -224,7 +226,7 @@ class Attention(nn.Module):
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, nh, S, 64)
+        y = attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, nh, S, 64); SDPA off CUDA
         return self.proj(y.transpose(1, 2).flatten(2))
 
 

@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import _decode_attention, cuda_graph, decode_attention, decode_attention_reference, fuse_feed_forward, silu_mul, triton
+from kernels import (_decode_attention, attention, cuda_graph, decode_attention, decode_attention_reference,
+                     fuse_feed_forward, silu_mul, triton)
 from model import GPT, GPTConfig
+from tokenizer import precision
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available() or triton is None, reason="needs a CUDA GPU and Triton")
 
@@ -186,3 +188,23 @@ def test_cuda_graph_replays_advance_the_generator_as_eager_calls():
         graph.replay()
         replays.append(result.clone())
     assert all(torch.equal(a, b) for a, b in zip(eager, replays))
+
+
+@cuda
+@pytest.mark.parametrize("Lq, Lk", [(1024, 1024), (100, 32), (200, 77)])
+def test_attention_follows_the_tf32_switch(Lq, Lk):
+    """fp32 attention: strict fp32 is SDPA itself; with TF32 on, the flash kernel stays within TF32 rounding of
+    float64 attention (a head-major view, as the tokenizer passes it, and cross-attention lengths)."""
+    g = torch.Generator("cuda").manual_seed(0)
+    q = torch.randn(2, Lq, 3, 64, device="cuda", generator=g).transpose(1, 2)  # (B, H, Lq, 64), strided
+    k, v = (torch.randn(2, 3, Lk, 64, device="cuda", generator=g) for _ in range(2))
+    with precision("fp32", "cuda"):
+        assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    with precision("tf32", "cuda"):
+        out = attention(q, k, v)
+    assert out.shape == (2, 3, Lq, 64)
+    err = rel_err(out, naive_attention(q, k, v, Lk))
+    assert 0 < err < 3e-3, err
+    assert rel_err(F.scaled_dot_product_attention(q, k, v), naive_attention(q, k, v, Lk)) < 1e-5
+    with precision("bf16", "cuda"):  # autocast: SDPA decides (the tokenizer's v comes in bf16 there)
+        assert torch.equal(attention(q, k, v.bfloat16()), F.scaled_dot_product_attention(q, k, v.bfloat16()))
