@@ -12,7 +12,8 @@ per token (a CUDA-graph replay on CUDA, the same step called eagerly elsewhere),
 `SpeculativeStep.advance` that adds several tokens per forward. As soon as the codes a pixel solver step is
 conditioned on are complete, that step runs: the causal decoder transformer turns the new codes into condition
 tokens, the ODE takes one step, and its jump estimate x̂1 = x_t + (1 - t)·v previews the final image (paper §3.3,
-§5.1, Figure 4). On CUDA the pixel steps run on a second stream beside the AR model's.
+§5.1, Figure 4). On CUDA the pixel steps (`PixelSteps`, one CUDA graph each) run on a second stream beside the AR
+model's.
 """
 import argparse
 import math
