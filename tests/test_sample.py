@@ -104,6 +104,25 @@ def test_any_step_count_streams_and_equals_offline(ckpts, steps):
         assert (previews[:, n - 1].int() - ref).abs().max() <= 1, (groups, n)
 
 
+def test_a_steps_pixel_side_is_made_once_per_setting_and_starts_afresh_each_batch(ckpts):
+    """The step keeps one PixelSteps per (steps, solver, precision); a batch after others (and after a batch cut
+    short) samples what the same batch does on a fresh step."""
+    tok, gpt = models(ckpts)
+    labels = torch.tensor([3, 8])
+    fresh = run(gpt, tok, labels, 9, steps=16)
+    step = sample.DecodeStep(gpt, 2, "1.5,3.0", generator=torch.Generator())
+    for steps in (8, 16, 8):
+        step.settings["generator"].manual_seed(1)
+        sample.sample_batch(gpt, tok, labels, step, steps=steps)
+    noise = torch.zeros(2, 3, 32, 32)
+    next(kind for kind, _, _ in sample.stream(gpt, tok, labels, noise, step, steps=16) if kind == "preview")
+    assert len(step.pixel_steps) == 2
+    step.settings["generator"].manual_seed(9)
+    again = sample.sample_batch(gpt, tok, labels, step, steps=16)
+    for a, b in zip(fresh, again):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("steps", [4, 8, 16])
 def test_a_solver_step_runs_as_soon_as_its_group_is_complete(ckpts, steps):
     tok, gpt = models(ckpts)
