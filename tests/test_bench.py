@@ -73,3 +73,15 @@ def test_rows_are_appended_to_the_table_file(tmp_path, capsys):
     assert lines[4] == "| decoder | 50 img/s | 100 img/s | 0.50 |"
     assert capsys.readouterr().out.splitlines() == lines[1:]
     assert os.listdir(tmp_path) == ["table.md"]  # no temporary files left
+
+
+def test_the_tf32_attention_operator_counts_as_sdpa_does():
+    """The decoder's FLOPs per image (the bound of its rows) include kernels.attention's operator, counted as SDPA."""
+    from torch.utils.flop_counter import FlopCounterMode
+    q, k = torch.empty(2, 3, 10, 64, device="meta"), torch.empty(2, 3, 7, 64, device="meta")
+    counts = []
+    for attend in (torch.ops.dar.attention, torch.nn.functional.scaled_dot_product_attention):
+        with FlopCounterMode(display=False) as fc:
+            attend(q, k, k)
+        counts.append(fc.get_total_flops())
+    assert counts[0] == counts[1] == 4 * 2 * 3 * 10 * 7 * 64
