@@ -2,7 +2,8 @@
 
 CPU: the references' semantics and the fused SwiGLU's state dict. CUDA (skipped without a GPU): the Triton kernels
 against fp32 attention at many lengths and batch sizes, with poisoned outputs, in every launch configuration, inside
-a CUDA graph replayed at several lengths, and under torch.compile; the CUDA-graph capture helper."""
+a CUDA graph replayed at several lengths, and under torch.compile; the TF32 attention against float64 attention
+and SDPA; the CUDA-graph capture helper."""
 import math
 
 import pytest
