@@ -34,12 +34,12 @@ PROG = "bench.py"
 CFG = 4.0  # guided: the batch is doubled (the paper samples without temperature, top-k or top-p)
 
 
-
 @register_flop_formula(torch.ops.dar.attention)
 def attention_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs):
     """kernels.attention's operator, counted as FlopCounterMode counts SDPA: QKᵀ and PV."""
     B, H, Lq, hd = q_shape
     return 4 * B * H * Lq * k_shape[2] * hd
+
 
 def randomise(module):
     """Small random values everywhere: the official init has zero gates and heads, and zeros time unrealistically."""

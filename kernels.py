@@ -11,7 +11,8 @@
 The fallbacks (`decode_attention_reference`, the PyTorch branch of `silu_mul`) define the functions: the
 kernels compute the same thing with fp32 softmax/accumulation and differ by bf16 (or TF32) rounding only.
 
-Micro-benchmarks of both against the PyTorch paths they replace: `python bench.py --kernels`.
+Micro-benchmarks of decode_attention and silu_mul against the PyTorch paths they replace: `python bench.py
+--kernels` (bench.py's decoder rows and `--profile` time `attention`).
 """
 import types
 
