@@ -80,9 +80,7 @@ def avg_pool():
     return nn.AvgPool2d(3, 1, 1, count_include_pad=False)  # TF 'SAME' average pooling ignores the padding
 
 
-class Mixed(nn.ModuleDict):
-    """An inception block whose branches all see the input and are concatenated in insertion order."""
-
+class Mixed(nn.ModuleDict):  # an inception block: its branches, each on the input, concatenated in order
     def forward(self, x):
         return torch.cat([branch(x) for branch in self.values()], dim=1)
 
@@ -122,8 +120,8 @@ class MixedE(nn.Module):
 
 
 def resize_bilinear_tf1(x, size):
-    """TF1 ResizeBilinear (align_corners=False, no half-pixel centers), the first op of the Inception graph:
-    output pixel i samples the input at i * in/out, the neighbour index clamped at the border."""
+    """TF1 ResizeBilinear, the graph's first op: output pixel i samples the input at i * in/out (no half-pixel
+    centers), the neighbour index clamped at the border."""
     def taps(n):
         src = torch.arange(size, dtype=torch.float64, device=x.device) * (n / size)
         i0 = src.floor().long()
@@ -135,8 +133,6 @@ def resize_bilinear_tf1(x, size):
 
 
 class InceptionV3(nn.Module):
-    """Inception-v3 as in the 2015-12-05 graph."""
-
     def __init__(self, classifier=True):
         super().__init__()
         self.layers = nn.Sequential(OrderedDict(
@@ -158,8 +154,7 @@ class InceptionV3(nn.Module):
 
     @torch.no_grad()
     def forward(self, images):
-        """uint8 images (B, H, W, 3) -> (pool, spatial, logits) in strict fp32 (no autocast, no TF32): FID moves
-        with small feature shifts."""
+        """uint8 images (B, H, W, 3) -> (pool, spatial, logits) in strict fp32: FID moves with small feature shifts."""
         device = next(self.buffers()).device
         x = torch.as_tensor(images).to(device).permute(0, 3, 1, 2).float()  # B, 3, H, W in [0, 255]
         with precision("fp32", device.type):
@@ -283,22 +278,11 @@ def npz_batches(path, shape, batch_size, limit=None):
 
 
 def npz_arrays(path, names):
-    """{name: array} for those of `names` stored in the .npz (never unpickling anything)."""
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in names if k in f.files}
     except NPZ_ERRORS as e:
         raise ValueError(f"{path}: cannot read {', '.join(names)} ({first_line(e)})") from None
-
-
-def npz_labels(path, n):
-    """The n Fashion-MNIST class labels under arr_1, or None when the file has no arr_1."""
-    labels, K = npz_arrays(path, ["arr_1"]).get("arr_1"), len(FMNIST_CLASSES)
-    if labels is None:
-        return None
-    if labels.shape != (n,) or labels.dtype.kind not in "iu" or not np.isin(labels, np.arange(K)).all():
-        raise ValueError(f"{path}: arr_1 must hold {n} integer labels in 0..{K - 1}, got {labels.dtype} {labels.shape}")
-    return labels
 
 
 # ---- features and metrics
@@ -315,11 +299,6 @@ def extract_features(net, batches, total, desc="features"):  # float32 pool (N, 
 def statistics(feats):
     feats = feats.astype(np.float64)
     return feats.mean(0), np.cov(feats, rowvar=False)
-
-
-def with_statistics(feats):
-    (mu, sigma), (mu_s, sigma_s) = statistics(feats["pool"]), statistics(feats["spatial"])
-    return dict(feats, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -356,8 +335,7 @@ def precision_recall(ref, sample, k=3, block=1000):
     def covered(x, y, ry):
         return torch.cat([(squared_distances(x[i:i + block], y) <= ry).any(1)
                           for i in range(0, len(x), block)]).double().mean().item()
-    ref_radii, sample_radii = radii(ref), radii(sample)
-    return covered(sample, ref, ref_radii), covered(ref, sample, sample_radii)
+    return covered(sample, ref, radii(ref)), covered(ref, sample, radii(sample))
 
 
 def reference_features(net, weights, source, n, batches, cache_dir):
@@ -373,20 +351,20 @@ def reference_features(net, weights, source, n, batches, cache_dir):
         with np.load(path) as f:
             return dict(f)
     except NPZ_ERRORS:  # not cached yet (or a damaged cache): compute
-        feats = with_statistics(extract_features(net, batches, n, "reference"))
-        del feats["spatial"], feats["logits"]
+        feats = extract_features(net, batches, n, "reference")
+        (mu, sigma), (mu_s, sigma_s) = statistics(feats["pool"]), statistics(feats["spatial"])
+        feats = dict(pool=feats["pool"], mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
         atomic_save(path, lambda f: np.savez(f, **feats))
         return feats
 
 
 def sample_metrics(net, ref, path, shape, batch_size, limit=None):
-    """FID, sFID, IS, precision and recall of the first `limit` (default: all) images of a checked .npz."""
     batches = npz_batches(path, shape, batch_size, limit)
-    sample = with_statistics(extract_features(net, batches, limit or shape[0], "samples"))
+    sample = extract_features(net, batches, limit or shape[0], "samples")
     device = next(net.buffers()).device
     precision, recall = precision_recall(*(torch.from_numpy(d["pool"]).to(device) for d in (ref, sample)))
-    return {"FID": frechet_distance(ref["mu"], ref["sigma"], sample["mu"], sample["sigma"]),
-            "sFID": frechet_distance(ref["mu_s"], ref["sigma_s"], sample["mu_s"], sample["sigma_s"]),
+    return {"FID": frechet_distance(ref["mu"], ref["sigma"], *statistics(sample["pool"])),
+            "sFID": frechet_distance(ref["mu_s"], ref["sigma_s"], *statistics(sample["spatial"])),
             "Inception Score": None if sample["logits"] is None else inception_score(sample["logits"]),
             "Precision": precision, "Recall": recall}
 
@@ -414,35 +392,30 @@ class FMNISTClassifier(nn.Module):
         return self(x.to(next(self.parameters()).device)).argmax(1).cpu()
 
 
-def train_fmnist_classifier(root=None, epochs=3):
-    """(classifier, test accuracy): AdamW with a one-cycle schedule on the training split."""
-    with torch.random.fork_rng():  # a fixed initialisation without touching the caller's random state
-        torch.manual_seed(0)
-        model = FMNISTClassifier()
-    images, labels = load_fashion_mnist("train", root)
-    x, y = from_uint8(fmnist_rgb32(images)[..., :1]), torch.from_numpy(labels)  # (N, 1, 32, 32) in [-1, 1], (N,)
-    generator = torch.Generator().manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * -(-len(x) // 128))
-    for epoch in range(epochs):
-        for idx in torch.randperm(len(x), generator=generator).split(128):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-        print(f"Fashion-MNIST classifier: epoch {epoch + 1}/{epochs}, loss {loss.item():.3f}")
-    model.eval()
-    test_images, test_labels = load_fashion_mnist("test", root)
-    predicted = model.classify(from_uint8(fmnist_rgb32(test_images)))
-    return model, (predicted == torch.from_numpy(test_labels)).float().mean().item()
-
-
-def load_fmnist_classifier(path=FMNIST_CLASSIFIER, root=None):
-    """The classifier at `path`, trained on the training split in `root` and saved there first if it is missing."""
+def load_fmnist_classifier(path=FMNIST_CLASSIFIER, root=None, epochs=3):
+    """The classifier at `path`; if it is missing, one trained on the training split in `root` (AdamW, one-cycle
+    schedule) is saved there first."""
     if not os.path.isfile(path):
         check_writable(path)
-        model, accuracy = train_fmnist_classifier(root)
+        with torch.random.fork_rng():  # a fixed initialisation without touching the caller's random state
+            torch.manual_seed(0)
+            model = FMNISTClassifier()
+        images, labels = load_fashion_mnist("train", root)
+        x, y = from_uint8(fmnist_rgb32(images)[..., :1]), torch.from_numpy(labels)  # (N, 1, 32, 32) in [-1, 1], (N,)
+        generator = torch.Generator().manual_seed(0)
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * -(-len(x) // 128))
+        for epoch in range(epochs):
+            for idx in torch.randperm(len(x), generator=generator).split(128):
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                schedule.step()
+            print(f"Fashion-MNIST classifier: epoch {epoch + 1}/{epochs}, loss {loss.item():.3f}")
+        test_images, test_labels = load_fashion_mnist("test", root)
+        predicted = model.eval().classify(from_uint8(fmnist_rgb32(test_images)))
+        accuracy = (predicted == torch.from_numpy(test_labels)).float().mean().item()
         print(f"Fashion-MNIST classifier: test accuracy {accuracy:.4f}, saved to {path}")
         state = {"kind": "fmnist_classifier", "model": model.state_dict(), "test_accuracy": accuracy}
         atomic_save(path, lambda f: torch.save(state, f))
@@ -464,10 +437,9 @@ SSIM_DEFINITIONS = {
 
 
 def ssim(a, b, definition="skimage"):
-    """SSIM of images (B, C, H, W) in [0, 1] -> (B,): the SSIM map where the window lies inside the image, averaged
-    with the channels. 'skimage' is the official script's `structural_similarity(x, y, data_range=2.0,
-    channel_axis=-1)`: its data range of 2 for images that span 1 raises the value (e.g. 0.940 where 'gaussian'
-    gives 0.917)."""
+    """SSIM of images (B, C, H, W) in [0, 1] -> (B,), the map averaged where the window fits. 'skimage' is the official
+    script's `structural_similarity(x, y, data_range=2.0, channel_axis=-1)`: its data range of 2 for images that span
+    1 raises the value (e.g. 0.940 where 'gaussian' gives 0.917)."""
     if definition == "skimage":
         window, data_range, cov_norm = torch.full((7, 7), 1 / 49, dtype=torch.float64), 2.0, 49 / 48
     elif definition == "gaussian":
@@ -495,15 +467,13 @@ def pixel_metrics(real, fake, ssim_definition="skimage"):
 
 
 def mean_pixel_metrics(pairs, ssim_definition):
-    """{"PSNR", "SSIM", "SSIM definition"} over the per-image (PSNR, SSIM) of every batch."""
     psnr, ssims = (torch.cat(values).mean().item() for values in zip(*pairs))
     return {"PSNR": psnr, "SSIM": ssims, "SSIM definition": SSIM_DEFINITIONS[ssim_definition]}
 
 
 @torch.no_grad()
 def reconstruct_uint8(tok, images, solver="adams2", steps=None, groups=None, generator=None, mode="fp32"):
-    """uint8 images (B, H, W, 3) on the tokenizer's device -> its reconstructions as saved samples would be, uint8
-    (B, H, W, 3) at the input's size, decoded in tokenizer.precision's `mode`."""
+    """uint8 images (B, H, W, 3) -> uint8 reconstructions as saved samples, at the input's size; mode: precision's."""
     x = from_uint8(images)  # B, 3, H, W in [-1, 1]
     with precision(mode, x.device.type):
         recon = tok.reconstruct(x, method=solver, groups=groups, generator=generator, steps=steps).float()
@@ -512,13 +482,13 @@ def reconstruct_uint8(tok, images, solver="adams2", steps=None, groups=None, gen
     return to_uint8(recon)
 
 
-def reconstructions(tok, batches, solver="adams2", steps=None, groups=None, seed=0, precision="fp32"):
+def reconstructions(tok, batches, seed=0, **decoding):
     """(original, reconstruction) uint8 pairs on the tokenizer's device, one per batch, all noise from `seed`."""
     device = next(tok.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     for x in batches:
         x = x.to(device)
-        yield x, reconstruct_uint8(tok, x, solver, steps, groups, generator, precision)
+        yield x, reconstruct_uint8(tok, x, generator=generator, **decoding)
 
 
 def read_images(paths, size, batch_size, skipped):
@@ -536,7 +506,6 @@ def read_images(paths, size, batch_size, skipped):
 
 
 def load_lpips(device):
-    """LPIPS (VGG) or None, with the reason printed, when the package or its weights are missing."""
     try:
         import lpips
         return lpips.LPIPS(net="vgg", verbose=False).to(device).eval()
@@ -549,7 +518,7 @@ def load_lpips(device):
 def reconstruction_metrics(tok, paths, net, image_size=None, batch_size=100, ssim_definition="skimage",
                            lpips_net=None, **decoding):
     """rFID (originals vs reconstructions), PSNR, SSIM and LPIPS (None without lpips_net) of the images at `paths`,
-    centre-cropped to image_size (default: the tokenizer's). decoding: the arguments of `reconstructions`."""
+    centre-cropped to image_size (default: the tokenizer's). decoding: seed and those of reconstruct_uint8."""
     skipped, real, fake, pixels, lp = [], [], [], [], []
     batches = read_images(paths, image_size or tok.config.sampling_resolution, batch_size, skipped)
     for x, y in reconstructions(tok, batches, **decoding):
@@ -561,8 +530,8 @@ def reconstruction_metrics(tok, paths, net, image_size=None, batch_size=100, ssi
     n = sum(len(r) for r in real)
     if n < 2:
         raise ValueError(f"only {n} readable images: rFID needs at least 2")
-    (mu1, s1), (mu2, s2) = statistics(np.concatenate(real)), statistics(np.concatenate(fake))
-    return {"rFID": frechet_distance(mu1, s1, mu2, s2), **mean_pixel_metrics(pixels, ssim_definition),
+    rfid = frechet_distance(*statistics(np.concatenate(real)), *statistics(np.concatenate(fake)))
+    return {"rFID": rfid, **mean_pixel_metrics(pixels, ssim_definition),
             "LPIPS": torch.cat(lp).mean().item() if lp else None, "Images": n, "Skipped images": len(skipped)}
 
 
@@ -612,7 +581,11 @@ def fmnist_command(args, device):
     if n is not None and not MIN_IMAGES <= n <= shape[0]:
         raise ValueError(f"--num-images {n}: use {MIN_IMAGES}..{shape[0]} ({args.samples} holds only {shape[0]} "
                          f"samples and the metrics need at least {MIN_IMAGES})")
-    labels = npz_labels(args.samples, shape[0])
+    labels, K = npz_arrays(args.samples, ["arr_1"]).get("arr_1"), len(FMNIST_CLASSES)
+    if labels is not None and not (labels.shape == (shape[0],) and labels.dtype.kind in "iu"
+                                   and np.isin(labels, np.arange(K)).all()):
+        raise ValueError(f"{args.samples}: arr_1 must hold {shape[0]} integer labels in 0..{K - 1}, got {labels.dtype} "
+                         f"{labels.shape}")
     images = fmnist_rgb32(load_fashion_mnist("test", args.fmnist_dir)[0][:n])  # N, 32, 32, 3
     weights = find_inception_weights(args.inception_weights, args.download_inception)
     net = load_inception(weights).to(device)
@@ -645,7 +618,7 @@ def reconstruct_command(args, device):
         raise ValueError(f"--groups {args.groups}: this tokenizer has {K} token groups (use 1..{K})")
     options = dict(batch_size=args.batch_size, ssim_definition=args.ssim, solver=args.solver, steps=args.steps,
                    groups=args.groups, seed=args.seed,
-                   precision=args.precision or ("bf16" if device.type == "cuda" else "fp32"))
+                   mode=args.precision or ("bf16" if device.type == "cuda" else "fp32"))
     if fmnist:
         classifier = load_fmnist_classifier(args.fmnist_classifier, args.fmnist_dir).to(device)
         return fmnist_reconstruction(tok, classifier, args.num_images or 1000, root=args.fmnist_dir, **options)

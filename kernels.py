@@ -1,18 +1,15 @@
 """Exact fast paths of the sampler on CUDA, written in Triton, each next to the plain PyTorch code it replaces.
 
-- `decode_attention`: one query per row against the first `kv_len` slots of a static KV cache. `kv_len` may be
-  a device tensor, so one CUDA graph serves every position, and no slot past the filled ones is read (SDPA over
-  a window rounded up to a multiple of 32 slots reads up to 31 empty ones and a mask per step).
-- `attention`: the tokenizer's unmasked fp32 attention with TF32 dots when TF32 is on, as its matmuls (SDPA's
-  fp32 kernel ignores the switch).
+- `decode_attention`: one query per row against the first `kv_len` slots of a static KV cache. `kv_len` may be a
+  device tensor, so one CUDA graph serves every position, and no slot past the filled ones is read (SDPA over a window
+  rounded up to a multiple of 32 slots reads up to 31 empty ones and a mask per step).
+- `attention`: the tokenizer's unmasked fp32 attention, with TF32 dots when TF32 is on, as its matmuls.
 - `fuse_feed_forward`: w1 and w3 of every SwiGLU become views of one weight, so one GEMM computes both, and
   `silu_mul` forms silu(a)·b in one pass. State-dict keys and values stay the official ones.
 
-The fallbacks (`decode_attention_reference`, the PyTorch branch of `silu_mul`) define the functions: the
-kernels compute the same thing with fp32 softmax/accumulation and differ by bf16 (or TF32) rounding only.
-
-Micro-benchmarks of decode_attention and silu_mul against the PyTorch paths they replace: `python bench.py
---kernels` (bench.py's decoder rows and `--profile` time `attention`).
+The fallbacks (`decode_attention_reference`, the PyTorch branch of `silu_mul`) define the functions: the kernels
+compute the same thing with fp32 softmax/accumulation and differ by bf16 (or TF32) rounding only. Timings: `python
+bench.py --kernels` (decode_attention, silu_mul), bench.py's decoder rows and `--profile` (attention).
 """
 import types
 
@@ -30,8 +27,7 @@ def _use_triton(t):
     return triton is not None and t.is_cuda
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# decode attention
+# ---- decode attention ----
 
 def decode_attention_reference(q, k_cache, v_cache, kv_len):
     """q (B, H, 1, hd), caches (B, Hkv, S, hd), kv_len int or 1-element tensor → (B, H, 1, hd) via SDPA."""
@@ -46,10 +42,9 @@ def decode_attention_reference(q, k_cache, v_cache, kv_len):
 def decode_attention(q, k_cache, v_cache, kv_len):
     """Attention of one new query per row over the first kv_len cache slots (1 ≤ kv_len ≤ S), scale 1/√hd.
 
-    q (B, H, 1, hd); k_cache, v_cache (B, Hkv, S, hd) with H a multiple of Hkv; kv_len a host int or an
-    int32/int64 device tensor of one element (read on the device: graph-capturable, no synchronisation).
-    Returns (B, H, 1, hd) in q's dtype; on CUDA it is a transposed view of a (B, 1, H, hd) tensor, so the
-    caller's `y.transpose(1, 2).reshape(B, 1, H * hd)` costs no copy."""
+    q (B, H, 1, hd); k_cache, v_cache (B, Hkv, S, hd) with H a multiple of Hkv; kv_len a host int or an int32/int64
+    device tensor of one element (read on the device: graph-capturable, no synchronisation). Returns (B, H, 1, hd) in
+    q's dtype; on CUDA a transposed view of a (B, 1, H, hd) tensor, so the caller's reshape costs no copy."""
     B, H, _, hd = q.shape
     if (q.shape[2] != 1 or k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != hd
             or H % k_cache.shape[1]):
@@ -61,18 +56,14 @@ def decode_attention(q, k_cache, v_cache, kv_len):
     return _decode_attention_op(q, k_cache, v_cache, kv_len).transpose(1, 2)
 
 
-def _launch_config(q):
-    """Measured on an H200 (`python bench.py --kernels`): many (row, head) programs run best small, 32 slots a step with
-    2 warps; a few (batch 1) best wide. Splitting the length over several programs was slower at 257 slots."""
-    B, H = q.shape[:2]
-    return (32, 2) if B * H >= torch.cuda.get_device_properties(q.device).multi_processor_count else (128, 8)
-
-
 @torch.library.custom_op("dar::decode_attention", mutates_args=(), device_types="cuda")
 def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          kv_len: torch.Tensor) -> torch.Tensor:
-    """The Triton launch as one opaque operator (B, 1, H, hd), so torch.compile keeps it whole."""
-    return _decode_attention(q, k_cache, v_cache, kv_len, *_launch_config(q))
+    """The Triton launch as one opaque operator (B, 1, H, hd), so torch.compile keeps it whole. Launch configuration
+    measured on an H200 (`python bench.py --kernels`): many (row, head) programs run best small, 32 slots a step with
+    2 warps; a few (batch 1) best wide. Splitting the length over several programs was slower at 257 slots."""
+    many = q.shape[0] * q.shape[1] >= torch.cuda.get_device_properties(q.device).multi_processor_count
+    return _decode_attention(q, k_cache, v_cache, kv_len, *((32, 2) if many else (128, 8)))
 
 
 @_decode_attention_op.register_fake
@@ -100,10 +91,9 @@ if triton is not None:
                                  sv_b, sv_h, sv_s, so_b, so_h, H, S, rep, qk_scale,
                                  HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
         """Program row·H + head: online softmax (base 2, fp32) over the first kv_len slots, BLOCK_N at a time.
-
-        Each of the BLOCK_N slot lanes keeps its own running max, sum and output row, so the loop has no
-        reduction across warps (only the q·k dot product, within a warp); the lanes are merged once at the end
-        (one merge per step measured slower)."""
+        Each of the BLOCK_N slot lanes keeps its own running max, sum and output row, so the loop has no reduction
+        across warps (only the q·k dot product, within a warp); the lanes are merged once at the end (one merge per
+        step measured slower)."""
         bh = tl.program_id(0)
         b, h = bh // H, bh % H
         n = tl.minimum(tl.load(len_ptr).to(tl.int32), S)
@@ -133,8 +123,7 @@ if triton is not None:
         tl.store(out_ptr + b * so_b + h * so_h + d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# fp32 attention with TF32 dots
+# ---- fp32 attention with TF32 dots ----
 
 def attention(q, k, v, attn_mask=None, is_causal=False):
     """SDPA, except that unmasked fp32 attention without gradients on CUDA goes through `dar::attention`, which
@@ -203,8 +192,7 @@ if triton is not None:
         tl.store(out, acc / l[:, None], mask=rows[:, None] < Lq)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# SwiGLU with one in-projection
+# ---- SwiGLU with one in-projection ----
 
 def silu_mul(h):
     """h (..., 2·hidden) = [a, b] → silu(a)·b (..., hidden), in one pass over h on CUDA."""
@@ -238,12 +226,11 @@ def _fused_feed_forward(ff, x):
 
 @torch.no_grad()
 def fuse_feed_forward(gpt):
-    """Makes every SwiGLU of `gpt` compute w1·x and w3·x with one GEMM. Call after the model's final
-    `.to(device, dtype)`: a later dtype or device move gives w1/w3 fresh storage, unlinked from w13.
-
-    w1.weight and w3.weight become views into a new (2·hidden, dim) buffer `w13` (non-persistent), so the
-    state-dict keys and values are the official ones, no memory is duplicated, and a later `load_state_dict`
-    writes through to the fused weight. The module's forward is swapped on the instance only."""
+    """Makes every SwiGLU of `gpt` compute w1·x and w3·x with one GEMM: w1.weight and w3.weight become views into a
+    new (2·hidden, dim) buffer `w13` (non-persistent), so the state-dict keys and values are the official ones, no
+    memory is duplicated, and a later `load_state_dict` writes through to the fused weight. The forward is swapped on
+    the instance only. Call after the model's final `.to(device, dtype)`: a later dtype or device move gives w1/w3
+    fresh storage, unlinked from w13."""
     for layer in gpt.layers:
         ff = layer.feed_forward
         w1, w3 = ff.w1.weight, ff.w3.weight  # (hidden, dim) each
@@ -255,8 +242,7 @@ def fuse_feed_forward(gpt):
     return gpt
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# CUDA graphs
+# ---- CUDA graphs ----
 
 def cuda_graph(fn, warmup=2, generator=None, pool=None):
     """Runs fn() `warmup` times on a side stream (compilation, cuBLAS workspaces, lazily made state), then records

@@ -140,8 +140,6 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
-
     def __init__(self, cfg):
         super().__init__()
         hidden = int(2 * (4 * cfg.dim) / 3)  # 2/3 of 4·dim, optionally scaled, rounded up: 2816 for 1024, 3584 for 1280
@@ -274,7 +272,7 @@ class GPT(nn.Module):
                                  f"name the preset (--gpt-model GPT-L or GPT-XL)")
             sd = ckpt
             for wrapper in ("model", "module", "state_dict"):
-                if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+                if isinstance(sd.get(wrapper), dict):
                     sd = sd[wrapper]
             sd = {k.removeprefix("_orig_mod."): v for k, v in sd.items()}  # saved from a compiled model
             cfg = GPTConfig.from_name(name, **overrides)

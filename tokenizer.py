@@ -31,11 +31,8 @@ HEAD_DIM = 64  # every tokenizer attention uses 64-wide heads (12 heads at width
 # ---- checkpoints: they come from the internet, so unpickling may build tensors and plain data only ----
 
 class _Attributes:
-    """Stand-in for the `config_util.Config` and `argparse.Namespace` that official files pickle: attributes only."""
-
-
-# torch's weights_only unpickler creates it with __new__ and fills its __dict__; it never calls it
-SAFE_GLOBALS = [(_Attributes, "config_util.Config"), (_Attributes, "argparse.Namespace")]
+    """Stand-in for the `config_util.Config` and `argparse.Namespace` that official files pickle: attributes only.
+    torch's weights_only unpickler creates it with __new__ and fills its __dict__; it never calls it."""
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -47,8 +44,9 @@ def load_checkpoint(path, map_location="cpu"):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if os.path.getsize(path) == 0:
         raise ValueError(f"checkpoint {path} is empty")
+    stand_ins = [(_Attributes, "config_util.Config"), (_Attributes, "argparse.Namespace")]
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(stand_ins):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # torch's refusal: the first line that names what was refused
         skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
@@ -57,8 +55,8 @@ def load_checkpoint(path, map_location="cpu"):
                          f"({lines[0] if lines else 'unreadable pickle'})") from None
     except Exception as e:  # zip / pickle / storage errors of a damaged file
         first = (str(e).splitlines() or [""])[0][:200]
-        raise ValueError(f"checkpoint {path} is truncated or not a PyTorch checkpoint ({type(e).__name__}: {first})") \
-            from None
+        raise ValueError(f"checkpoint {path} is truncated or not a PyTorch checkpoint "
+                         f"({type(e).__name__}: {first})") from None
 
 
 def check_finite(state_dict, source):
@@ -119,26 +117,25 @@ class TokenizerConfig:
     @classmethod
     def from_official(cls, model_cfg):
         """Converts the official YAML `model` mapping (flat keys + a `diff_decoder` sub-mapping)."""
-        model_cfg = dict(model_cfg)
-        dd = dict(model_cfg.pop("diff_decoder", {}))
-        for key, value in model_cfg.items():
+        out = dict(model_cfg)
+        dd = dict(out.pop("diff_decoder", {}))
+        for key, value in out.items():
             if key in ("query_low_rank", "vq_enable") and value is not True:
                 raise ValueError(f"{key}: {value} is not supported (no official configuration uses it)")
-            if key not in OFFICIAL_TOP_KEYS | {"vq_enable"}:
+            if key not in OFFICIAL_TOP_KEYS:
                 raise ValueError(f"unknown tokenizer config key {key!r}")
-        out = {k: v for k, v in model_cfg.items() if k != "vq_enable"}  # vq_enable: True, checked above
+        out.pop("vq_enable", None)  # True, checked above
         for key, value in dd.items():
             if key in ("in_dim", "out_dim") and value != 3 or key == "mlp_head" and value:
                 raise ValueError(f"diff_decoder.{key}: {value} is not supported (no official configuration uses it)")
-            if key == "cond_dim" and value != model_cfg.get("decoder_dim", 768):
+            if key == "cond_dim" and value != out.get("decoder_dim", 768):
                 raise ValueError("diff_decoder.cond_dim must equal decoder_dim")
             if key in ("in_dim", "out_dim", "mlp_head", "cond_dim", "grad_checkpointing", "cfg"):
                 continue  # checked above, or no numerical effect (checkpointing) / unused (cfg) officially
             if key not in OFFICIAL_DD_KEYS:
                 raise ValueError(f"unknown diff_decoder config key {key!r}")
             out[OFFICIAL_DD_KEYS[key]] = value
-        if "queries_per_step" not in out:
-            out["queries_per_step"] = out.get("num_all_queries", 256) // out.get("num_query_groups", 8)
+        out.setdefault("queries_per_step", out.get("num_all_queries", 256) // out.get("num_query_groups", 8))
         # the official model always builds the REPA projector but reads features only when depth > repa_layer;
         # without features the projector is unused, so we leave it out (its keys are accepted and dropped on load)
         out["repa"] = out.get("dd_depth", cls.dd_depth) > out.get("repa_layer", cls.repa_layer)
@@ -148,7 +145,7 @@ class TokenizerConfig:
 OFFICIAL_TOP_KEYS = {"encoder_patch_size", "num_encoder_layers", "num_decoder_layers", "encoder_dim", "decoder_dim",
                      "query_low_rank", "vq_dim", "vq_codebook_size", "num_all_queries", "num_query_groups",
                      "queries_per_step", "num_denoising_steps", "sampling_resolution", "output_resolution",
-                     "rope_base_len"}
+                     "rope_base_len", "vq_enable"}
 OFFICIAL_DD_KEYS = {"dim": "dd_dim", "patch_size": "dd_patch_size", "depth": "dd_depth", "data_std": "data_std",
                     "time_shift": "time_shift", "share_time_encoding": "share_time_encoding",
                     "repa_layer": "repa_layer", "rope_base_len": "dd_rope_base_len"}
@@ -178,10 +175,10 @@ REPA_PREFIX = "diff_decoder.net.repa_out."  # REPA projector: training only, may
 
 @functools.lru_cache(maxsize=32)
 @torch.inference_mode(False)  # a cached table must stay usable by autograd even if first built in inference mode
-def rope_2d(h, w, base, device=None, head_dim=HEAD_DIM):
-    """(h·w, head_dim/2, 2) cos/sin for a row-major grid: first half of the pairs encode the row, second the column.
+def rope_2d(h, w, base, device=None):
+    """(h·w, HEAD_DIM/2, 2) cos/sin for a row-major grid: first half of the pairs encode the row, second the column.
     Cached per grid and device: no host-to-device copy per call (which would also break CUDA-graph capture)."""
-    quarter = head_dim // 4
+    quarter = HEAD_DIM // 4
     omega = base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (hd/4,)
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")  # int64, exact in float64 below
     angles = torch.cat([rows.reshape(-1, 1) * omega, cols.reshape(-1, 1) * omega], dim=1)  # (hw, hd/2)
@@ -218,10 +215,8 @@ class Attention(nn.Module):
         q = self.q_norm(self.heads(self.q(x))).type_as(x)
         k = self.k_norm(self.heads(self.k(context))).type_as(x)
         v = self.heads(self.v(context))
-        if rope_q is not None:
-            q = apply_rope(q, rope_q)
-        if rope_k is not None:
-            k = apply_rope(k, rope_k)
+        q = q if rope_q is None else apply_rope(q, rope_q)
+        k = k if rope_k is None else apply_rope(k, rope_k)
         if cache is not None:
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
@@ -253,13 +248,12 @@ class GatedBlock(nn.Module):
         self.gate2 = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x, rope=None, mask=None, is_causal=False, cache=None):
-        x = x + self.gate1 * self.attention(self.norm1(x), rope_q=rope, rope_k=rope, mask=mask, is_causal=is_causal,
-                                            cache=cache)
+        h = self.attention(self.norm1(x), rope_q=rope, rope_k=rope, mask=mask, is_causal=is_causal, cache=cache)
+        x = x + self.gate1 * h
         return x + self.gate2 * self.mlp(self.norm2(x))
 
 
 def layer_norm(x):
-    """Non-affine LayerNorm, eps 1e-6: every parameter-free normalisation of the tokenizer."""
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
 
@@ -336,9 +330,9 @@ class DiffusionNet(nn.Module):
         self.blocks = nn.ModuleList(SiTBlock(D, cfg.share_time_encoding) for _ in range(cfg.dd_depth))
         self.conv_out = nn.Conv2d(D, 3 * p * p, 1)
         # REPA projector (paper §4, eq. 7): block-`repa_layer` tokens → DINOv2-B features; used in training only
-        self.repa_out = nn.Sequential(nn.Linear(D, cfg.repa_hidden), nn.SiLU(), nn.Linear(cfg.repa_hidden,
-                                      cfg.repa_hidden), nn.SiLU(), nn.Linear(cfg.repa_hidden, cfg.repa_dim)) \
-            if cfg.repa else None
+        hidden = cfg.repa_hidden
+        self.repa_out = nn.Sequential(nn.Linear(D, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                      nn.Linear(hidden, cfg.repa_dim)) if cfg.repa else None
 
     def forward(self, x, t, cond, repa=False):
         """x (B, 3, H, W), t (B,) as given, cond (B, M, Dd) → velocity (B, 3, H, W) in x's dtype, REPA features or
@@ -417,16 +411,15 @@ class Tokenizer(nn.Module):
     def initialize_weights(self):
         """Official init: truncated normals, adaLN and conv_out zero (the gates are zero when made) so every block
         starts as identity and the first velocity is 0; the codebook uniform then row-normalised; the rest defaults."""
-        for blocks in (self.encoder_layers, self.decoder_layers, self.diff_decoder.net.blocks):
+        net = self.diff_decoder.net
+        for blocks in (self.encoder_layers, self.decoder_layers, net.blocks):
             for m in blocks.modules():
                 if isinstance(m, nn.Linear):
                     nn.init.trunc_normal_(m.weight, std=0.02)
                     nn.init.zeros_(m.bias)
-        for block in self.diff_decoder.net.blocks:
-            nn.init.zeros_(block.adaLN_modulation[1].weight)
-            nn.init.zeros_(block.adaLN_modulation[1].bias)
-        nn.init.zeros_(self.diff_decoder.net.conv_out.weight)
-        nn.init.zeros_(self.diff_decoder.net.conv_out.bias)
+        for m in [block.adaLN_modulation[1] for block in net.blocks] + [net.conv_out]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.query_embedding.weight, std=1.0)
         nn.init.trunc_normal_(self.decoder_embedding.weight, std=0.02)
         V = self.config.vq_codebook_size
@@ -494,9 +487,8 @@ class Tokenizer(nn.Module):
     # ---- pixel decoder: the diffusion conventions, then the solver ----
     # Flow matching (paper eqs. 2-4): t = 0 is Gaussian noise x0, t = 1 is data x1 = σd · image (σd = 0.6);
     #   x_t = t·x1 + (1 − t)·x0, and the network predicts the velocity v = x1 − x0.
-    # Time shift (paper eq. 8): times are warped by shift(t) = t / (t + s(1 − t)) with s = 2, which puts more
-    #   steps near the noise end. An S-step solve visits shift(i / S), i = 0..S−1, then exactly 1; for S = 8:
-    #   0, 1/15, 1/7, 3/13, 1/3, 5/11, 3/5, 7/9, 1.
+    # Time shift (paper eq. 8, shift_time): an S-step solve visits shift(i / S), i = 0..S−1, then exactly 1; for
+    #   S = 8: 0, 1/15, 1/7, 3/13, 1/3, 5/11, 3/5, 7/9, 1.
     # Which group conditions which step (paper eq. 5, rounded as the official code does): step i uses the group
     #   nearest to its raw time, g_i = round_half_up(i·K/S) clamped to K − 1, i.e. tokens [g_i·M, (g_i + 1)·M).
     #   With S = K (8) step i uses group i: the first group fixes the coarse layout, later ones add detail.
@@ -656,7 +648,13 @@ class Tokenizer(nn.Module):
             except TypeError as e:
                 raise ValueError(f"{path} holds an unknown tokenizer config ({e})") from None
         elif official_config is not None or "config" in ckpt:
-            cfg = TokenizerConfig.from_official(official_config or _official_model_config(ckpt["config"]))
+            if not official_config:  # the file's config_util.Config (its dict in `_data`) or Namespace
+                data = getattr(ckpt["config"], "_data", ckpt["config"])
+                data = data if isinstance(data, dict) else vars(data)
+                if "model" not in data:
+                    raise ValueError("the official config holds no `model` section")
+                official_config = getattr(data["model"], "_data", data["model"])
+            cfg = TokenizerConfig.from_official(official_config)
         else:
             raise ValueError(f"{path} stores no config: pass the official YAML `model` mapping (official_config)")
         key = "ema" if use_ema and ckpt.get("ema") is not None else "model"
@@ -664,11 +662,3 @@ class Tokenizer(nn.Module):
             raise ValueError(f"{path} holds neither 'ema' nor 'model' weights (keys: {sorted(ckpt)})")
         check_finite(ckpt[key], f"{path} ['{key}']")
         return cls.from_state_dict(cfg, ckpt[key], f"{path} ['{key}']")
-
-
-def _official_model_config(config):
-    data = getattr(config, "_data", config)
-    data = data if isinstance(data, dict) else vars(data)
-    if "model" not in data:
-        raise ValueError("the official config holds no `model` section")
-    return getattr(data["model"], "_data", data["model"])

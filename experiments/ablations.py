@@ -26,7 +26,6 @@ sys.path.insert(0, str(ROOT))  # the models, the sampler and the metrics live in
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import evaluate  # noqa: E402
 import sample  # noqa: E402
@@ -112,8 +111,8 @@ def ar_name(shift=2, groups=8, reverse=False):
 
 
 class Workspace:
-    """out-dir: trains, samples and measures on demand, reusing what an earlier run completed. With stage
-    'metrics' nothing is trained or sampled: the sets must be there."""
+    """out-dir: trains, samples and measures on demand, reusing what an earlier run completed. With stage 'metrics'
+    nothing is trained or sampled: the sets must be there. A set is (kind, name): Metrics.measure's arguments."""
 
     def __init__(self, out_dir, recipe_name, seed, device, stage):
         self.out, self.recipe_name, self.seed, self.stage = Path(out_dir).resolve(), recipe_name, seed, stage
@@ -146,8 +145,7 @@ class Workspace:
         return root
 
     def tokenizer(self, shift=2, groups=8):
-        """The folder of the tokenizer trained with time shift β = shift and K = groups token groups (paper
-        §3.1): its ckpt.pt and summary.json."""
+        """The folder of the tokenizer with time shift β = shift and K = groups token groups (paper §3.1)."""
         folder = self.out / "models" / tokenizer_name(shift, groups)
         train_once(folder, "train_tokenizer.py", *self.recipe.tokenizer, "--data", str(self.data_root),
                    "--out-dir", str(folder), "--seed", str(self.seed), "--time-shift", f"{shift:g}",
@@ -167,8 +165,7 @@ class Workspace:
                    "--seed", str(self.seed), *(["--reverse-order"] if reverse else []), *self.device_flag)
         return folder
 
-    def made(self, name, make):
-        """sets/name, made by make() (which returns the file's contents) unless it exists."""
+    def made(self, kind, name, make):
         path = self.sets / name
         if not path.is_file():
             if self.stage == "metrics":
@@ -178,11 +175,57 @@ class Workspace:
                 write_json(path, content)
             else:
                 atomic_save(path, lambda f: np.savez_compressed(f, **content))
-        return name
+        return kind, name
 
     def images(self, split, n):
         images, labels = load_fashion_mnist(split, self.data_root)
         return fmnist_rgb32(images[:n]), labels[:n]
+
+    def samples(self, cfg_scale, shift=2, groups=8, reverse=False, previews=False):
+        """recipe.fid_images samples (classes in turn) of that AR model at guidance `cfg_scale` ("a" or a ramp
+        "a,b"), drawn as sample.py draws them (a batch seeded with seed + the index of its first sample); with
+        previews also the previews after 1/4, 1/2 and 3/4 of the solver steps (paper Table 5)."""
+        name = f"gen-{ar_name(shift, groups, reverse)}-cfg{cfg_scale.replace(',', '-')}"
+        name += "-previews.npz" if previews else ".npz"
+
+        def make():
+            tok_ckpt, gpt_ckpt = self.tokenizer(shift, groups) / "ckpt.pt", self.ar(shift, groups, reverse) / "ckpt.pt"
+            tok, gpt = sample.load_models(tok_ckpt, gpt_ckpt, None, torch.float32, self.device)
+            n = self.recipe.fid_images
+            labels = torch.arange(n) % gpt.config.num_classes
+            images, strips = sample.sample_indices(
+                gpt, tok, labels, torch.arange(n), seed=self.seed, batch_size=self.recipe.batch_size, graph=None,
+                progress=False, cfg_scale=cfg_scale, temperature=1.0, top_k=0, top_p=1.0, solver="adams2",
+                prefix=None, keep_previews=previews, decoder_precision="fp32")  # strict fp32, as the published tables
+            out = dict(arr_0=images, arr_1=labels.numpy())
+            if previews:  # (n, 3, H, W, 3)
+                S = strips.shape[1]
+                out["previews"] = strips[:, [S // 4 - 1, S // 2 - 1, 3 * S // 4 - 1]]
+            return out
+        return self.made("generation", name, make)
+
+    def reconstructions(self, solver, steps, shift=2, groups=8):
+        """The first recipe.reconstruction_images test images reconstructed by that tokenizer, decoded with
+        `solver` in `steps` steps (evaluate.reconstruct_uint8, fp32, noise from the seed)."""
+        def make():
+            tok = Tokenizer.from_checkpoint(self.tokenizer(shift, groups) / "ckpt.pt").to(self.device).eval()
+            images, labels = self.images("test", self.recipe.reconstruction_images)
+            generator = torch.Generator(self.device).manual_seed(self.seed)
+            B = self.recipe.batch_size
+            out = [evaluate.reconstruct_uint8(tok, torch.from_numpy(images[i:i + B]).to(self.device), solver, steps,
+                                              generator=generator).cpu() for i in range(0, len(images), B)]
+            return dict(arr_0=torch.cat(out).numpy(), arr_1=labels)
+        return self.made("reconstruction", f"recon-{tokenizer_name(shift, groups)}-{solver}-{steps}.npz", make)
+
+    def codebook_use(self, shift=2, groups=8):
+        """The share of the codebook in use at the end of that tokenizer's training (paper Table 6)."""
+        return self.made("numbers", f"usage-{tokenizer_name(shift, groups)}.json",
+                         lambda: {"Codebook use": summary(self.tokenizer(shift, groups))["codebook_used"] / 100})
+
+    def ar_loss(self, shift=2, groups=8, reverse=False):
+        """The AR model's final training loss (paper Figure 7)."""
+        return self.made("numbers", f"loss-{ar_name(shift, groups, reverse)}.json",
+                         lambda: {"AR loss": summary(self.ar(shift, groups, reverse))["loss"]})
 
 
 def write_idx(path, magic, array):
@@ -190,56 +233,6 @@ def write_idx(path, magic, array):
     path.parent.mkdir(parents=True, exist_ok=True)
     header = np.array([magic, *array.shape], dtype=">i4").tobytes()
     atomic_save(path, lambda f: f.write(gzip.compress(header + array.tobytes())))
-
-
-def samples(ws, cfg_scale, shift=2, groups=8, reverse=False, previews=False):
-    """The set of recipe.fid_images samples (classes in turn) of that AR model at guidance `cfg_scale` ("a" or a
-    ramp "a,b"), drawn as sample.py draws them (a batch seeded with seed + the index of its first sample); with
-    previews also the previews after 1/4, 1/2 and 3/4 of the solver steps (paper Table 5)."""
-    name = f"gen-{ar_name(shift, groups, reverse)}-cfg{cfg_scale.replace(',', '-')}"
-    name += "-previews.npz" if previews else ".npz"
-
-    def make():
-        tok_ckpt, gpt_ckpt = ws.tokenizer(shift, groups) / "ckpt.pt", ws.ar(shift, groups, reverse) / "ckpt.pt"
-        tok, gpt = sample.load_models(tok_ckpt, gpt_ckpt, None, torch.float32, ws.device)
-        n = ws.recipe.fid_images
-        labels = torch.arange(n) % gpt.config.num_classes
-        images, strips = sample.sample_indices(
-            gpt, tok, labels, torch.arange(n), seed=ws.seed, batch_size=ws.recipe.batch_size, graph=None,
-            progress=False, cfg_scale=cfg_scale, temperature=1.0, top_k=0, top_p=1.0, solver="adams2", prefix=None,
-            keep_previews=previews, decoder_precision="fp32")  # strict fp32, as the published tables
-        out = dict(arr_0=images, arr_1=labels.numpy())
-        if previews:  # (n, 3, H, W, 3)
-            S = strips.shape[1]
-            out["previews"] = strips[:, [S // 4 - 1, S // 2 - 1, 3 * S // 4 - 1]]
-        return out
-    return ws.made(name, make)
-
-
-def reconstructions(ws, solver, steps, shift=2, groups=8):
-    """The set of reconstructions of the first recipe.reconstruction_images test images by that tokenizer,
-    decoded with `solver` in `steps` steps (evaluate.reconstruct_uint8, fp32, noise from the seed)."""
-    def make():
-        tok = Tokenizer.from_checkpoint(ws.tokenizer(shift, groups) / "ckpt.pt").to(ws.device).eval()
-        images, labels = ws.images("test", ws.recipe.reconstruction_images)
-        generator = torch.Generator(ws.device).manual_seed(ws.seed)
-        B = ws.recipe.batch_size
-        out = [evaluate.reconstruct_uint8(tok, torch.from_numpy(images[i:i + B]).to(ws.device), solver, steps,
-                                          generator=generator).cpu() for i in range(0, len(images), B)]
-        return dict(arr_0=torch.cat(out).numpy(), arr_1=labels)
-    return ws.made(f"recon-{tokenizer_name(shift, groups)}-{solver}-{steps}.npz", make)
-
-
-def codebook_use(ws, shift=2, groups=8):
-    """The share of the codebook in use at the end of that tokenizer's training (paper Table 6)."""
-    return ws.made(f"usage-{tokenizer_name(shift, groups)}.json",
-                   lambda: {"Codebook use": summary(ws.tokenizer(shift, groups))["codebook_used"] / 100})
-
-
-def ar_loss(ws, shift=2, groups=8, reverse=False):
-    """The AR model's final training loss (paper Figure 7)."""
-    return ws.made(f"loss-{ar_name(shift, groups, reverse)}.json",
-                   lambda: {"AR loss": summary(ws.ar(shift, groups, reverse))["loss"]})
 
 
 class Metrics:
@@ -262,7 +255,7 @@ class Metrics:
             return np.load(path)
         if self.ws.recipe.features == "pixels":
             gray = torch.from_numpy(images).float().mean(-1)[:, None] / 255  # N, 1, H, W
-            feats = F.adaptive_avg_pool2d(gray, 2).flatten(1).numpy()
+            feats = torch.nn.functional.adaptive_avg_pool2d(gray, 2).flatten(1).numpy()
         else:
             if self.net is None:
                 self.net = evaluate.load_inception(evaluate.find_inception_weights()).to(self.ws.device)
@@ -277,19 +270,13 @@ class Metrics:
         fid = evaluate.frechet_distance(*evaluate.statistics(self.reference), *evaluate.statistics(feats))
         return {"FID": fid, "Precision": precision, "Recall": recall}
 
-    def floor(self):
-        """The real-vs-real floor, the first fid_images training images against the reference: FID over a few
-        thousand images is biased upwards."""
-        return self.fid(self.ws.images("train", self.ws.recipe.fid_images)[0])
-
     def accuracy(self, images, labels):
         predicted = torch.cat([self.classifier.classify(from_uint8(images[i:i + 500]))
                                for i in range(0, len(images), 500)])
         return (predicted.numpy() == labels).mean().item()
 
     def measure(self, kind, name, preview=None):
-        """The numbers of one set: kind 'generation' (of the images, or of previews[:, preview]),
-        'reconstruction' or 'numbers' (a json of the models' numbers)."""
+        """The numbers of one set (of its images, or of its previews[:, preview])."""
         path = self.ws.sets / name
         if kind == "numbers":
             return json.loads(path.read_text())
@@ -306,6 +293,8 @@ class Metrics:
 
 RAMP, REVERSED_RAMP = "1.1,4.0", "4.0,1.1"  # the linear CFG ramps for Fashion-MNIST (see table4's note)
 CFG = {"1.0": "1.0", "1.5": "1.5", "1.75": "1.75", RAMP: "1.1→8.0", REVERSED_RAMP: "8.0→1.1"}  # ours → the paper's
+
+GEN = ("FID", "Precision", "Recall")  # the paper's columns of generation
 
 # the paper's numbers (ImageNet 256): Table 2, rFID per solver and number of steps
 PAPER_TABLE2 = {("euler", 4): 2.35, ("euler", 8): 1.58, ("adams2", 8): 1.52, ("euler", 12): 1.73,
@@ -325,13 +314,8 @@ PAPER_TABLE7 = {"1.0": (11.22, 0.68, 0.62), "1.5": (4.17, 0.84, 0.50), "1.75": (
                 "1.1→8.0": (9.79, 0.90, 0.40), "8.0→1.1": (21.15, 0.85, 0.15)}
 
 
-def row(key, setting, paper, *measures):
-    """One row of a study: its key for the verdict, its label, the paper's numbers and the sets to measure."""
-    return {"key": key, "setting": setting, "paper": paper, "measures": list(measures)}
-
-
-def gen_paper(numbers):
-    return dict(zip(("FID", "Precision", "Recall"), numbers)) if numbers else {}
+# A study's row: its key for the verdict, its label, the paper's numbers (in the study's columns) and its sets.
+Row = namedtuple("Row", "key setting paper sets")
 
 
 def cfg_label(cfg):
@@ -340,38 +324,36 @@ def cfg_label(cfg):
 
 def table2(ws):
     solver = {"euler": "Euler", "adams2": "Adams-2"}
-    return [row(f"{s}-{n}", f"{solver[s]}, {n} steps", {"rFID": rfid}, ("reconstruction", reconstructions(ws, s, n)))
+    return [Row(f"{s}-{n}", f"{solver[s]}, {n} steps", (rfid,), [ws.reconstructions(s, n)])
             for (s, n), rfid in PAPER_TABLE2.items()]
 
 
 def table4(ws):
-    return [row(cfg, cfg_label(cfg), gen_paper(PAPER_TABLE4[CFG[cfg]]), ("generation", samples(ws, cfg)))
+    return [Row(cfg, cfg_label(cfg), PAPER_TABLE4[CFG[cfg]], [ws.samples(cfg)])
             for cfg in ("1.0", "1.5", "1.75", RAMP)]
 
 
 def table5(ws):
-    name = samples(ws, RAMP, previews=True)
-    return [row(q, f"{q}/4 of the tokens", gen_paper(PAPER_TABLE5[q - 1]),
-                ("generation", name, q - 1) if q < 4 else ("generation", name)) for q in (1, 2, 3, 4)]
+    kind, name = ws.samples(RAMP, previews=True)
+    return [Row(q, f"{q}/4 of the tokens", PAPER_TABLE5[q - 1], [(kind, name, q - 1) if q < 4 else (kind, name)])
+            for q in (1, 2, 3, 4)]
 
 
 def table6(ws):
-    return [row(b, f"β = {b}", dict(zip(("rFID", "Codebook use"), PAPER_TABLE6[b])),
-                ("reconstruction", reconstructions(ws, "adams2", 8, shift=b)), ("numbers", codebook_use(ws, shift=b)))
+    return [Row(b, f"β = {b}", PAPER_TABLE6[b], [ws.reconstructions("adams2", 8, shift=b), ws.codebook_use(b)])
             for b in (1, 2, 4)]
 
 
 def figure7(ws):
-    return [row(k, f"K = {k}", dict(zip(("rFID", "FID"), PAPER_FIGURE7[k])),
-                ("reconstruction", reconstructions(ws, "adams2", max(k, 8), groups=k)),
-                ("generation", samples(ws, RAMP, groups=k)), ("numbers", ar_loss(ws, groups=k)))
+    return [Row(k, f"K = {k}", PAPER_FIGURE7[k], [ws.reconstructions("adams2", max(k, 8), groups=k),
+                                                  ws.samples(RAMP, groups=k), ws.ar_loss(groups=k)])
             for k in (1, 4, 8, 16)]
 
 
 def table7(ws):
-    return [row(f"{'reversed' if rev else 'normal'} {cfg}", f"{'reversed' if rev else 'normal'}, {cfg_label(cfg)}",
-                gen_paper((PAPER_TABLE7 if rev else PAPER_TABLE4).get(CFG[cfg])),
-                ("generation", samples(ws, cfg, reverse=rev))) for rev in (False, True) for cfg in CFG]
+    return [Row(f"{order} {cfg}", f"{order}, {cfg_label(cfg)}", paper.get(CFG[cfg]),
+                [ws.samples(cfg, reverse=order == "reversed")])
+            for order, paper in (("normal", PAPER_TABLE4), ("reversed", PAPER_TABLE7)) for cfg in CFG]
 
 
 # ---- verdicts: does the paper's direction hold here? Each gets {metric: {row key: our value}}.
@@ -432,28 +414,28 @@ def verdict_table7(ours):
             f"({holds(worse == len(CFG) and min(reversed_) > min(normal))}).")
 
 
-# rows: workspace → the rows, making whatever sets are missing; verdict: our numbers → one line
-Study = namedtuple("Study", "title rows verdict note")
+# columns: the paper's; rows: workspace → the rows, making whatever sets are missing; verdict: our numbers → one line
+Study = namedtuple("Study", "title columns rows verdict note")
 
 
 STUDIES = {
-    "table2": Study("Sampling steps and solver of the tokenizer (paper Table 2)", table2, verdict_table2,
+    "table2": Study("Sampling steps and solver of the tokenizer (paper Table 2)", ("rFID",), table2, verdict_table2,
                     "One tokenizer (β = 2, K = 8), decoded with Euler in 4 / 8 / 12 / 16 steps and Adams-2 in 8; "
                     "the paper's numbers are ImageNet 256 with its 300M tokenizer."),
-    "table4": Study("CFG schedules (paper Table 4)", table4, verdict_table4,
+    "table4": Study("CFG schedules (paper Table 4)", GEN, table4, verdict_table4,
                     f"The ramp here is {RAMP.replace(',', '→')} instead of the paper's ImageNet 1.1→8.0: on "
                     f"Fashion-MNIST a constant 3.0 already gives 85% class accuracy at no gain in FID (the shipped "
                     f"model), so the ramp starts nearly unguided for the coarse tokens and ends a little above 3."),
-    "table5": Study("Previews from partial token sequences (paper Table 5)", table5, verdict_table5,
+    "table5": Study("Previews from partial token sequences (paper Table 5)", GEN, table5, verdict_table5,
                     f"One sampling run at CFG {RAMP.replace(',', '→')}: the jump estimate after 1/4, 1/2 and 3/4 "
                     f"of the solver steps, and the final image (paper: 64 / 128 / 192 / 256 tokens, D-AR-L)."),
-    "table6": Study("Time shift β of tokenizer training (paper Table 6)", table6, verdict_table6,
-                    "Tokenizers trained with β = 1, 2, 4 (train_tokenizer.py --time-shift), decoded with Adams-2 in "
-                    "8 steps; codebook use as train_tokenizer.py reports it at the end of training."),
-    "table7": Study("Coarse-to-fine vs reversed token order (paper Table 7)", table7, verdict_table7,
+    "table6": Study("Time shift β of tokenizer training (paper Table 6)", ("rFID", "Codebook use"), table6,
+                    verdict_table6, "Tokenizers trained with β = 1, 2, 4 (train_tokenizer.py --time-shift), decoded "
+                    "with Adams-2 in 8 steps; codebook use as train_tokenizer.py reports it at the end of training."),
+    "table7": Study("Coarse-to-fine vs reversed token order (paper Table 7)", GEN, table7, verdict_table7,
                     "Two AR models trained with the same recipe, one on the reversed token order (train_ar.py "
                     "--reverse-order), its samples flipped back before decoding."),
-    "figure7": Study("Number of token groups K (paper Figure 7)", figure7, verdict_figure7,
+    "figure7": Study("Number of token groups K (paper Figure 7)", ("rFID", "FID"), figure7, verdict_figure7,
                      f"Tokenizers with K = 1, 4, 8, 16 groups (train_tokenizer.py --groups; K < 8 decoded in 8 "
                      f"steps, K = 16 in 16) and an AR model on each; gFID at CFG {RAMP.replace(',', '→')}; AR loss = "
                      f"the final training loss. Paper: D-AR-B, 100k iterations."),
@@ -465,7 +447,6 @@ def fmt(value):
 
 
 def markdown(result):
-    """The study as a Markdown section: our numbers beside the paper's, the floor, the verdict and the notes."""
     ours = list(dict.fromkeys(k for r in result["rows"] for k in r["ours"]))
     paper = list(dict.fromkeys(k for r in result["rows"] for k in r["paper"]))
     lines = [f"### {result['title']}", "", f"Recipe `{result['recipe']}`, seed {result['seed']}; "
@@ -490,18 +471,19 @@ def run_study(ws, table, metrics):
         print(f"{PROG}: {table}: sets ready in {ws.sets}", flush=True)
         return metrics
     metrics = metrics or Metrics(ws)
-    ours = {}  # metric → {row key: value}, what the verdict reads
+    ours, table_rows = {}, []  # ours: metric → {row key: value}, what the verdict reads
     for r in rows:
-        r["ours"] = {k: v for m in r["measures"] for k, v in metrics.measure(*m).items()}
-        for metric, value in r["ours"].items():
-            ours.setdefault(metric, {})[r["key"]] = value
+        measured = {k: v for s in r.sets for k, v in metrics.measure(*s).items()}
+        for metric, value in measured.items():
+            ours.setdefault(metric, {})[r.key] = value
+        table_rows.append({"setting": r.setting, "ours": measured, "paper": dict(zip(study.columns, r.paper or ()))})
     features = "Inception-v3 pool_3" if recipe.features == "inception" else "2x2 mean gray levels (a stand-in)"
     result = {"table": table, "title": study.title, "recipe": ws.recipe_name, "seed": ws.seed,
               "images": {"samples per set": recipe.fid_images, "reconstructions per set": recipe.reconstruction_images},
-              "features": features, "rows": [{k: r[k] for k in ("setting", "ours", "paper")} for r in rows],
+              "features": features, "rows": table_rows,
               "verdict": study.verdict(ours), "note": study.note}
-    if "FID" in ours:  # samples were measured: the real-vs-real floor goes beside them
-        result["floor"] = metrics.floor()
+    if "FID" in ours:  # beside samples, the real-vs-real floor: FID over a few thousand images is biased upwards
+        result["floor"] = metrics.fid(ws.images("train", recipe.fid_images)[0])
     write_json(ws.out / f"results_{table}.json", result)
     atomic_save(ws.out / f"{table}.md", lambda f: f.write(markdown(result).encode()))
     print(f"{PROG}: {table}: {result['verdict']}\n  wrote {ws.out / f'results_{table}.json'} and "

@@ -33,24 +33,22 @@ def forwards(step, labels, N):
 
 def tokens_per_forward(gpt, cfg_scales, windows, samples, device, emit):
     N = gpt.config.block_size
+
+    def per_forward(batches, window, cfg):  # one step draws the batches one after another
+        generator = torch.Generator(device).manual_seed(0)
+        step = sample.SpeculativeStep(gpt, len(batches[0]), window, cfg, generator=generator)
+        return f"{len(batches) * N / sum(forwards(step, labels, N) for labels in batches):.2f}"
     emit("| guidance | " + " | ".join(f"window {w}" for w in windows) + " |\n|---|" + "---|" * len(windows))
+    one_by_one = [torch.tensor([s % 10], device=device) for s in range(samples)]
     for cfg in cfg_scales:
-        cells = []
-        for w in windows:
-            step = sample.SpeculativeStep(gpt, 1, w, cfg, generator=torch.Generator(device).manual_seed(0))
-            count = sum(forwards(step, torch.tensor([s % 10], device=device), N) for s in range(samples))
-            cells.append(f"{samples * N / count:.2f}")
-        emit(f"| {cfg} | " + " | ".join(cells) + " |")
+        emit(f"| {cfg} | " + " | ".join(per_forward(one_by_one, w, cfg) for w in windows) + " |")
     emit("\n| batch (guidance 4, window 16) | tokens per forward |\n|---|---|")
     for batch in (1, 8, 64):
-        step = sample.SpeculativeStep(gpt, batch, 16, 4.0, generator=torch.Generator(device).manual_seed(0))
-        runs = max(1, samples // batch)
-        count = sum(forwards(step, torch.arange(batch, device=device) % 10, N) for _ in range(runs))
-        emit(f"| {batch} | {runs * N / count:.2f} |")
+        batches = [torch.arange(batch, device=device) % 10] * max(1, samples // batch)
+        emit(f"| {batch} | {per_forward(batches, 16, 4.0)} |")
 
 
 def median_ms(fn, samples, device):
-    """Median wall time of fn(s) over samples s = 1..samples, after fn(0) as a warm-up."""
     times = []
     for s in range(samples + 1):
         start = time.perf_counter()
@@ -63,10 +61,10 @@ def median_ms(fn, samples, device):
 
 def latency(gpt, tok, windows, samples, device, emit):
     emit("| batch 1, guidance 4 | ms to the last token | ms to the image | speed-up (image) |\n|---|---|---|---|")
+    label = lambda s: torch.tensor([s % 10], device=device)  # noqa: E731
     base = None
     for w in (0, *windows):
         step = sample.decode_step(gpt, 1, 4.0, w, generator=torch.Generator(device).manual_seed(0))
-        label = lambda s: torch.tensor([s % 10], device=device)  # noqa: E731
         ar = median_ms(lambda s: forwards(step, label(s), gpt.config.block_size), samples, device)
         ms = median_ms(lambda s: sample.sample_batch(gpt, tok, label(s), step, keep_previews=False), samples, device)
         base = base or ms
@@ -75,7 +73,7 @@ def latency(gpt, tok, windows, samples, device, emit):
 
 
 def main(args):
-    _, _, device = setup_device(args.device)
+    device = setup_device(args.device)[2]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as sample.py --precision auto
     tok, gpt = sample.load_models(args.tokenizer_ckpt, args.gpt_ckpt, None, dtype, device)
     lines = []
