@@ -231,12 +231,11 @@ class GPT(nn.Module):
     def setup_caches(self, max_batch_size, device=None, extra=0):
         """Static caches for [class token + block_size tokens + `extra` slots (a speculative window reaching past the
         last token)], length rounded up to a multiple of 8."""
-        cfg = self.config
+        cfg, weight = self.config, self.tok_embeddings.weight
         seq = (cfg.block_size + 1 + extra + 7) // 8 * 8
-        dtype = self.tok_embeddings.weight.dtype
-        device = device or self.tok_embeddings.weight.device
+        device = device or weight.device
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, seq, cfg.n_kv_head, cfg.head_dim, dtype, device)
+            layer.attention.kv_cache = KVCache(max_batch_size, seq, cfg.n_kv_head, cfg.head_dim, weight.dtype, device)
         if self.rope.shape[0] < seq:  # positions past the sequence are never written, but index_select needs rows
             self.rope = rope_table(seq, cfg.head_dim, cfg.rope_base).to(device)
 
