@@ -285,6 +285,16 @@ def npz_arrays(path, names):
         raise ValueError(f"{path}: cannot read {', '.join(names)} ({first_line(e)})") from None
 
 
+def npz_labels(path, n):
+    """The n Fashion-MNIST class labels under arr_1, or None when the file has no arr_1."""
+    labels, K = npz_arrays(path, ["arr_1"]).get("arr_1"), len(FMNIST_CLASSES)
+    if labels is None:
+        return None
+    if labels.shape != (n,) or labels.dtype.kind not in "iu" or not np.isin(labels, np.arange(K)).all():
+        raise ValueError(f"{path}: arr_1 must hold {n} integer labels in 0..{K - 1}, got {labels.dtype} {labels.shape}")
+    return labels
+
+
 # ---- features and metrics
 def extract_features(net, batches, total, desc="features"):  # float32 pool (N, 2048), spatial (N, 2023), logits
     out = []
@@ -392,30 +402,35 @@ class FMNISTClassifier(nn.Module):
         return self(x.to(next(self.parameters()).device)).argmax(1).cpu()
 
 
-def load_fmnist_classifier(path=FMNIST_CLASSIFIER, root=None, epochs=3):
-    """The classifier at `path`; if it is missing, one trained on the training split in `root` (AdamW, one-cycle
-    schedule) is saved there first."""
+def train_fmnist_classifier(root=None, epochs=3):
+    """(classifier, test accuracy): AdamW with a one-cycle schedule on the training split."""
+    with torch.random.fork_rng():  # a fixed initialisation without touching the caller's random state
+        torch.manual_seed(0)
+        model = FMNISTClassifier()
+    images, labels = load_fashion_mnist("train", root)
+    x, y = from_uint8(fmnist_rgb32(images)[..., :1]), torch.from_numpy(labels)  # (N, 1, 32, 32) in [-1, 1], (N,)
+    generator = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * -(-len(x) // 128))
+    for epoch in range(epochs):
+        for idx in torch.randperm(len(x), generator=generator).split(128):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+        print(f"Fashion-MNIST classifier: epoch {epoch + 1}/{epochs}, loss {loss.item():.3f}")
+    model.eval()
+    test_images, test_labels = load_fashion_mnist("test", root)
+    predicted = model.classify(from_uint8(fmnist_rgb32(test_images)))
+    return model, (predicted == torch.from_numpy(test_labels)).float().mean().item()
+
+
+def load_fmnist_classifier(path=FMNIST_CLASSIFIER, root=None):
+    """The classifier at `path`, trained on the training split in `root` and saved there first if it is missing."""
     if not os.path.isfile(path):
         check_writable(path)
-        with torch.random.fork_rng():  # a fixed initialisation without touching the caller's random state
-            torch.manual_seed(0)
-            model = FMNISTClassifier()
-        images, labels = load_fashion_mnist("train", root)
-        x, y = from_uint8(fmnist_rgb32(images)[..., :1]), torch.from_numpy(labels)  # (N, 1, 32, 32) in [-1, 1], (N,)
-        generator = torch.Generator().manual_seed(0)
-        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * -(-len(x) // 128))
-        for epoch in range(epochs):
-            for idx in torch.randperm(len(x), generator=generator).split(128):
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                schedule.step()
-            print(f"Fashion-MNIST classifier: epoch {epoch + 1}/{epochs}, loss {loss.item():.3f}")
-        test_images, test_labels = load_fashion_mnist("test", root)
-        predicted = model.eval().classify(from_uint8(fmnist_rgb32(test_images)))
-        accuracy = (predicted == torch.from_numpy(test_labels)).float().mean().item()
+        model, accuracy = train_fmnist_classifier(root)
         print(f"Fashion-MNIST classifier: test accuracy {accuracy:.4f}, saved to {path}")
         state = {"kind": "fmnist_classifier", "model": model.state_dict(), "test_accuracy": accuracy}
         atomic_save(path, lambda f: torch.save(state, f))
@@ -581,11 +596,7 @@ def fmnist_command(args, device):
     if n is not None and not MIN_IMAGES <= n <= shape[0]:
         raise ValueError(f"--num-images {n}: use {MIN_IMAGES}..{shape[0]} ({args.samples} holds only {shape[0]} "
                          f"samples and the metrics need at least {MIN_IMAGES})")
-    labels, K = npz_arrays(args.samples, ["arr_1"]).get("arr_1"), len(FMNIST_CLASSES)
-    if labels is not None and not (labels.shape == (shape[0],) and labels.dtype.kind in "iu"
-                                   and np.isin(labels, np.arange(K)).all()):
-        raise ValueError(f"{args.samples}: arr_1 must hold {shape[0]} integer labels in 0..{K - 1}, got {labels.dtype} "
-                         f"{labels.shape}")
+    labels = npz_labels(args.samples, shape[0])
     images = fmnist_rgb32(load_fashion_mnist("test", args.fmnist_dir)[0][:n])  # N, 32, 32, 3
     weights = find_inception_weights(args.inception_weights, args.download_inception)
     net = load_inception(weights).to(device)

@@ -274,7 +274,7 @@ class PixelSteps:
 
 def pixel_steps(step, tok, batch, steps, solver, decoder_precision, reverse, device):
     """The PixelSteps of this setting for step's batch, made once and kept by the step: CUDA-graphed when its AR
-    side is, unless the pixel blocks are compiled (--compile, for large batches: that pair stalled on an H200)."""
+    side is, unless the pixel blocks are compiled (--compile): that pair stalled bench.py on an H200, cause unknown."""
     key = (tok, steps, solver, decoder_precision)
     if key not in step.pixel_steps:
         graph = step.graph is not None and not any(compiled(b) for b in tok.diff_decoder.net.blocks)

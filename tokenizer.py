@@ -648,13 +648,7 @@ class Tokenizer(nn.Module):
             except TypeError as e:
                 raise ValueError(f"{path} holds an unknown tokenizer config ({e})") from None
         elif official_config is not None or "config" in ckpt:
-            if not official_config:  # the file's config_util.Config (its dict in `_data`) or Namespace
-                data = getattr(ckpt["config"], "_data", ckpt["config"])
-                data = data if isinstance(data, dict) else vars(data)
-                if "model" not in data:
-                    raise ValueError("the official config holds no `model` section")
-                official_config = getattr(data["model"], "_data", data["model"])
-            cfg = TokenizerConfig.from_official(official_config)
+            cfg = TokenizerConfig.from_official(official_config or _official_model_config(ckpt["config"]))
         else:
             raise ValueError(f"{path} stores no config: pass the official YAML `model` mapping (official_config)")
         key = "ema" if use_ema and ckpt.get("ema") is not None else "model"
@@ -662,3 +656,12 @@ class Tokenizer(nn.Module):
             raise ValueError(f"{path} holds neither 'ema' nor 'model' weights (keys: {sorted(ckpt)})")
         check_finite(ckpt[key], f"{path} ['{key}']")
         return cls.from_state_dict(cfg, ckpt[key], f"{path} ['{key}']")
+
+
+def _official_model_config(config):
+    """The `model` mapping of an official file's config_util.Config (its dict in `_data`) or Namespace."""
+    data = getattr(config, "_data", config)
+    data = data if isinstance(data, dict) else vars(data)
+    if "model" not in data:
+        raise ValueError("the official config holds no `model` section")
+    return getattr(data["model"], "_data", data["model"])
