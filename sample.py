@@ -352,7 +352,7 @@ def sample_batch(gpt, tok, labels, step, *, solver="adams2", steps=None, prefix=
 
 
 def sample_indices(gpt, tok, labels, indices, *, seed, batch_size, graph, progress, cfg_scale, temperature,
-                   top_k, top_p, solver, prefix, keep_previews, decoder_precision, speculative=0):
+                   top_k, top_p, solver, prefix, keep_previews, decoder_precision, speculative=0, steps=None):
     """Samples labels[indices] in batches → images (n, H, W, 3) uint8 and preview strips (n, S, H, W, 3) uint8, or
     None without keep_previews. A batch draws from a generator seeded with seed + the index of its first sample, so
     a sample does not depend on how many processes share the work (as long as batches start at the same indices)."""
@@ -369,7 +369,7 @@ def sample_indices(gpt, tok, labels, indices, *, seed, batch_size, graph, progre
                                                  top_k=top_k, top_p=top_p, generator=generator, graph=graph)
         prefix_b = None if prefix is None else prefix.expand(len(idx), -1)
         _, _, image, previews = sample_batch(gpt, tok, labels[idx].to(device), decode_steps[len(idx)], solver=solver,
-                                             prefix=prefix_b, keep_previews=keep_previews,
+                                             steps=steps, prefix=prefix_b, keep_previews=keep_previews,
                                              decoder_precision=decoder_precision)
         images.append(to_uint8(image).cpu())
         if keep_previews:

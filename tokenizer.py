@@ -317,6 +317,13 @@ class SiTBlock(nn.Module):
         return y + gate_m * self.mlp(layer_norm(y) * (1 + scale_m) + shift_m)
 
 
+def init_linear(*blocks):
+    for m in (m for b in blocks for m in b.modules()):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+
 class DiffusionNet(nn.Module):
     """v̂ = net(x_t, t, cond): transformer on p×p pixel patches (pixel_unshuffle), 1×1 convs in and out."""
 
@@ -333,6 +340,13 @@ class DiffusionNet(nn.Module):
         hidden = cfg.repa_hidden
         self.repa_out = nn.Sequential(nn.Linear(D, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                       nn.Linear(hidden, cfg.repa_dim)) if cfg.repa else None
+
+    def initialize_weights(self):
+        """Official init: truncated normals, adaLN and conv_out zero, so every block starts as identity and v̂ = 0."""
+        init_linear(self.blocks)
+        for m in [block.adaLN_modulation[1] for block in self.blocks] + [self.conv_out]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
 
     def forward(self, x, t, cond, repa=False):
         """x (B, 3, H, W), t (B,) as given, cond (B, M, Dd) → velocity (B, 3, H, W) in x's dtype, REPA features or
@@ -411,15 +425,8 @@ class Tokenizer(nn.Module):
     def initialize_weights(self):
         """Official init: truncated normals, adaLN and conv_out zero (the gates are zero when made) so every block
         starts as identity and the first velocity is 0; the codebook uniform then row-normalised; the rest defaults."""
-        net = self.diff_decoder.net
-        for blocks in (self.encoder_layers, self.decoder_layers, net.blocks):
-            for m in blocks.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.trunc_normal_(m.weight, std=0.02)
-                    nn.init.zeros_(m.bias)
-        for m in [block.adaLN_modulation[1] for block in net.blocks] + [net.conv_out]:
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
+        init_linear(self.encoder_layers, self.decoder_layers)
+        self.diff_decoder.net.initialize_weights()
         nn.init.trunc_normal_(self.query_embedding.weight, std=1.0)
         nn.init.trunc_normal_(self.decoder_embedding.weight, std=0.02)
         V = self.config.vq_codebook_size
