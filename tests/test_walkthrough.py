@@ -77,15 +77,17 @@ def execute(nb, exercise_runs=(), seconds=None):
     with client.setup_kernel():
         client.execute(cleanup_kc=False)
         seconds["notebook"] = time.perf_counter() - start
+        cells = list(nb.cells)  # execute_cell puts the cell it ran into nb: the notebook's own go back afterwards
         for number, index, source, after in exercise_runs:
-            changed = copy.deepcopy(nb.cells[index])
+            changed = copy.deepcopy(cells[index])
             changed.source = source
             try:
-                for i, cell in [(index, changed)] + [(i, copy.deepcopy(nb.cells[i])) for i in after]:
+                for i, cell in [(index, changed)] + [(i, copy.deepcopy(cells[i])) for i in after]:
                     client.execute_cell(cell, i)
                 errors.setdefault(number, None)
             except (CellExecutionError, CellTimeoutError) as e:
                 errors[number] = e
+        nb.cells[:] = cells
     seconds["exercises"] = time.perf_counter() - start - seconds["notebook"]
     return errors
 
