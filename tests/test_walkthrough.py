@@ -137,7 +137,8 @@ def test_every_exercise_runs(executed):
     nb, error, seconds, errors = executed
     if error is not None:
         pytest.fail(f"{NOTEBOOK.name} did not run to the end (see test_notebook_runs_on_a_cpu)")
-    numbers = re.findall(r"^(\d+)\. \*\*", next(c.source for c in nb.cells if re.match(r"## \d+\. Exercises", c.source)), re.M)
+    questions = next(c.source for c in nb.cells if re.match(r"## \d+\. Exercises", c.source))
+    numbers = re.findall(r"^(\d+)\. \*\*", questions, re.M)
     assert sorted(errors) == [int(n) for n in numbers], "every exercise needs an answer with a *Change*"
     for number, e in errors.items():
         assert e is None, f"exercise {number}'s change, as its answer gives it, raised:\n{str(e)[-3000:]}"
