@@ -1,4 +1,5 @@
-"""The walkthrough notebook runs top to bottom on a CPU, and the figures saved in it are current:
+"""The walkthrough notebook runs top to bottom on a CPU, every exercise's change (as its answer gives it) runs, and
+the figures saved in the notebook are current:
 
     python3 -m pytest -q tests/test_walkthrough.py
 
@@ -8,8 +9,10 @@ rewrites assets/walkthrough_groups.png, the README's figure, from the cell tagge
     python3 tests/test_walkthrough.py
 """
 import base64
+import copy
 import io
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -25,16 +28,68 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "docs" / "walkthrough.ipynb"
 FIGURE = ROOT / "assets" / "walkthrough_groups.png"  # the output of the cell tagged readme-figure
 BUDGET_S = 180  # the whole notebook, kernel start included, on a 2-core CPU
+EXERCISE_BUDGET_S = 120  # the exercises' changed cells and the cells they re-run
 TOLERANCE = 8  # uint8 levels a pixel of a figure may move: floating-point noise, antialiased edges
 MAX_MOVED = 0.002  # the fraction of a figure's pixels that may move further
 RERUN = "re-execute the notebook: python3 tests/test_walkthrough.py"
+# an answer's change: "*Change* (§4): `old` → `new` (or `other new`), then re-run §5." (§0: the first code cell)
+CHANGE = re.compile(r"\*Change\* \((?:§(\d+)|the first code cell)\): `([^`]+)` → `([^`]+)`(?: \(or `([^`]+)`\))?"
+                    r"(?:, then re-run §(\d+))?")
 
 
-def execute(nb):
-    """Runs nb in place in a fresh python3 kernel whose working folder is docs/, as a reader's Jupyter would be."""
+def sections(nb):
+    """The section number of each cell: that of the last "## N." heading above it, 0 before the first."""
+    out, current = [], 0
+    for cell in nb.cells:
+        heading = re.match(r"## (\d+)\.", cell.source) if cell.cell_type == "markdown" else None
+        current = int(heading.group(1)) if heading else current
+        out.append(current)
+    return out
+
+
+def exercises(nb):
+    """The answers' changes: [(exercise, cell index, changed source, indices of the cells to run after it)], one per
+    alternative, the latest section first (a section's cells then never read what an earlier exercise left)."""
+    answers = next(c.source for c in nb.cells if c.source.startswith("### Answers"))
+    section = sections(nb)
+    runs = []
+    for number, text in re.findall(r"^(\d+)\. (.*?)(?=^\d+\. |\Z)", answers, re.M | re.S):
+        change = CHANGE.search(text)
+        assert change, f"answer {number} gives no *Change* (§N): `old` → `new`"
+        s, old, *news, rerun = change.groups()
+        s = int(s or 0)
+        cells = [i for i, c in enumerate(nb.cells) if section[i] == s and c.cell_type == "code" and old in c.source]
+        assert len(cells) == 1, f"answer {number}: `{old}` is in {len(cells)} code cells of §{s}, not in exactly one"
+        index = cells[0]
+        after = [i for i in range(index + 1, len(nb.cells)) if section[i] == s or rerun and section[i] == int(rerun)]
+        runs += [(int(number), index, nb.cells[index].source.replace(old, new), after) for new in news if new]
+    return sorted(runs, key=lambda run: -section[run[1]])
+
+
+def execute(nb, exercise_runs=(), seconds=None):
+    """Runs nb in place in a fresh python3 kernel whose working folder is docs/, as a reader's Jupyter would be; then,
+    in the same kernel, each exercise run on copies of its cells (nb keeps its own outputs). → {exercise: the error
+    its cells raised, or None}; `seconds` (a dict) gets the times of the "notebook" (kernel start included) and of
+    the "exercises"."""
     client = NotebookClient(nb, timeout=BUDGET_S, kernel_name="python3", record_timing=False,
                             resources={"metadata": {"path": str(NOTEBOOK.parent)}})
-    return client.execute()
+    errors, seconds, start = {}, {} if seconds is None else seconds, time.perf_counter()
+    with client.setup_kernel():
+        client.execute(cleanup_kc=False)
+        seconds["notebook"] = time.perf_counter() - start
+        cells = list(nb.cells)  # execute_cell puts the cell it ran into nb: the notebook's own go back afterwards
+        for number, index, source, after in exercise_runs:
+            changed = copy.deepcopy(cells[index])
+            changed.source = source
+            try:
+                for i, cell in [(index, changed)] + [(i, copy.deepcopy(cells[i])) for i in after]:
+                    client.execute_cell(cell, i)
+                errors.setdefault(number, None)
+            except (CellExecutionError, CellTimeoutError) as e:
+                errors[number] = e
+        nb.cells[:] = cells
+    seconds["exercises"] = time.perf_counter() - start - seconds["notebook"]
+    return errors
 
 
 def pngs(nb, tag=None):
@@ -55,31 +110,43 @@ def pixels(png):
 
 @pytest.fixture(scope="module")
 def executed():
-    """The committed notebook, executed once for both tests: (notebook, the error a cell raised or None, seconds)."""
+    """The committed notebook, executed once for all tests, then its exercises: (notebook, the error a cell raised or
+    None, {"notebook": seconds, "exercises": seconds}, {exercise: the error its change raised or None})."""
     from data import load_fashion_mnist
     try:
         load_fashion_mnist("test")
     except FileNotFoundError:
         pytest.skip("the notebook needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    start = time.perf_counter()
+    seconds = {}
     try:
-        execute(nb)
-        error = None
+        errors, error = execute(nb, exercises(nb), seconds), None
     except (CellExecutionError, CellTimeoutError) as e:
-        error = e
-    return nb, error, time.perf_counter() - start
+        errors, error = {}, e
+    return nb, error, seconds, errors
 
 
 def test_notebook_runs_on_a_cpu(executed):
-    nb, error, seconds = executed
+    nb, error, seconds, _ = executed
     assert error is None, f"a cell of {NOTEBOOK.name} raised:\n{str(error)[-3000:]}"
-    assert seconds <= BUDGET_S, f"{NOTEBOOK.name} took {seconds:.0f} s, more than its {BUDGET_S} s"
+    assert seconds["notebook"] <= BUDGET_S, f"{NOTEBOOK.name} took {seconds['notebook']:.0f} s, more than {BUDGET_S} s"
     assert pngs(nb, "readme-figure"), "no cell tagged readme-figure shows a figure"
 
 
+def test_every_exercise_runs(executed):
+    nb, error, seconds, errors = executed
+    if error is not None:
+        pytest.fail(f"{NOTEBOOK.name} did not run to the end (see test_notebook_runs_on_a_cpu)")
+    questions = next(c.source for c in nb.cells if re.match(r"## \d+\. Exercises", c.source))
+    numbers = re.findall(r"^(\d+)\. \*\*", questions, re.M)
+    assert sorted(errors) == [int(n) for n in numbers], "every exercise needs an answer with a *Change*"
+    for number, e in errors.items():
+        assert e is None, f"exercise {number}'s change, as its answer gives it, raised:\n{str(e)[-3000:]}"
+    assert seconds["exercises"] <= EXERCISE_BUDGET_S, f"the exercises took {seconds['exercises']:.0f} s"
+
+
 def test_saved_figures_are_current(executed):
-    nb, error, _ = executed
+    nb, error, *_ = executed
     if error is not None:
         pytest.fail(f"{NOTEBOOK.name} did not run to the end (see test_notebook_runs_on_a_cpu)")
     saved, fresh = pngs(nbformat.read(NOTEBOOK, as_version=4)), pngs(nb)
