@@ -5,16 +5,21 @@
 One definition of each thing the scripts share, so that training, sampling and evaluation see the same pixels and
 handle files the same way: `center_crop_arr` (ADM's centre crop, which the official AR trainer and evaluation use),
 `to_uint8` (the conversion of the official FID script), all of Fashion-MNIST (the reader, the class names, 28×28
-gray padded with black to 32×32 RGB), and `atomic_save` (a file is either the old one or the complete new one,
-never half written).
+gray padded with black to 32×32 RGB), `atomic_save` (a file is either the old one or the complete new one, never
+half written), `interruptible` (SIGTERM and Ctrl-C stop a loop where its files are complete), `lock_folder` (one
+run per output folder) and `exit_on_error` (every way a run can end, in one line).
 """
 import argparse
+import fcntl
 import gzip
 import json
 import math
 import os
+import signal
+import socket
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -281,21 +286,29 @@ def save_each(folder, images, strips, indices, labels):
 
 def save_npz(path, images, labels, rank, world):
     """An ADM-style archive at exactly `path`: arr_0 (n, H, W, 3) uint8, arr_1 (n,) int64. Under torchrun each rank
-    writes its part beside it and rank 0 merges the parts in rank order."""
+    writes its part beside it, named by this run (another run's parts are never merged), and rank 0 merges the parts
+    in rank order; where a rank fails, no merged file is written."""
     def write(target, images, labels):
         atomic_save(target, lambda f: np.savez(f, arr_0=images, arr_1=labels.astype(np.int64)))
     if world == 1:
         return write(path, images, labels)
-    write(f"{path}.rank{rank}", images, labels)
-    dist.barrier()
-    if rank == 0:
-        parts = []
-        for r in range(world):
-            with np.load(f"{path}.rank{r}") as f:
-                parts.append((f["arr_0"], f["arr_1"]))
-        write(path, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-        for r in range(world):
-            os.remove(f"{path}.rank{r}")
+    run = [os.urandom(6).hex()]
+    dist.broadcast_object_list(run)
+    parts = [f"{path}.{run[0]}.rank{r}" for r in range(world)]
+    write(parts[rank], images, labels)
+    try:
+        dist.barrier()
+        if rank == 0:
+            arrays = []
+            for part in parts:
+                with np.load(part) as f:
+                    arrays.append((f["arr_0"], f["arr_1"]))
+            write(path, np.concatenate([a[0] for a in arrays]), np.concatenate([a[1] for a in arrays]))
+            for part in parts:
+                os.remove(part)
+    except BaseException:
+        Path(parts[rank]).unlink(missing_ok=True)
+        raise
 
 
 def save_grid(path, images, strips):
@@ -319,3 +332,84 @@ def previews_gif(strips, f, scale=4, ms=500, hold=4):
         frames.append(im.resize((im.width * scale, im.height * scale), Image.NEAREST))
     frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=[ms] * (K - 1) + [ms * hold],
                    loop=0)
+
+
+# ---- how a run ends: signals, locks, one-line messages ----
+class Interrupted(Exception):
+    """A loop inside `interruptible` stopped after SIGTERM or SIGINT; the message says what is kept and how to go on."""
+
+
+RECEIVED = []  # the names of the signals received inside `interruptible` (signal handlers are process-wide)
+
+
+@contextmanager
+def interruptible():
+    """Inside, SIGTERM (a scheduler's notice before it preempts a job) and SIGINT (Ctrl-C) are recorded instead of
+    ending the program mid-write: its loop asks `interrupted()` where every file it has written is complete (after an
+    optimizer step, a batch, a chunk) and stops there. A second Ctrl-C stops at once."""
+    def record(signum, frame):
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and name in RECEIVED:
+            raise KeyboardInterrupt
+        RECEIVED.append(name)
+    old = {s: signal.signal(s, record) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        RECEIVED.clear()
+
+
+def interrupted():
+    """The first signal received inside `interruptible` ('SIGTERM', 'SIGINT'), or None."""
+    return RECEIVED[0] if RECEIVED else None
+
+
+LOCKS = {}  # folder → its open .lock file: the lock holds while the file is open
+
+
+def lock_folder(folder, flag):
+    """An exclusive lock on `folder` (flock on folder/.lock) until `exit_on_error` ends: a second run writing there is
+    refused in one line. The kernel drops the lock of a process that dies, so a crashed run leaves none behind; once
+    held, the temporary files such a run left (atomic_save's) are removed."""
+    folder = Path(folder)
+    f = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{flag} {folder} is in use by {owner}: wait for that run to end, or choose another "
+                         f"{flag}") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    LOCKS[folder] = f
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def exit_on_error(prog, main, args):
+    """main(args), every way it can fail or stop ending in one line: a ValueError or FileNotFoundError (bad input), a
+    signal (Interrupted, or a second Ctrl-C), another torchrun process that died (a failed collective). Releases the
+    folder locks. Signals are recorded (`interruptible`) while main runs: it stops where it asks `interrupted()`."""
+    try:
+        with interruptible():
+            main(args)
+    except (ValueError, FileNotFoundError) as e:
+        message = str(e).strip()
+        if "Traceback" in message:  # raised in a loader worker: the last line of its traceback is the error
+            message = message.splitlines()[-1].removeprefix(f"{type(e).__name__}: ")
+        raise SystemExit(f"{prog}: error: {message}") from None
+    except Interrupted as e:
+        raise SystemExit(f"{prog}: {e}" if os.environ.get("RANK", "0") == "0" else 1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(f"{prog}: stopped at once by Ctrl-C; the files written so far are complete") from None
+    except dist.DistBackendError as e:
+        raise SystemExit(f"{prog}: error: rank {os.environ.get('RANK')}: another process of this run stopped ("
+                         f"{str(e).strip().splitlines()[0][:200]}); the files written so far are complete") from None
+    finally:
+        while LOCKS:
+            LOCKS.popitem()[1].close()

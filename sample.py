@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import (CHECKPOINTS, IMAGE_FORMATS, ArgumentParser, atomic_save, check_writable, nonnegative_int, open_image,
-                  positive_float, positive_int, previews_gif, reference_image, save_each, save_grid, save_npz,
-                  setup_device, to_uint8)
+from data import (CHECKPOINTS, IMAGE_FORMATS, ArgumentParser, Interrupted, atomic_save, check_writable, exit_on_error,
+                  interrupted, nonnegative_int, open_image, positive_float, positive_int, previews_gif, reference_image,
+                  save_each, save_grid, save_npz, setup_device, to_uint8)
 from kernels import cuda_graph, fuse_feed_forward
 from model import GPT, GPTConfig, cfg_labels, cfg_schedule, decode_one_token, draw, guide, prefill, sampling_probs
 from tokenizer import Tokenizer, precision
@@ -362,6 +362,9 @@ def sample_indices(gpt, tok, labels, indices, *, seed, batch_size, graph, progre
     images, strips = [], []
     bar = tqdm(total=len(indices), disable=not progress, unit="img")
     for start in range(0, len(indices), batch_size):
+        if interrupted():  # inside data.interruptible: stop between batches
+            raise Interrupted(f"stopped by {interrupted()} after {start} of {len(indices)} samples; nothing was "
+                              f"written: the same command makes the same samples")
         idx = indices[start:start + batch_size]
         generator.manual_seed(seed + int(idx[0]))
         if len(idx) not in decode_steps:
@@ -583,4 +586,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    exit_on_error(PROG, main, parse_args())

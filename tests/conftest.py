@@ -1,9 +1,16 @@
 """Shared fixtures of the test suite."""
+import itertools
+import os
+import signal
 from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +51,18 @@ def cpu_graphs(monkeypatch):
         monkeypatch.setattr(module.StepGraph, "capture", capture)
         return replays
     return install
+
+
+@pytest.fixture
+def signal_on_calls(monkeypatch):
+    """send(owner, name, calls, signum): owner.name sends `signum` to this process on the given (0-based) calls, as a
+    scheduler's SIGTERM or a Ctrl-C would arrive in the middle of that work."""
+    def send(owner, name, calls, signum=signal.SIGTERM):
+        original, count = getattr(owner, name), itertools.count()
+
+        def patched(*args, **kwargs):
+            if next(count) in calls:
+                os.kill(os.getpid(), signum)
+            return original(*args, **kwargs)
+        monkeypatch.setattr(owner, name, patched)
+    return send

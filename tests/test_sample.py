@@ -297,6 +297,22 @@ def test_interrupted_write_keeps_the_old_file(ckpts, tmp_path, monkeypatch):
     assert path.read_bytes() == b"the old archive" and os.listdir(tmp_path) == ["s.npz"]
 
 
+def test_a_signal_writes_no_npz_and_a_rerun_makes_the_same_arrays(ckpts, tmp_path, signal_on_calls, monkeypatch):
+    common = argv(ckpts, "--num-samples", 5, "--batch-size", 2, "--out", "")
+    sample.main(sample.parse_args([*common, "--npz", str(tmp_path / "straight.npz")]))
+    signal_on_calls(sample, "sample_batch", {1})  # during the second batch
+    path = tmp_path / "s.npz"
+    with pytest.raises(SystemExit) as e:
+        data.exit_on_error("sample.py", sample.main, sample.parse_args([*common, "--npz", str(path)]))
+    assert e.value.code == "sample.py: stopped by SIGTERM after 4 of 5 samples; nothing was written: the same " \
+                          "command makes the same samples"
+    assert os.listdir(tmp_path) == ["straight.npz"]
+    monkeypatch.undo()
+    data.exit_on_error("sample.py", sample.main, sample.parse_args([*common, "--npz", str(path)]))
+    with np.load(tmp_path / "straight.npz") as a, np.load(path) as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+
+
 def test_torchrun_npz_matches_one_process(ckpts, tmp_path):
     common = [*argv(ckpts), "--num-samples", "6", "--batch-size", "3", "--out", ""]
     threads = torch.get_num_threads()

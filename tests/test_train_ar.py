@@ -7,6 +7,7 @@ The two torchrun tests start 2 gloo processes each (a few seconds).
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -154,6 +155,26 @@ def test_ten_crop_views_are_torchvision_tencrop_of_the_1_1x_centre_crop(tmp_path
     assert meta["views"] == 10 and meta["augmentation"] == "ten-crop" and codes.shape == (10 * n, N)
 
 
+def test_a_signal_stops_extraction_between_batches_and_a_rerun_finishes_it(tmp_path, signal_on_calls, monkeypatch):
+    make_tokenizer(tmp_path / "tok.pt")
+    imgs = make_images(tmp_path / "imgs", [(32, 32)] * 7)
+    argv = ["extract", "--tokenizer-ckpt", tmp_path / "tok.pt", "--data", imgs, "--views", "single", "--batch-size", 2,
+            "--chunk-size", 2, "--num-workers", 0, "--device", "cpu"]
+    run(*argv, "--out", tmp_path / "straight")
+    signal_on_calls(Tokenizer, "encode", {1})  # in the second batch, which completes chunk 1
+    with pytest.raises(SystemExit) as e:
+        run(*argv, "--out", tmp_path / "codes")
+    assert e.value.code == "train_ar.py extract: stopped by SIGTERM: 2 chunks are complete; the same command " \
+                          "finishes the others (the same codes)"
+    assert sorted(os.listdir(tmp_path / "codes" / "done")) == ["0", "1"]
+    with pytest.raises(ValueError, match="no complete extraction"):
+        train_ar.load_codes(tmp_path / "codes")
+    monkeypatch.undo()
+    run(*argv, "--out", tmp_path / "codes")
+    codes = train_ar.load_codes(tmp_path / "codes")[0]
+    np.testing.assert_array_equal(codes, np.load(tmp_path / "straight" / "codes.npy"))
+
+
 def fake_fashion_mnist(folder, n=3):
     folder.mkdir(parents=True, exist_ok=True)
     images = np.random.default_rng(0).integers(0, 256, (n, 28, 28), dtype=np.uint8)
@@ -228,12 +249,37 @@ def test_resume_is_exact(tmp_path, fast):
     a, b = load(tmp_path / "straight"), load(tmp_path / "resumed")
     assert a["step"] == b["step"] == 6
     assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["step"] == 6
+    assert_same_run(a, b)
+    with pytest.raises(SystemExit, match="flags give"):
+        run(*train_args(cdir, tmp_path / "resumed", *common, "--resume", "--reverse-order"))
+
+
+def assert_same_run(a, b):
+    """Two checkpoints hold the same step, weights, EMA and AdamW state, bit for bit."""
+    assert a["step"] == b["step"]
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
     for name, state in a["optimizer"]["state"].items():
         assert all(torch.equal(v, b["optimizer"]["state"][name][k]) for k, v in state.items())
-    with pytest.raises(SystemExit, match="flags give"):
-        run(*train_args(cdir, tmp_path / "resumed", *common, "--resume", "--reverse-order"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_after_the_step_and_resume_is_exact(tmp_path, signal_on_calls, monkeypatch, signum):
+    cdir = make_codes(tmp_path / "codes", *learnable_codes(24))
+    common = ["--global-batch-size", 8, "--grad-accum", 2, "--epochs", 2, "--decay-epochs", 1, "--ema",
+              "--ema-decay", 0.9, "--dropout", 0.1, "--ckpt-every", 100]  # 6 steps, one scheduled checkpoint: the last
+    run(*train_args(cdir, tmp_path / "straight", *common))
+    signal_on_calls(GPT, "forward", {4}, signum)  # the first micro-batch of step 3 (0-based forward call 4)
+    with pytest.raises(SystemExit) as e:
+        run(*train_args(cdir, tmp_path / "resumed", *common))
+    name = signal.Signals(signum).name
+    assert e.value.code == f"train_ar.py train: stopped by {name} after step 3/6: {tmp_path / 'resumed' / 'ckpt.pt'} " \
+                          f"holds it; the same command with --resume continues the run exactly"
+    assert load(tmp_path / "resumed")["step"] == 3 and not (tmp_path / "resumed" / "summary.json").exists()
+    assert signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler)  # handlers restored
+    monkeypatch.undo()
+    run(*train_args(cdir, tmp_path / "resumed", *common, "--resume"))
+    assert_same_run(load(tmp_path / "straight"), load(tmp_path / "resumed"))
 
 
 def test_refuses_to_start_over_a_checkpoint(tmp_path, capsys):
