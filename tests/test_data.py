@@ -1,5 +1,8 @@
 """Tests of data.py: python -m pytest -q tests/test_data.py"""
 import argparse
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,6 +120,23 @@ def test_atomic_save_npz_keeps_the_exact_path(tmp_path):
     path = tmp_path / "samples"  # np.savez(path) would write samples.npz; through a file object it cannot
     data.atomic_save(path, lambda f: np.savez(f, arr_0=np.zeros(3)))
     assert np.load(path)["arr_0"].shape == (3,)
+
+
+def test_a_folder_lock_refuses_a_second_run_and_dies_with_its_holder(tmp_path):
+    (tmp_path / ".ckpt.pt.x1y2.tmp").write_bytes(b"left by a run killed mid-write")
+    holder = subprocess.Popen([sys.executable, "-c", f"import data, time; data.lock_folder({str(tmp_path)!r}, '--out'); "
+                               "print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(data.__file__).parent)
+    try:
+        assert holder.stdout.readline() == "locked\n" and not (tmp_path / ".ckpt.pt.x1y2.tmp").exists()
+        with pytest.raises(ValueError, match=rf"--out {tmp_path} is in use by pid {holder.pid} on \S+: wait for that "
+                                             rf"run to end, or choose another --out"):
+            data.lock_folder(tmp_path, "--out")
+    finally:
+        holder.kill()  # a crash: no clean-up runs, the kernel drops the lock
+        holder.wait()
+    data.lock_folder(tmp_path, "--out")
+    data.LOCKS.pop(tmp_path).close()
 
 
 def test_check_writable(tmp_path):

@@ -313,6 +313,30 @@ def test_a_signal_writes_no_npz_and_a_rerun_makes_the_same_arrays(ckpts, tmp_pat
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
 
 
+@pytest.mark.slow
+def test_two_runs_writing_one_npz_leave_one_complete_result(ckpts, tmp_path):
+    runs = [argv(ckpts, "--num-samples", 6, "--batch-size", 3, "--out", "", "--seed", seed) for seed in (0, 1)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "sample.py"), *a, "--npz", str(tmp_path / "s.npz")], env=env)
+             for a in runs]
+    assert [p.wait(120) for p in procs] == [0, 0]
+    assert os.listdir(tmp_path) == ["s.npz"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the two processes
+    try:
+        for seed, a in enumerate(runs):
+            sample.main(sample.parse_args([*a, "--npz", str(tmp_path / f"{seed}.npz")]))
+    finally:
+        torch.set_num_threads(threads)
+    with np.load(tmp_path / "s.npz") as f:
+        got = f["arr_0"], f["arr_1"]
+    expected = []
+    for seed in (0, 1):
+        with np.load(tmp_path / f"{seed}.npz") as f:
+            expected.append(np.array_equal(got[0], f["arr_0"]) and np.array_equal(got[1], f["arr_1"]))
+    assert sum(expected) == 1  # the whole of one run, nothing mixed
+
+
 def test_torchrun_npz_matches_one_process(ckpts, tmp_path):
     common = [*argv(ckpts), "--num-samples", "6", "--batch-size", "3", "--out", ""]
     threads = torch.get_num_threads()

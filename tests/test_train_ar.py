@@ -282,6 +282,27 @@ def test_a_signal_stops_after_the_step_and_resume_is_exact(tmp_path, signal_on_c
     assert_same_run(load(tmp_path / "straight"), load(tmp_path / "resumed"))
 
 
+@pytest.mark.slow
+def test_a_second_trainer_on_the_folder_is_refused_and_sigterm_stops_the_first(tmp_path):
+    cdir = make_codes(tmp_path / "codes", *learnable_codes(8))
+    argv = train_args(cdir, tmp_path / "run", "--global-batch-size", 4, "--epochs", 10 ** 5, "--log-every", 20)
+    first = subprocess.Popen([sys.executable, str(ROOT / "train_ar.py"), *map(str, argv)], text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    next(line for line in first.stdout if line.startswith("step 20/"))
+    with pytest.raises(SystemExit) as e:
+        run(*argv, "--overwrite")
+    assert e.value.code.startswith(f"train_ar.py train: error: --out-dir {tmp_path / 'run'} is in use by pid "
+                                   f"{first.pid} on ") and "\n" not in e.value.code
+    first.send_signal(signal.SIGTERM)  # as a scheduler does before it preempts a job
+    _, err = first.communicate(timeout=60)
+    step = load(tmp_path / "run")["step"]
+    assert first.returncode == 1 and err.splitlines() == [f"train_ar.py train: stopped by SIGTERM after step "
+                                                          f"{step}/200000: {tmp_path / 'run' / 'ckpt.pt'} holds it; the "
+                                                          f"same command with --resume continues the run exactly"]
+    run(*argv, "--resume", "--max-steps", step + 1)  # the lock went with the first run
+    assert load(tmp_path / "run")["step"] == step + 1
+
+
 def test_refuses_to_start_over_a_checkpoint(tmp_path, capsys):
     cdir = make_codes(tmp_path / "codes", *learnable_codes(8))
     common = ["--global-batch-size", 4, "--epochs", 1]
