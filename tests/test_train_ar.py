@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -301,6 +302,36 @@ def test_a_second_trainer_on_the_folder_is_refused_and_sigterm_stops_the_first(t
                                                           f"same command with --resume continues the run exactly"]
     run(*argv, "--resume", "--max-steps", step + 1)  # the lock went with the first run
     assert load(tmp_path / "run")["step"] == step + 1
+
+
+@pytest.mark.slow
+def test_killed_without_warning_again_and_again_and_resumed_ends_bit_identical(tmp_path):
+    """SIGKILL (no handler runs) while starting up, mid-step and mid-checkpoint (one is written every step), then
+    --resume from whatever is on disk, five times; the run ends as the uninterrupted one."""
+    cdir = make_codes(tmp_path / "codes", *learnable_codes(16))
+    common = ["--global-batch-size", 4, "--grad-accum", 2, "--epochs", 10, "--decay-epochs", 2, "--ema", "--ema-decay",
+              0.9, "--dropout", 0.1, "--ckpt-every", 1, "--log-every", 1]  # 40 steps
+
+    def start(out, *extra):
+        return subprocess.Popen([sys.executable, str(ROOT / "train_ar.py"), *map(str, train_args(cdir, out, *common)),
+                                 *extra], text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert start(tmp_path / "straight").wait(120) == 0
+    rng, steps = np.random.default_rng(0), []
+    for kill in range(5):
+        ckpt = tmp_path / "killed" / "ckpt.pt"
+        proc = start(tmp_path / "killed", *["--resume"] * ckpt.exists())
+        if kill:  # the first dies while starting up, the others a few steps on, at any point of a step
+            target = f"step {(steps[-1] + rng.integers(1, 8))}/"
+            next(line for line in proc.stdout if line.startswith(target))
+            time.sleep(rng.uniform(0, 0.1))
+        proc.kill()
+        proc.wait()
+        steps.append(load(tmp_path / "killed")["step"] if ckpt.exists() else 0)
+    assert steps[0] == 0 and steps == sorted(steps) and steps[-1] < 40, steps  # each run went on from the last
+    assert start(tmp_path / "killed", "--resume").wait(120) == 0
+    assert_same_run(load(tmp_path / "straight"), load(tmp_path / "killed"))
+    assert not list((tmp_path / "killed").glob(".*.tmp"))  # what a killed checkpoint write left is cleared
 
 
 def test_refuses_to_start_over_a_checkpoint(tmp_path, capsys):
