@@ -15,6 +15,7 @@ import gzip
 import json
 import math
 import os
+import re
 import signal
 import socket
 import tempfile
@@ -407,9 +408,12 @@ def exit_on_error(prog, main, args):
         raise SystemExit(f"{prog}: {e}" if os.environ.get("RANK", "0") == "0" else 1) from None
     except KeyboardInterrupt:
         raise SystemExit(f"{prog}: stopped at once by Ctrl-C; the files written so far are complete") from None
-    except dist.DistBackendError as e:
-        raise SystemExit(f"{prog}: error: rank {os.environ.get('RANK')}: another process of this run stopped ("
-                         f"{str(e).strip().splitlines()[0][:200]}); the files written so far are complete") from None
+    except RuntimeError as e:  # a collective whose peer died: gloo's and NCCL's errors name their library
+        if not (dist.is_initialized() and ("gloo" in str(e) or "NCCL" in str(e))):
+            raise
+        reason = re.sub(r"^\[\S*\] ", "", str(e).strip().splitlines()[0]).split(". ")[0]  # no source line
+        raise SystemExit(f"{prog}: error: rank {dist.get_rank()}: another process of this run stopped ({reason}); "
+                         f"the files written so far are complete") from None
     finally:
         while LOCKS:
             LOCKS.popitem()[1].close()

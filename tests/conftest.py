@@ -3,6 +3,7 @@ import itertools
 import os
 import signal
 from contextlib import nullcontext
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -66,3 +67,22 @@ def signal_on_calls(monkeypatch):
             return original(*args, **kwargs)
         monkeypatch.setattr(owner, name, patched)
     return send
+
+
+@pytest.fixture
+def kill_rank():
+    """kill_rank(torchrun, rank): SIGKILLs the worker process of that rank under a running torchrun (a Popen)."""
+    if not os.path.exists("/proc/self/environ"):
+        pytest.skip("finding a torchrun worker by its RANK needs Linux's /proc")
+
+    def kill(torchrun, rank):
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                env = (stat.parent / "environ").read_bytes().split(b"\0")
+            except OSError:  # gone, or not ours
+                continue
+            if ppid == torchrun.pid and f"RANK={rank}".encode() in env:
+                return os.kill(int(stat.parent.name), signal.SIGKILL)
+        raise AssertionError(f"no rank {rank} under torchrun {torchrun.pid}")
+    return kill

@@ -8,6 +8,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -352,6 +353,33 @@ def test_torchrun_npz_matches_one_process(ckpts, tmp_path):
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
     assert sorted(os.listdir(tmp_path)) == ["one.npz", "two.npz"]  # the per-rank parts are merged and removed
+
+
+@pytest.mark.slow
+def test_torchrun_with_a_dead_rank_writes_no_npz_and_a_rerun_completes_it(ckpts, tmp_path, kill_rank):
+    common = [str(ROOT / "sample.py"), *argv(ckpts), "--num-samples", 40, "--batch-size", 2, "--out", "", "--npz",
+              tmp_path / "out" / "s.npz"]
+    (tmp_path / "out").mkdir()
+
+    def torchrun(logs):
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "--log-dir", str(logs), "--redirects", "3", *map(str, common)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = torchrun(tmp_path / "logs")
+    deadline = time.time() + 120
+    while not any("img/s" in f.read_text() for f in (tmp_path / "logs").rglob("0/stderr.log")):  # rank 0's progress
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    kill_rank(proc, 1)
+    assert proc.wait(60) != 0
+    last = next((tmp_path / "logs").rglob("0/stderr.log")).read_text().splitlines()[-1].split("\r")[-1]
+    assert last.startswith("sample.py: ") and ("nothing was written" in last or "another process" in last), last
+    assert os.listdir(tmp_path / "out") == []  # neither the merged file nor a part
+    assert torchrun(tmp_path / "logs2").wait(120) == 0
+    with np.load(tmp_path / "out" / "s.npz") as f:
+        assert f["arr_0"].shape == (40, 32, 32, 3) and f["arr_1"].shape == (40,)
+    assert os.listdir(tmp_path / "out") == ["s.npz"]
 
 
 BAD_INPUTS = [  # (extra arguments, what the one-line message must say)

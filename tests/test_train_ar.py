@@ -473,6 +473,32 @@ def test_torchrun_step_matches_one_process(tmp_path, flags):
     assert any(not torch.equal(a["model"][k], init[k]) for k in init)
 
 
+def torchrun(script, *argv, logs):
+    """torchrun with 2 gloo processes on the CPU, each rank's stdout and stderr in logs/**/<rank>/ (a Popen)."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "--log-dir", str(logs), "--redirects", "3", str(ROOT / script), *map(str, argv)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_a_dead_rank_ends_the_others_in_one_line_and_the_checkpoint_is_whole(tmp_path, kill_rank):
+    cdir = make_codes(tmp_path / "codes", *learnable_codes(16))
+    proc = torchrun("train_ar.py", *train_args(cdir, tmp_path / "run", "--global-batch-size", 4, "--epochs", 10 ** 5,
+                                               "--ckpt-every", 20), logs=tmp_path / "logs")
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "ckpt.pt").exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    kill_rank(proc, 1)
+    start = time.time()
+    assert proc.wait(60) != 0 and time.time() - start < 30  # not hanging in a collective
+    err = next((tmp_path / "logs").rglob("0/stderr.log")).read_text().splitlines()
+    assert len(err) == 1 and err[0].startswith("train_ar.py train: error: rank 0: another process of this run "
+                                               "stopped (") and err[0].endswith("the files written so far are complete")
+    assert load(tmp_path / "run")["step"] % 20 == 0  # whole, at a scheduled step
+
+
 def test_data_on_device_draws_each_image_once_per_epoch_and_refuses_torchrun(tmp_path, monkeypatch):
     codes, labels = learnable_codes(12)
     cdir = make_codes(tmp_path / "codes", codes, labels, views=2, num_images=6)
