@@ -33,6 +33,8 @@ FMNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashi
 FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                   "Ankle boot")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+READ_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")  # the only formats read (Pillow knows dozens, some through other programs)
+MAX_ASPECT = 32  # longest side over shortest: a 1×10⁶ strip would be resized to 32×32·10⁶ pixels before its crop
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # what sample.py writes
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # larger images are refused (a decompression bomb would exhaust memory)
 
@@ -62,6 +64,7 @@ nonnegative_int = _number(int, lambda v: v >= 0, "a whole number ≥ 0")
 positive_float = _number(float, lambda v: v > 0 and np.isfinite(v), "a finite number > 0")
 nonnegative_float = _number(float, lambda v: v >= 0 and np.isfinite(v), "a finite number ≥ 0")
 probability = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+seed_int = _number(int, lambda v: 0 <= v < 2 ** 63, "a whole number in [0, 2^63)")  # a generator's seed, + an index
 
 
 def setup_device(name=None):
@@ -110,19 +113,24 @@ def center_crop_arr(image, size):
     return arr[top:top + size, left:left + size]
 
 
-def open_image(path):
-    """A PIL RGB image; an unreadable, corrupt or oversized file raises ValueError naming it."""
+def open_image(path, max_pixels=None):
+    """A PIL RGB image from a file or binary file object of one of READ_FORMATS; a missing, unreadable, corrupt,
+    truncated, oversized (max_pixels, default MAX_IMAGE_PIXELS: a decompression bomb) or elongated (a crop would
+    resize it to a huge strip) file raises ValueError naming it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise ValueError(f"{im.width}×{im.height} pixels is more than {MAX_IMAGE_PIXELS} allowed")
+            with Image.open(path, formats=READ_FORMATS) as im:
+                w, h = im.size
+                if w * h > (max_pixels or MAX_IMAGE_PIXELS):
+                    raise ValueError(f"{w}×{h} pixels is more than {max_pixels or MAX_IMAGE_PIXELS} allowed")
+                if max(w, h) > MAX_ASPECT * min(w, h):
+                    raise ValueError(f"{w}×{h} pixels: the aspect ratio is over {MAX_ASPECT}:1")
                 return im.convert("RGB")
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
+        raise ValueError(f"{path}: not a readable image ({str(e)[:200]})") from None
 
 
 def load_image(path, size):

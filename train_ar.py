@@ -178,9 +178,13 @@ def read_array(path, mmap_mode=None):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (run `train_ar.py extract` first)")
     try:
-        return np.load(path, mmap_mode=mmap_mode)
+        array = np.load(path, mmap_mode=mmap_mode)  # pickled objects are refused (allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable .npy file ({e})") from None
+        raise ValueError(f"{path}: not a readable .npy file ({str(e)[:200]})") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive under this name
+        array.close()
+        raise ValueError(f"{path}: an archive of arrays, not one .npy array")
+    return array
 
 
 def load_codes(folder):

@@ -51,6 +51,8 @@ def ckpts(tmp_path_factory):
     Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / "ref.png")
     (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(200))
     Image.new("1", (8200, 8200)).save(d / "bomb.png")  # 67M pixels in 8 kB: a decompression bomb
+    Image.new("L", (1, 3000)).save(d / "strip.png")  # would be resized to 32×96000 before its crop
+    Image.new("RGB", (40, 40)).save(d / "tiff.png", format="TIFF")  # a format dar does not read, under a PNG name
     return d
 
 
@@ -405,6 +407,10 @@ BAD_INPUTS = [  # (extra arguments, what the one-line message must say)
     (["--prefix-image", "{d}/missing.png"], "--prefix-image"),
     (["--prefix-image", "{d}/corrupt.png"], "not a readable image"),
     (["--prefix-image", "{d}/bomb.png"], "pixels is more than"),
+    (["--prefix-image", "{d}/strip.png"], "strip.png: not a readable image (1×3000 pixels: the aspect ratio is over"),
+    (["--prefix-image", "{d}/tiff.png"], "tiff.png: not a readable image (cannot identify image file"),
+    (["--cfg-scale", "1e300"], "with finite scales ≥ 1 and ≤ 100"),
+    (["--seed", 2 ** 63], "--seed: '9223372036854775808' must be a whole number in [0, 2^63)"),
     (["--prefix-image", "{d}/ref.png", "--prefix-tokens", 32], "--prefix-tokens 32: must lie in [1, 31]"),
     (["--out", "{tmp}/no/such/dir/g.png"], "does not exist"),
     (["--out", "{tmp}/g.gif"], "--out"),

@@ -25,6 +25,7 @@ import train_ar  # noqa: E402
 import trainer  # noqa: E402
 from data import center_crop_arr, from_uint8, make_dataset  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from test_data import hostile_images  # noqa: E402
 from tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
 
 V, N = 64, 32  # the tiny tokenizer's codebook and token count
@@ -219,6 +220,21 @@ def test_corrupt_image_is_named_skipped_and_never_trained_on(tmp_path, capsys):
     assert sorted(order.tolist()) == sorted(set(range(5)) - set(bad))
 
 
+def test_hostile_images_in_a_folder_are_named_skipped_and_counted(tmp_path, capsys):
+    make_tokenizer(tmp_path / "tok.pt")
+    imgs = make_images(tmp_path / "imgs", [(32, 32)] * 2)
+    bad = hostile_images(imgs / "a")  # not the format of their name, truncated, a bomb, a 1×40000 strip
+    out = tmp_path / "codes"
+    run("extract", "--tokenizer-ckpt", tmp_path / "tok.pt", "--data", imgs, "--out", out, "--views", "single",
+        "--num-workers", 0, "--device", "cpu")
+    printed = capsys.readouterr().out
+    for name in bad:
+        assert f"skipping {imgs / 'a' / name}: not a readable image" in printed
+    assert f"skipped {len(bad)} unreadable images" in printed
+    _, _, meta, images = train_ar.load_codes(out)
+    assert len(meta["skipped"]) == len(bad) and len(images) == 3  # 0.png, 1.png and good.png
+
+
 FAST = pytest.mark.parametrize("fast", [[], ["--data-on-device"]], ids=["loader", "on-device"])
 
 
@@ -400,6 +416,10 @@ def test_non_finite_steps_stop_the_run_and_keep_the_checkpoint(tmp_path, monkeyp
     ("codes", r"codes\.npy: no such file"),
     ("incomplete", "no complete extraction"),
     ("tokens", r"tokens outside the vocabulary \[0, 64\)"),
+    ("archive", r"codes\.npy: an archive of arrays, not one \.npy array"),
+    ("objects", r"codes\.npy: not a readable \.npy file"),
+    ("truncated", r"codes\.npy: not a readable \.npy file \(mmap length is greater than file size\)"),
+    ("floats", r"codes\.npy holds float32 \(8, 32\), but meta\.json says \(8, 32\) integers"),
 ])
 def test_bad_code_folders_fail_in_one_line(tmp_path, bad, message):
     codes, labels = learnable_codes(8)
@@ -419,6 +439,15 @@ def test_bad_code_folders_fail_in_one_line(tmp_path, bad, message):
         os.remove(cdir / "codes.npy")
     if bad == "incomplete":
         (cdir / "meta.json").write_text(json.dumps({**meta, "complete": False}))
+    if bad == "archive":
+        np.savez(cdir / "codes.npz", codes=codes)
+        os.replace(cdir / "codes.npz", cdir / "codes.npy")
+    if bad == "objects":  # loading it would run code
+        np.save(cdir / "codes.npy", np.array([{}] * 8, dtype=object), allow_pickle=True)
+    if bad == "truncated":
+        (cdir / "codes.npy").write_bytes((cdir / "codes.npy").read_bytes()[:300])
+    if bad == "floats":
+        np.save(cdir / "codes.npy", codes.astype(np.float32))
     with pytest.raises(SystemExit, match=message) as e:
         run(*train_args(cdir, tmp_path / "run", "--global-batch-size", 4, "--epochs", 1))
     assert "\n" not in str(e.value.code) and not (tmp_path / "run" / "ckpt.pt").exists()
