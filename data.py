@@ -33,7 +33,7 @@ FMNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashi
 FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                   "Ankle boot")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-READ_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")  # the only formats read (Pillow knows dozens, some through other programs)
+READ_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")  # the only ones read (Pillow knows dozens, some via other programs)
 MAX_ASPECT = 32  # longest side over shortest: a 1×10⁶ strip would be resized to 32×32·10⁶ pixels before its crop
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # what sample.py writes
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # larger images are refused (a decompression bomb would exhaust memory)

@@ -154,8 +154,9 @@ def test_atomic_save_npz_keeps_the_exact_path(tmp_path):
 
 def test_a_folder_lock_refuses_a_second_run_and_dies_with_its_holder(tmp_path):
     (tmp_path / ".ckpt.pt.x1y2.tmp").write_bytes(b"left by a run killed mid-write")
-    holder = subprocess.Popen([sys.executable, "-c", f"import data, time; data.lock_folder({str(tmp_path)!r}, '--out'); "
-                               "print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True,
+    script = f"import data, time; data.lock_folder({str(tmp_path)!r}, '--out'); print('locked', flush=True); " \
+             "time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                               cwd=Path(data.__file__).parent)
     try:
         assert holder.stdout.readline() == "locked\n" and not (tmp_path / ".ckpt.pt.x1y2.tmp").exists()

@@ -313,9 +313,9 @@ def test_a_second_trainer_on_the_folder_is_refused_and_sigterm_stops_the_first(t
     first.send_signal(signal.SIGTERM)  # as a scheduler does before it preempts a job
     _, err = first.communicate(timeout=60)
     step = load(tmp_path / "run")["step"]
-    assert first.returncode == 1 and err.splitlines() == [f"train_ar.py train: stopped by SIGTERM after step "
-                                                          f"{step}/200000: {tmp_path / 'run' / 'ckpt.pt'} holds it; the "
-                                                          f"same command with --resume continues the run exactly"]
+    assert first.returncode == 1 and err.splitlines() == [
+        f"train_ar.py train: stopped by SIGTERM after step {step}/200000: {tmp_path / 'run' / 'ckpt.pt'} holds it; the "
+        f"same command with --resume continues the run exactly"]
     run(*argv, "--resume", "--max-steps", step + 1)  # the lock went with the first run
     assert load(tmp_path / "run")["step"] == step + 1
 
@@ -526,6 +526,29 @@ def test_a_dead_rank_ends_the_others_in_one_line_and_the_checkpoint_is_whole(tmp
     assert len(err) == 1 and err[0].startswith("train_ar.py train: error: rank 0: another process of this run "
                                                "stopped (") and err[0].endswith("the files written so far are complete")
     assert load(tmp_path / "run")["step"] % 20 == 0  # whole, at a scheduled step
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_after_one_step_and_resume_is_exact(tmp_path):
+    cdir = make_codes(tmp_path / "codes", *learnable_codes(16))
+    common = ["--global-batch-size", 4, "--epochs", 50, "--decay-epochs", 10, "--ema", "--log-every", 1, "--ckpt-every",
+              1000]
+    straight = torchrun("train_ar.py", *train_args(cdir, tmp_path / "straight", *common), logs=tmp_path / "l1")
+    assert straight.wait(300) == 0
+    proc = torchrun("train_ar.py", *train_args(cdir, tmp_path / "split", *common), logs=tmp_path / "l2")
+    deadline = time.time() + 120
+    while not any("step 5/" in f.read_text() for f in (tmp_path / "l2").rglob("0/stdout.log")):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to each rank at its own moment
+    assert proc.wait(60) != 0
+    step = load(tmp_path / "split")["step"]
+    err = [f.read_text() for f in sorted((tmp_path / "l2").rglob("*/stderr.log"))]
+    assert err == [f"train_ar.py train: stopped by SIGTERM after step {step}/200: {tmp_path / 'split' / 'ckpt.pt'} "
+                   f"holds it; the same command with --resume continues the run exactly\n", ""], err
+    assert torchrun("train_ar.py", *train_args(cdir, tmp_path / "split", *common, "--resume"),
+                    logs=tmp_path / "l3").wait(300) == 0
+    assert_same_run(load(tmp_path / "straight"), load(tmp_path / "split"))
 
 
 def test_data_on_device_draws_each_image_once_per_epoch_and_refuses_torchrun(tmp_path, monkeypatch):
