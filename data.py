@@ -5,16 +5,22 @@
 One definition of each thing the scripts share, so that training, sampling and evaluation see the same pixels and
 handle files the same way: `center_crop_arr` (ADM's centre crop, which the official AR trainer and evaluation use),
 `to_uint8` (the conversion of the official FID script), all of Fashion-MNIST (the reader, the class names, 28×28
-gray padded with black to 32×32 RGB), and `atomic_save` (a file is either the old one or the complete new one,
-never half written).
+gray padded with black to 32×32 RGB), `atomic_save` (a file is either the old one or the complete new one, never
+half written), `interruptible` (SIGTERM and Ctrl-C stop a loop where its files are complete), `lock_folder` (one
+run per output folder) and `exit_on_error` (every way a run can end, in one line).
 """
 import argparse
+import fcntl
 import gzip
 import json
 import math
 import os
+import re
+import signal
+import socket
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +33,8 @@ FMNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashi
 FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                   "Ankle boot")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+READ_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")  # the only ones read (Pillow knows dozens, some via other programs)
+MAX_ASPECT = 32  # longest side over shortest: a 1×10⁶ strip would be resized to 32×32·10⁶ pixels before its crop
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # what sample.py writes
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # larger images are refused (a decompression bomb would exhaust memory)
 
@@ -56,6 +64,7 @@ nonnegative_int = _number(int, lambda v: v >= 0, "a whole number ≥ 0")
 positive_float = _number(float, lambda v: v > 0 and np.isfinite(v), "a finite number > 0")
 nonnegative_float = _number(float, lambda v: v >= 0 and np.isfinite(v), "a finite number ≥ 0")
 probability = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+seed_int = _number(int, lambda v: 0 <= v < 2 ** 63, "a whole number in [0, 2^63)")  # a generator's seed, + an index
 
 
 def setup_device(name=None):
@@ -104,19 +113,24 @@ def center_crop_arr(image, size):
     return arr[top:top + size, left:left + size]
 
 
-def open_image(path):
-    """A PIL RGB image; an unreadable, corrupt or oversized file raises ValueError naming it."""
+def open_image(path, max_pixels=None):
+    """A PIL RGB image from a file or binary file object of one of READ_FORMATS; a missing, unreadable, corrupt,
+    truncated, oversized (max_pixels, default MAX_IMAGE_PIXELS: a decompression bomb) or elongated (a crop would
+    resize it to a huge strip) file raises ValueError naming it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise ValueError(f"{im.width}×{im.height} pixels is more than {MAX_IMAGE_PIXELS} allowed")
+            with Image.open(path, formats=READ_FORMATS) as im:
+                w, h = im.size
+                if w * h > (max_pixels or MAX_IMAGE_PIXELS):
+                    raise ValueError(f"{w}×{h} pixels is more than {max_pixels or MAX_IMAGE_PIXELS} allowed")
+                if max(w, h) > MAX_ASPECT * min(w, h):
+                    raise ValueError(f"{w}×{h} pixels: the aspect ratio is over {MAX_ASPECT}:1")
                 return im.convert("RGB")
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
+        raise ValueError(f"{path}: not a readable image ({str(e)[:200]})") from None
 
 
 def load_image(path, size):
@@ -281,21 +295,29 @@ def save_each(folder, images, strips, indices, labels):
 
 def save_npz(path, images, labels, rank, world):
     """An ADM-style archive at exactly `path`: arr_0 (n, H, W, 3) uint8, arr_1 (n,) int64. Under torchrun each rank
-    writes its part beside it and rank 0 merges the parts in rank order."""
+    writes its part beside it, named by this run (another run's parts are never merged), and rank 0 merges the parts
+    in rank order; where a rank fails, no merged file is written."""
     def write(target, images, labels):
         atomic_save(target, lambda f: np.savez(f, arr_0=images, arr_1=labels.astype(np.int64)))
     if world == 1:
         return write(path, images, labels)
-    write(f"{path}.rank{rank}", images, labels)
-    dist.barrier()
-    if rank == 0:
-        parts = []
-        for r in range(world):
-            with np.load(f"{path}.rank{r}") as f:
-                parts.append((f["arr_0"], f["arr_1"]))
-        write(path, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-        for r in range(world):
-            os.remove(f"{path}.rank{r}")
+    run = [os.urandom(6).hex()]
+    dist.broadcast_object_list(run)
+    parts = [f"{path}.{run[0]}.rank{r}" for r in range(world)]
+    write(parts[rank], images, labels)
+    try:
+        dist.barrier()
+        if rank == 0:
+            arrays = []
+            for part in parts:
+                with np.load(part) as f:
+                    arrays.append((f["arr_0"], f["arr_1"]))
+            write(path, np.concatenate([a[0] for a in arrays]), np.concatenate([a[1] for a in arrays]))
+            for part in parts:
+                os.remove(part)
+    except BaseException:
+        Path(parts[rank]).unlink(missing_ok=True)
+        raise
 
 
 def save_grid(path, images, strips):
@@ -319,3 +341,87 @@ def previews_gif(strips, f, scale=4, ms=500, hold=4):
         frames.append(im.resize((im.width * scale, im.height * scale), Image.NEAREST))
     frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:], duration=[ms] * (K - 1) + [ms * hold],
                    loop=0)
+
+
+# ---- how a run ends: signals, locks, one-line messages ----
+class Interrupted(Exception):
+    """A loop inside `interruptible` stopped after SIGTERM or SIGINT; the message says what is kept and how to go on."""
+
+
+RECEIVED = []  # the names of the signals received inside `interruptible` (signal handlers are process-wide)
+
+
+@contextmanager
+def interruptible():
+    """Inside, SIGTERM (a scheduler's notice before it preempts a job) and SIGINT (Ctrl-C) are recorded instead of
+    ending the program mid-write: its loop asks `interrupted()` where every file it has written is complete (after an
+    optimizer step, a batch, a chunk) and stops there. A second Ctrl-C stops at once."""
+    def record(signum, frame):
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and name in RECEIVED:
+            raise KeyboardInterrupt
+        RECEIVED.append(name)
+    old = {s: signal.signal(s, record) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        RECEIVED.clear()
+
+
+def interrupted():
+    """The first signal received inside `interruptible` ('SIGTERM', 'SIGINT'), or None."""
+    return RECEIVED[0] if RECEIVED else None
+
+
+LOCKS = {}  # folder → its open .lock file: the lock holds while the file is open
+
+
+def lock_folder(folder, flag):
+    """An exclusive lock on `folder` (flock on folder/.lock) until `exit_on_error` ends: a second run writing there is
+    refused in one line. The kernel drops the lock of a process that dies, so a crashed run leaves none behind; once
+    held, the temporary files such a run left (atomic_save's) are removed."""
+    folder = Path(folder)
+    f = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{flag} {folder} is in use by {owner}: wait for that run to end, or choose another "
+                         f"{flag}") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    LOCKS[folder] = f
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def exit_on_error(prog, main, args):
+    """main(args), every way it can fail or stop ending in one line: a ValueError or FileNotFoundError (bad input), a
+    signal (Interrupted, or a second Ctrl-C), another torchrun process that died (a failed collective). Releases the
+    folder locks. Signals are recorded (`interruptible`) while main runs: it stops where it asks `interrupted()`."""
+    try:
+        with interruptible():
+            main(args)
+    except (ValueError, FileNotFoundError) as e:
+        message = str(e).strip()
+        if "Traceback" in message:  # raised in a loader worker: the last line of its traceback is the error
+            message = message.splitlines()[-1].removeprefix(f"{type(e).__name__}: ")
+        raise SystemExit(f"{prog}: error: {message}") from None
+    except Interrupted as e:
+        raise SystemExit(f"{prog}: {e}" if os.environ.get("RANK", "0") == "0" else 1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(f"{prog}: stopped at once by Ctrl-C; the files written so far are complete") from None
+    except RuntimeError as e:  # a collective whose peer died: gloo's and NCCL's errors name their library
+        if not (dist.is_initialized() and ("gloo" in str(e) or "NCCL" in str(e))):
+            raise
+        reason = re.sub(r"^\[\S*\] ", "", str(e).strip().splitlines()[0]).split(". ")[0]  # no source line
+        raise SystemExit(f"{prog}: error: rank {dist.get_rank()}: another process of this run stopped ({reason}); "
+                         f"the files written so far are complete") from None
+    finally:
+        while LOCKS:
+            LOCKS.popitem()[1].close()

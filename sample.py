@@ -25,14 +25,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import (CHECKPOINTS, IMAGE_FORMATS, ArgumentParser, atomic_save, check_writable, nonnegative_int, open_image,
-                  positive_float, positive_int, previews_gif, reference_image, save_each, save_grid, save_npz,
-                  setup_device, to_uint8)
+from data import (CHECKPOINTS, IMAGE_FORMATS, ArgumentParser, Interrupted, atomic_save, check_writable, exit_on_error,
+                  interrupted, nonnegative_int, open_image, positive_float, positive_int, previews_gif, reference_image,
+                  save_each, save_grid, save_npz, seed_int, setup_device, to_uint8)
 from kernels import cuda_graph, fuse_feed_forward
 from model import GPT, GPTConfig, cfg_labels, cfg_schedule, decode_one_token, draw, guide, prefill, sampling_probs
 from tokenizer import Tokenizer, precision
 
 PROG = "sample.py"
+MAX_CFG = 100  # the largest guidance scale taken
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -362,6 +363,9 @@ def sample_indices(gpt, tok, labels, indices, *, seed, batch_size, graph, progre
     images, strips = [], []
     bar = tqdm(total=len(indices), disable=not progress, unit="img")
     for start in range(0, len(indices), batch_size):
+        if interrupted():  # inside data.interruptible: stop between batches
+            raise Interrupted(f"stopped by {interrupted()} after {start} of {len(indices)} samples; nothing was "
+                              f"written: the same command makes the same samples")
         idx = indices[start:start + batch_size]
         generator.manual_seed(seed + int(idx[0]))
         if len(idx) not in decode_steps:
@@ -485,14 +489,15 @@ def main(args):
 
 
 def cfg_scale_arg(text):
-    """--cfg-scale: 'a' or a linear ramp 'a,b' over the tokens, finite scales ≥ 1; 1 disables guidance (paper
-    Table 4), below 1 would not be guidance at all."""
+    """--cfg-scale: 'a' or a linear ramp 'a,b' over the tokens, scales in [1, MAX_CFG]; 1 disables guidance (paper
+    Table 4), below 1 would not be guidance at all, far above 10 every draw is the arg max."""
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not 'a' or 'a,b' with numbers") from None
-    if len(values) > 2 or not all(math.isfinite(v) and v >= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give 'a' or 'a,b' with finite scales ≥ 1 (1: no guidance)")
+    if len(values) > 2 or not all(1 <= v <= MAX_CFG for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give 'a' or 'a,b' with finite scales ≥ 1 and ≤ {MAX_CFG} (1: no "
+                                         f"guidance)")
     return text
 
 
@@ -551,7 +556,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature (> 0)")
     p.add_argument("--top-k", type=nonnegative_int, default=0, help="sample among the k most likely codes (0: all)")
     p.add_argument("--top-p", type=top_p_arg, default=1.0, help="nucleus sampling threshold in (0, 1] (1: off)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seeds the labels, the noise and the token draws")
+    p.add_argument("--seed", type=seed_int, default=0, help="seeds the labels, the noise and the token draws")
     p.add_argument("--solver", choices=["adams2", "euler"], default="adams2", help="ODE solver of the pixel decoder")
     p.add_argument("--previews", action=argparse.BooleanOptionalAction, default=True,
                    help="show each sample as a strip of the previews after every solver step (the last is the image)")
@@ -583,4 +588,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    exit_on_error(PROG, main, parse_args())

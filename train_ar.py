@@ -29,12 +29,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import (ArgumentParser, FashionMNIST, atomic_save, center_crop_arr, check_writable, from_uint8, make_dataset,
-                  nonnegative_float, open_image, positive_float, positive_int, probability,
-                  setup_device, write_json)
+from data import (ArgumentParser, FashionMNIST, Interrupted, atomic_save, center_crop_arr, check_writable,
+                  exit_on_error, from_uint8, interrupted, lock_folder, make_dataset, nonnegative_float, open_image,
+                  positive_float, positive_int, probability, setup_device, write_json)
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
-from trainer import (DRAWS, DROPOUT, Order, Trainer, add_common_args, add_data_args, exit_on_error, generator,
+from trainer import (DRAWS, DROPOUT, Order, Trainer, add_common_args, add_data_args, generator,
                      get_lr, seed_of, setup)
 
 VIEWS = {"ten-crop": 10, "flip": 2, "single": 1}  # stored views per image
@@ -111,6 +111,9 @@ def encode_views(tok, loader, codes, n, chunk_size, done, log_every, device):
                 write_json(done / str(c), skipped.get(c, []))
         if b % log_every == 0:
             print(f"batch {b}/{len(loader)} | {(b + 1) * len(i) / (time.time() - t0):.0f} img/s", flush=True)
+        if interrupted():  # the chunks marked done are complete; the others are encoded again by a rerun
+            raise Interrupted(f"stopped by {interrupted()}: {len(list(done.iterdir()))} chunks are complete; the same "
+                              f"command finishes the others (the same codes)")
 
 
 def finish_extraction(out, meta, num_chunks):
@@ -134,6 +137,8 @@ def extract_main(args):
     except OSError as e:
         raise ValueError(f"--out {out}: cannot create that folder ({e.strerror})") from None
     check_writable(out / "meta.json")
+    if rank == 0:
+        lock_folder(out, "--out")
     tok = Tokenizer.from_checkpoint(args.tokenizer_ckpt).to(device).eval()
     S = tok.config.sampling_resolution
     data = make_dataset(args.data, S)
@@ -173,9 +178,13 @@ def read_array(path, mmap_mode=None):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (run `train_ar.py extract` first)")
     try:
-        return np.load(path, mmap_mode=mmap_mode)
+        array = np.load(path, mmap_mode=mmap_mode)  # pickled objects are refused (allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable .npy file ({e})") from None
+        raise ValueError(f"{path}: not a readable .npy file ({str(e)[:200]})") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive under this name
+        array.close()
+        raise ValueError(f"{path}: an archive of arrays, not one .npy array")
+    return array
 
 
 def load_codes(folder):
@@ -266,8 +275,7 @@ def train_main(args):
         run(next(data), get_lr(run.step, args.lr, warmup, decay_start, total, args.min_lr))
         if run.step % args.log_every == 0 or run.step == end:
             run.log(total, B * cfg.block_size, "tok", flops)
-        if run.step % args.ckpt_every == 0 or run.step == end:
-            run.save()
+        run.checkpoint(end)
     run.finish()
 
 

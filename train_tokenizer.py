@@ -30,10 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from data import (ArgumentParser, FashionMNIST, atomic_save, from_uint8, make_dataset, nonnegative_float,
-                  nonnegative_int, positive_float, positive_int, to_uint8)
+from data import (ArgumentParser, FashionMNIST, atomic_save, exit_on_error, from_uint8, make_dataset,
+                  nonnegative_float, nonnegative_int, positive_float, positive_int, to_uint8)
 from tokenizer import Tokenizer, TokenizerConfig, load_checkpoint
-from trainer import (DRAWS, DROPOUT, Order, Trainer, add_common_args, add_data_args, exit_on_error, generator,
+from trainer import (DRAWS, DROPOUT, Order, Trainer, add_common_args, add_data_args, generator,
                      get_lr, seed_of, setup)
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's ImageNet VGG16
@@ -265,8 +265,7 @@ def train_main(args):
             used.zero_()
         if rank == 0 and (run.step % args.show_every == 0 or run.step == end):
             save_reconstructions(ema, show, show_noise, path.parent / f"recon_{run.step:07d}.png")
-        if run.step % args.ckpt_every == 0 or run.step == end:
-            run.save()
+        run.checkpoint(end)
     run.finish(codebook_used=codebook)
 
 

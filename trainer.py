@@ -1,6 +1,7 @@
-"""The loop both trainers share: flags, set-up, sample order, AdamW, schedule, EMA, the non-finite skip, the CUDA-graph
-step, log line, checkpoint and <out-dir>/summary.json. Exact resume and "N ranks equal one process" rest on one rule:
-every random draw comes from a generator seeded by a key such as (seed, ORDER, epoch), never from carried state."""
+"""The loop both trainers share: flags, set-up (the --out-dir lock), sample order, AdamW, schedule, EMA, the non-finite
+skip, the CUDA-graph step, log line, checkpoint (also on SIGTERM or Ctrl-C, then the stop) and <out-dir>/summary.json.
+Exact resume and "N ranks equal one process" rest on one rule: every random draw comes from a generator seeded by a key
+such as (seed, ORDER, epoch), never from carried state."""
 import os
 import time
 import warnings
@@ -15,8 +16,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (atomic_save, check_writable, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                  probability, setup_device, write_json)
+from data import (Interrupted, atomic_save, check_writable, interrupted, lock_folder, nonnegative_float,
+                  nonnegative_int, positive_float, positive_int, probability, setup_device, write_json)
 from kernels import cuda_graph
 from tokenizer import load_checkpoint
 
@@ -58,17 +59,6 @@ def add_data_args(p):
     p.add_argument("--num-workers", type=nonnegative_int, default=workers, help="loader workers per rank (at most 8)")
 
 
-def exit_on_error(prog, main, args):
-    """main(args); a ValueError or FileNotFoundError ends the run in one line."""
-    try:
-        main(args)
-    except (ValueError, FileNotFoundError) as e:
-        message = str(e).strip()
-        if "Traceback" in message:  # raised in a loader worker: the last line of its traceback is the error
-            message = message.splitlines()[-1].removeprefix(f"{type(e).__name__}: ")
-        raise SystemExit(f"{prog}: error: {message}") from None
-
-
 def check_cuda_graph(args, device):
     if args.cuda_graph and not args.data_on_device:
         raise ValueError("--cuda-graph captures the --data-on-device step: pass --data-on-device too")
@@ -88,13 +78,15 @@ def setup(args):
     path = Path(args.out_dir) / "ckpt.pt"
     if args.resume and not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    if path.exists() and not (args.resume or args.overwrite):
-        raise ValueError(f"{path} already exists: pass --resume to continue it or --overwrite to replace it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out-dir {args.out_dir}: cannot create it ({e.strerror})") from None
     check_writable(path)
+    if rank == 0:
+        lock_folder(path.parent, "--out-dir")
+    if path.exists() and not (args.resume or args.overwrite):
+        raise ValueError(f"{path} already exists: pass --resume to continue it or --overwrite to replace it")
     if not args.resume:  # summary.json, written at a run's end, marks a finished run: not this one yet
         (path.parent / "summary.json").unlink(missing_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -202,6 +194,8 @@ class Trainer:
         self.names, self.sums = names + ["grad"], torch.zeros(len(names) + 1, device=device)
         self.skips, self.skip_run, self.longest = (torch.zeros((), device=device) for _ in range(3))
         self.steps, self.t0, self.lr, self.last = 0, time.time(), 0.0, {}
+        if dist.is_initialized():  # where the ranks agree on a stop: on the host, so that none waits for its GPU
+            self.host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
 
     def train_step(self, batches):
         """One optimizer step over this rank's micro-batches, skipped whole (weights, AdamW, EMA) where the loss or the
@@ -305,6 +299,26 @@ class Trainer:
             atomic_save(self.path, lambda f: torch.save(ckpt, f))
         if dist.is_initialized():
             dist.barrier()
+
+    def stop_signal(self):
+        """The signal that asked any rank to stop ('SIGTERM', 'SIGINT'), or None: the same answer on every rank."""
+        name = interrupted()
+        if not dist.is_initialized():
+            return name
+        names = [None, "SIGTERM", "SIGINT"]
+        flag = torch.tensor(names.index(name))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.host_group)
+        return names[flag]
+
+    def checkpoint(self, end):
+        """After a step: the checkpoint every --ckpt-every steps and at the end; after SIGTERM or Ctrl-C (inside
+        data.interruptible) also now, and then the run stops, saying how it goes on."""
+        stop = self.stop_signal() if self.step < end else None
+        if self.step % self.args.ckpt_every == 0 or self.step == end or stop:
+            self.save()
+        if stop:
+            raise Interrupted(f"stopped by {stop} after step {self.step}/{end}: {self.path} holds it; the same command "
+                              f"with --resume continues the run exactly")
 
     def finish(self, **figures):
         """Writes <out-dir>/summary.json: the last step, the last logged mean loss and `figures`."""

@@ -12,12 +12,14 @@ loop has computed it (paper §3.3):
                                 the last is the image, equal to sample.py's for the same labels, seed and settings
     done     {seconds, gif}     the wall time and the run as an animated GIF (sample.py --gif draws the same)
     error    {message}          the run failed after it had started
-A refused request gets a 4xx with {"error": message} (409: another run is in progress); a client that goes away
-stops its run at the next token.
+Every field of a request is checked before its answer starts; a refused request gets a 4xx with {"error": message}
+(409: another run is in progress; 403: a Host that is not this server's, as a page re-pointed at 127.0.0.1 by DNS
+rebinding sends). A client that goes away, or stops reading for TIMEOUT seconds, stops its run at the next token.
 """
 import base64
 import binascii
 import io
+import ipaddress
 import json
 import sys
 import threading
@@ -35,12 +37,16 @@ from PIL import Image  # noqa: E402
 
 import sample  # noqa: E402
 from data import (CHECKPOINTS, FMNIST_CLASSES, ArgumentParser, fmnist_rgb32, load_fashion_mnist,  # noqa: E402
-                  nonnegative_int, open_image, positive_float, positive_int, previews_gif, setup_device, to_uint8)
+                  nonnegative_int, open_image, positive_float, positive_int, previews_gif, seed_int, setup_device,
+                  to_uint8)
 from model import cfg_schedule  # noqa: E402
 
 MAX_SAMPLES = 16  # per run: the page draws every sample's token grid; a CPU takes 0.3-0.6 s per sample
 MAX_UPLOAD = 2 << 20  # bytes of an uploaded reference image
 MAX_BODY = MAX_UPLOAD * 4 // 3 + (64 << 10)  # the image travels base64-encoded inside the JSON request
+MAX_UPLOAD_PIXELS = 4096 * 4096  # of a decoded upload (a 2 MB PNG can hold a decompression bomb)
+TIMEOUT = 30  # seconds a client may stay silent (sending its request) or not read (the events) before it is dropped
+FIELDS = {"classes", "samples", "cfg", "temperature", "seed", "reference", "keep_groups"}
 GALLERY_PER_CLASS = 2  # Fashion-MNIST test images offered as layout references
 PAGE = Path(__file__).with_name("demo.html")
 
@@ -116,7 +122,7 @@ def field(req, name, parse, at_most=None, of=""):
     try:
         value = parse(str(req[name]))
     except ArgumentTypeError as e:
-        raise BadRequest(f"{name}: {e}") from None
+        raise BadRequest(f"{name}: {str(e)[:200]}") from None
     if at_most is not None and value > at_most:
         raise BadRequest(f"{name}: at most {at_most}{of}, got {value}")
     return value
@@ -129,20 +135,23 @@ def parse_run(req, demo):
      optional "reference": {"gallery": i} or {"upload": base64 PNG/JPEG}, with "keep_groups": g}"""
     if not isinstance(req, dict):
         raise BadRequest("the request must be a JSON object")
+    unknown = sorted(set(req) - FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0][:40]!r}: a run takes {', '.join(sorted(FIELDS))}")
     classes = req.get("classes")
     if not isinstance(classes, list) or not classes:
         raise BadRequest("classes: choose at least one class")
     unknown = [c for c in classes if c not in demo.names]
     if unknown:
         choices = ", ".join(demo.names) if len(demo.names) <= 20 else f"0 .. {len(demo.names) - 1}"
-        raise BadRequest(f"unknown class {unknown[0]!r}: choose from {choices}")
+        raise BadRequest(f"unknown class {repr(unknown[0])[:40]}: choose from {choices}")
     n = field(req, "samples", positive_int, MAX_SAMPLES, " per run")
     labels = [demo.names.index(c) for c in classes] * n  # the classes in turn, as sample.py --labels
     cfg = field(req, "cfg", sample.cfg_scale_arg)  # 'a' or a ramp 'a,b'
     if cfg_schedule(cfg, demo.gpt.config.block_size) is not None and not demo.gpt.config.null_class:
         raise BadRequest(f"cfg: this AR model has no null class, so it cannot use guidance (use 1), got {cfg}")
     return dict(labels=labels[:n], cfg=cfg, temperature=field(req, "temperature", positive_float),
-                seed=field(req, "seed", nonnegative_int), **parse_reference(req, demo))
+                seed=field(req, "seed", seed_int), **parse_reference(req, demo))
 
 
 def parse_reference(req, demo):
@@ -169,7 +178,7 @@ def parse_reference(req, demo):
         if len(raw) > MAX_UPLOAD:
             raise BadRequest(f"the uploaded file has {len(raw)} bytes; at most {MAX_UPLOAD} are allowed", 413)
         try:
-            image = open_image(Upload(raw))
+            image = open_image(Upload(raw), MAX_UPLOAD_PIXELS)
         except ValueError as e:
             raise BadRequest(f"{e}; upload a PNG or JPEG") from None
     return dict(reference=image, keep=keep * demo.tok.config.queries_per_step)
@@ -205,8 +214,26 @@ def stream_run(demo, run, send):
 
 
 class Handler(BaseHTTPRequestHandler):
-    """GET / (the page), GET /config, POST /generate (a run as server-sent events)."""
+    """GET / (the page), GET /config, POST /generate (a run as server-sent events). Each connection has its own thread
+    and TIMEOUT: a slow or silent client holds up no one else."""
     server_version = "dar-demo"
+    timeout = TIMEOUT
+
+    def parse_request(self):
+        """After the request line and headers: only GET and POST, and only with this server's name in Host."""
+        if not super().parse_request():
+            return False
+        if self.command not in ("GET", "POST"):
+            self.fail(405, f"{self.command[:20]} is not served here: GET / or POST /generate")
+            return False
+        host, port = self.server.server_address[:2]
+        names = {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")}
+        given = self.headers.get("Host", "")
+        if ipaddress.ip_address(host).is_loopback and given not in names:
+            # a page elsewhere whose name was re-pointed at 127.0.0.1 (DNS rebinding) sends its own name
+            self.fail(403, f"Host {given[:60]!r} is not this server: open http://{host}:{port}/")
+            return False
+        return True
 
     def do_GET(self):
         if self.path == "/":
@@ -214,11 +241,11 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/config":
             self.reply(200, json.dumps(self.server.demo.config()).encode(), "application/json")
         else:
-            self.fail(404, f"no page {self.path}: the demo is at /")
+            self.fail(404, f"no page {self.path[:100]}: the demo is at /")
 
     def do_POST(self):
         if self.path != "/generate":
-            return self.fail(404, f"no endpoint {self.path}: runs are posted to /generate")
+            return self.fail(404, f"no endpoint {self.path[:100]}: runs are posted to /generate")
         demo = self.server.demo
         try:
             run = parse_run(self.read_json(), demo)
@@ -246,7 +273,7 @@ class Handler(BaseHTTPRequestHandler):
         """One server-sent event; ClientGone when the browser has closed the stream."""
         try:
             self.wfile.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # closed, reset, or not read for TIMEOUT seconds
             raise ClientGone(event) from None
 
     def read_json(self):
@@ -254,6 +281,8 @@ class Handler(BaseHTTPRequestHandler):
             size = int(self.headers.get("Content-Length", ""))
         except ValueError:
             raise BadRequest("the request needs a Content-Length", 411) from None
+        if size < 0:
+            raise BadRequest(f"Content-Length {size}: not a length")
         if size > MAX_BODY:  # read it all the same (up to a limit), so that the client, still sending, gets the answer
             left = size if size <= 16 * MAX_BODY else 0
             while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
@@ -261,16 +290,25 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise BadRequest(f"the request has {size} bytes; an uploaded image may have at most {MAX_UPLOAD}", 413)
         try:
-            return json.loads(self.rfile.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadRequest(f"the request is not JSON ({e})") from None
+            body = self.rfile.read(size)
+        except TimeoutError:
+            raise BadRequest(f"the request body did not arrive within {TIMEOUT} s", 408) from None
+        if len(body) < size:
+            raise BadRequest(f"the request ended after {len(body)} of its {size} bytes")
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise BadRequest(f"the request is not JSON ({str(e)[:100]})") from None
 
     def reply(self, status, body, content_type):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:  # the client has gone (or stopped reading): no one to answer
+            self.close_connection = True
 
     def fail(self, status, message):
         self.reply(status, json.dumps(dict(error=message)).encode(), "application/json")

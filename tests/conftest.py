@@ -1,9 +1,17 @@
 """Shared fixtures of the test suite."""
+import itertools
+import os
+import signal
 from contextlib import nullcontext
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +52,37 @@ def cpu_graphs(monkeypatch):
         monkeypatch.setattr(module.StepGraph, "capture", capture)
         return replays
     return install
+
+
+@pytest.fixture
+def signal_on_calls(monkeypatch):
+    """send(owner, name, calls, signum): owner.name sends `signum` to this process on the given (0-based) calls, as a
+    scheduler's SIGTERM or a Ctrl-C would arrive in the middle of that work."""
+    def send(owner, name, calls, signum=signal.SIGTERM):
+        original, count = getattr(owner, name), itertools.count()
+
+        def patched(*args, **kwargs):
+            if next(count) in calls:
+                os.kill(os.getpid(), signum)
+            return original(*args, **kwargs)
+        monkeypatch.setattr(owner, name, patched)
+    return send
+
+
+@pytest.fixture
+def kill_rank():
+    """kill_rank(torchrun, rank): SIGKILLs the worker process of that rank under a running torchrun (a Popen)."""
+    if not os.path.exists("/proc/self/environ"):
+        pytest.skip("finding a torchrun worker by its RANK needs Linux's /proc")
+
+    def kill(torchrun, rank):
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                env = (stat.parent / "environ").read_bytes().split(b"\0")
+            except OSError:  # gone, or not ours
+                continue
+            if ppid == torchrun.pid and f"RANK={rank}".encode() in env:
+                return os.kill(int(stat.parent.name), signal.SIGKILL)
+        raise AssertionError(f"no rank {rank} under torchrun {torchrun.pid}")
+    return kill

@@ -1,5 +1,9 @@
 """Tests of data.py: python -m pytest -q tests/test_data.py"""
 import argparse
+import io
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,6 +75,35 @@ def test_open_image_refuses_huge_images(tmp_path, monkeypatch):
         data.open_image(path)
 
 
+def hostile_images(folder):
+    """Files an image reader meets in the wild, each with what open_image must say about it."""
+    good = folder / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(good)
+    Image.new("RGB", (10, 10)).save(folder / "tiff.png", format="TIFF")  # not the format its name says
+    Image.new("P", (10, 10)).save(folder / "anim.png", format="GIF")
+    (folder / "eps.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")  # Pillow runs Ghostscript
+    (folder / "half.png").write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    buf = io.BytesIO()
+    Image.open(good).save(buf, format="JPEG")
+    (folder / "half.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    Image.new("1", (9000, 9000)).save(folder / "bomb.png")  # 81M pixels in 10 kB
+    Image.new("L", (1, 40000)).save(folder / "strip.png")  # resized to 32×1.28M before a 32-px crop
+    return {"tiff.png": "cannot identify", "anim.png": "cannot identify", "eps.png": "cannot identify",
+            "half.png": "truncated", "half.jpg": "(?i:truncated)", "bomb.png": "pixels is more than",
+            "strip.png": "aspect ratio is over 32:1"}
+
+
+def test_open_image_reads_only_whole_images_of_its_formats(tmp_path):
+    for name, message in hostile_images(tmp_path).items():
+        with pytest.raises(ValueError, match=rf"^{tmp_path / name}: not a readable image \(.*{message}") as e:
+            data.open_image(tmp_path / name)
+        assert "\n" not in str(e.value)
+    assert data.open_image(tmp_path / "good.png").size == (64, 64)
+    assert data.open_image(io.BytesIO((tmp_path / "good.png").read_bytes())).size == (64, 64)
+    with pytest.raises(ValueError, match="64×64 pixels is more than 1000 allowed"):
+        data.open_image(tmp_path / "good.png", max_pixels=1000)
+
+
 def test_image_folder_labels_and_crop(tmp_path):
     for c in ("b", "a"):
         (tmp_path / c).mkdir()
@@ -117,6 +150,24 @@ def test_atomic_save_npz_keeps_the_exact_path(tmp_path):
     path = tmp_path / "samples"  # np.savez(path) would write samples.npz; through a file object it cannot
     data.atomic_save(path, lambda f: np.savez(f, arr_0=np.zeros(3)))
     assert np.load(path)["arr_0"].shape == (3,)
+
+
+def test_a_folder_lock_refuses_a_second_run_and_dies_with_its_holder(tmp_path):
+    (tmp_path / ".ckpt.pt.x1y2.tmp").write_bytes(b"left by a run killed mid-write")
+    script = f"import data, time; data.lock_folder({str(tmp_path)!r}, '--out'); print('locked', flush=True); " \
+             "time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(data.__file__).parent)
+    try:
+        assert holder.stdout.readline() == "locked\n" and not (tmp_path / ".ckpt.pt.x1y2.tmp").exists()
+        with pytest.raises(ValueError, match=rf"--out {tmp_path} is in use by pid {holder.pid} on \S+: wait for that "
+                                             rf"run to end, or choose another --out"):
+            data.lock_folder(tmp_path, "--out")
+    finally:
+        holder.kill()  # a crash: no clean-up runs, the kernel drops the lock
+        holder.wait()
+    data.lock_folder(tmp_path, "--out")
+    data.LOCKS.pop(tmp_path).close()
 
 
 def test_check_writable(tmp_path):

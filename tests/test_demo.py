@@ -12,6 +12,7 @@ import json
 import os
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -179,7 +180,38 @@ BAD = [  # request, status, what the message says
     (dict(RUN, reference={"upload": base64.b64encode(os.urandom(3 << 20)).decode()}, keep_groups=2), 413,
      "at most 2097152"),
     ("[1, 2", 400, "not JSON"),
+    ("[" * 100000 + "]" * 100000, 400, "not JSON"),  # nested past Python's recursion limit
+    ('{"classes": ["Coat"], "samples": 1, "cfg": "4", "temperature": NaN, "seed": 0}', 400,
+     "temperature: 'nan' must be a finite number > 0"),
+    ('{"classes": ["Coat"], "samples": 1, "cfg": "4", "temperature": 1e999, "seed": 0}', 400,
+     "temperature: 'inf' must be a finite number > 0"),
+    (dict(RUN, samples=10 ** 100), 400, "at most 16"),
+    (dict(RUN, samples=[1]), 400, "samples: '[1]' is not a number"),
+    (dict(RUN, samples=1.5), 400, "samples: '1.5' is not a number"),
+    (dict(RUN, samples=-3), 400, "samples: '-3' must be a whole number ≥ 1"),
+    (dict(RUN, seed=2 ** 64), 400, "seed: '18446744073709551616' must be a whole number in [0, 2^63)"),
+    (dict(RUN, cfg="1e300"), 400, "with finite scales ≥ 1 and ≤ 100"),
+    (dict(RUN, classes="Coat"), 400, "classes: choose at least one class"),
+    (dict(RUN, classes=[{"x": 1}]), 400, "unknown class {'x': 1}"),
+    (dict(RUN, classes=["x" * 10 ** 6]), 400, "unknown class 'xxxxx"),
+    (dict(RUN, run="rm -rf /"), 400, "unknown field 'run'"),
+    ([RUN], 400, "the request must be a JSON object"),
+    (dict(RUN, reference={"gallery": 0, "upload": "x"}, keep_groups=2), 400, "reference: expected"),
+    (dict(RUN, reference={"gallery": 0}, keep_groups=-1), 400, "keep_groups: '-1' must be"),
 ]
+for name, message in [("text", "cannot identify image file"), ("tiff", "cannot identify image file"),
+                      ("half", "truncated"), ("bomb", "5000×5000 pixels is more than 16777216 allowed"),
+                      ("strip", "1×3000 pixels: the aspect ratio is over 32:1")]:
+    if name == "text":
+        raw = b"<script>alert(1)</script>"
+    else:
+        buf = io.BytesIO()
+        noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        image = {"bomb": Image.new("1", (5000, 5000)), "strip": Image.new("L", (1, 3000))}.get(name, noise)
+        image.save(buf, format="TIFF" if name == "tiff" else "PNG")
+        raw = buf.getvalue()[:len(buf.getvalue()) // 2] if name == "half" else buf.getvalue()
+    BAD.append((dict(RUN, reference={"upload": base64.b64encode(raw).decode()}, keep_groups=2), 400,
+                f"the uploaded file: not a readable image ({message}" if name != "half" else message))
 
 
 @pytest.mark.parametrize("body, status, message", BAD, ids=[m.split(":")[0][:24] for _, _, m in BAD])
@@ -187,6 +219,61 @@ def test_bad_requests_get_a_clear_4xx(server, body, status, message):
     response = post(server, body, raw=body if isinstance(body, str) else None)
     assert response.status == status
     assert message in json.loads(response.read())["error"]
+
+
+def raw_request(server, data):
+    """Bytes sent as they are over a fresh connection, then its end → the status and the error of the answer."""
+    with socket.create_connection(server[:2], timeout=60) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b"".join(iter(lambda: sock.recv(1 << 16), b""))
+    head, body = answer.split(b"\r\n\r\n", 1)
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("request_bytes, status, message", [
+    (b"GET / HTTP/1.1\r\nHost: evil.example:8000\r\n\r\n", 403, "Host 'evil.example:8000' is not this server"),
+    (b"GET /config HTTP/1.1\r\n\r\n", 403, "Host '' is not this server"),
+    (b"GET /../../etc/passwd HTTP/1.1\r\nHost: {host}\r\n\r\n", 404, "no page /../../etc/passwd"),
+    (b"GET /demo.py HTTP/1.1\r\nHost: {host}\r\n\r\n", 404, "no page /demo.py"),
+    (b"PUT /generate HTTP/1.1\r\nHost: {host}\r\n\r\n", 405, "PUT is not served here"),
+    (b"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Length: -5\r\n\r\n", 400, "Content-Length -5"),
+    (b"POST /generate HTTP/1.1\r\nHost: {host}\r\n\r\n", 411, "needs a Content-Length"),
+    (b"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Length: 50\r\n\r\n{", 400, "ended after 1 of its 50"),
+])
+def test_foreign_hosts_paths_and_methods_get_a_clear_4xx(server, request_bytes, status, message):
+    got, error = raw_request(server, request_bytes.replace(b"{host}", f"127.0.0.1:{server[1]}".encode()))
+    assert got == status and message in error, (got, error)
+
+
+def test_binds_to_localhost_by_default_and_a_slow_client_blocks_no_one(server):
+    assert server[0] == "127.0.0.1"
+    slow = socket.create_connection(server[:2])  # sends half a request, then nothing (its thread waits for it)
+    slow.sendall(f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1:{server[1]}\r\nContent-Length: 500\r\n\r\n{{".encode())
+    try:
+        start = time.time()
+        conn = http.client.HTTPConnection(*server[:2], timeout=10)
+        conn.request("GET", "/config")
+        assert conn.getresponse().status == 200 and time.time() - start < 5
+        assert list(events(post(server, dict(RUN, samples=1))))[-1][0] == "done"
+    finally:
+        slow.close()
+
+
+def test_many_concurrent_generations_run_one_at_a_time_or_are_told_busy(server):
+    def one(results):
+        response = post(server, dict(RUN, samples=1))
+        results.append(list(events(response))[-1][0] if response.status == 200 else
+                       (response.status, json.loads(response.read())["error"]))
+    results = []
+    threads = [threading.Thread(target=one, args=(results,)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    busy = (409, "busy: another run is in progress; try again when it has finished")
+    assert len(results) == 8 and set(results) <= {"done", busy} and "done" in results, results
+    assert not any("Traceback" in line for line in server[2]), "".join(server[2])  # none crashed
 
 
 def test_one_run_at_a_time_and_a_client_that_leaves_stops_its_run(server):

@@ -8,6 +8,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -50,6 +51,8 @@ def ckpts(tmp_path_factory):
     Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / "ref.png")
     (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(200))
     Image.new("1", (8200, 8200)).save(d / "bomb.png")  # 67M pixels in 8 kB: a decompression bomb
+    Image.new("L", (1, 3000)).save(d / "strip.png")  # would be resized to 32×96000 before its crop
+    Image.new("RGB", (40, 40)).save(d / "tiff.png", format="TIFF")  # a format dar does not read, under a PNG name
     return d
 
 
@@ -297,6 +300,46 @@ def test_interrupted_write_keeps_the_old_file(ckpts, tmp_path, monkeypatch):
     assert path.read_bytes() == b"the old archive" and os.listdir(tmp_path) == ["s.npz"]
 
 
+def test_a_signal_writes_no_npz_and_a_rerun_makes_the_same_arrays(ckpts, tmp_path, signal_on_calls, monkeypatch):
+    common = argv(ckpts, "--num-samples", 5, "--batch-size", 2, "--out", "")
+    sample.main(sample.parse_args([*common, "--npz", str(tmp_path / "straight.npz")]))
+    signal_on_calls(sample, "sample_batch", {1})  # during the second batch
+    path = tmp_path / "s.npz"
+    with pytest.raises(SystemExit) as e:
+        data.exit_on_error("sample.py", sample.main, sample.parse_args([*common, "--npz", str(path)]))
+    assert e.value.code == "sample.py: stopped by SIGTERM after 4 of 5 samples; nothing was written: the same " \
+                          "command makes the same samples"
+    assert os.listdir(tmp_path) == ["straight.npz"]
+    monkeypatch.undo()
+    data.exit_on_error("sample.py", sample.main, sample.parse_args([*common, "--npz", str(path)]))
+    with np.load(tmp_path / "straight.npz") as a, np.load(path) as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+
+
+@pytest.mark.slow
+def test_two_runs_writing_one_npz_leave_one_complete_result(ckpts, tmp_path):
+    runs = [argv(ckpts, "--num-samples", 6, "--batch-size", 3, "--out", "", "--seed", seed) for seed in (0, 1)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "sample.py"), *a, "--npz", str(tmp_path / "s.npz")], env=env)
+             for a in runs]
+    assert [p.wait(120) for p in procs] == [0, 0]
+    assert os.listdir(tmp_path) == ["s.npz"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the two processes
+    try:
+        for seed, a in enumerate(runs):
+            sample.main(sample.parse_args([*a, "--npz", str(tmp_path / f"{seed}.npz")]))
+    finally:
+        torch.set_num_threads(threads)
+    with np.load(tmp_path / "s.npz") as f:
+        got = f["arr_0"], f["arr_1"]
+    expected = []
+    for seed in (0, 1):
+        with np.load(tmp_path / f"{seed}.npz") as f:
+            expected.append(np.array_equal(got[0], f["arr_0"]) and np.array_equal(got[1], f["arr_1"]))
+    assert sum(expected) == 1  # the whole of one run, nothing mixed
+
+
 def test_torchrun_npz_matches_one_process(ckpts, tmp_path):
     common = [*argv(ckpts), "--num-samples", "6", "--batch-size", "3", "--out", ""]
     threads = torch.get_num_threads()
@@ -312,6 +355,33 @@ def test_torchrun_npz_matches_one_process(ckpts, tmp_path):
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
     assert sorted(os.listdir(tmp_path)) == ["one.npz", "two.npz"]  # the per-rank parts are merged and removed
+
+
+@pytest.mark.slow
+def test_torchrun_with_a_dead_rank_writes_no_npz_and_a_rerun_completes_it(ckpts, tmp_path, kill_rank):
+    common = [str(ROOT / "sample.py"), *argv(ckpts), "--num-samples", 40, "--batch-size", 2, "--out", "", "--npz",
+              tmp_path / "out" / "s.npz"]
+    (tmp_path / "out").mkdir()
+
+    def torchrun(logs):
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "--log-dir", str(logs), "--redirects", "3", *map(str, common)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = torchrun(tmp_path / "logs")
+    deadline = time.time() + 120
+    while not any("img/s" in f.read_text() for f in (tmp_path / "logs").rglob("0/stderr.log")):  # rank 0's progress
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    kill_rank(proc, 1)
+    assert proc.wait(60) != 0
+    last = next((tmp_path / "logs").rglob("0/stderr.log")).read_text().splitlines()[-1].split("\r")[-1]
+    assert last.startswith("sample.py: ") and ("nothing was written" in last or "another process" in last), last
+    assert os.listdir(tmp_path / "out") == []  # neither the merged file nor a part
+    assert torchrun(tmp_path / "logs2").wait(120) == 0
+    with np.load(tmp_path / "out" / "s.npz") as f:
+        assert f["arr_0"].shape == (40, 32, 32, 3) and f["arr_1"].shape == (40,)
+    assert os.listdir(tmp_path / "out") == ["s.npz"]
 
 
 BAD_INPUTS = [  # (extra arguments, what the one-line message must say)
@@ -337,6 +407,10 @@ BAD_INPUTS = [  # (extra arguments, what the one-line message must say)
     (["--prefix-image", "{d}/missing.png"], "--prefix-image"),
     (["--prefix-image", "{d}/corrupt.png"], "not a readable image"),
     (["--prefix-image", "{d}/bomb.png"], "pixels is more than"),
+    (["--prefix-image", "{d}/strip.png"], "strip.png: not a readable image (1×3000 pixels: the aspect ratio is over"),
+    (["--prefix-image", "{d}/tiff.png"], "tiff.png: not a readable image (cannot identify image file"),
+    (["--cfg-scale", "1e300"], "with finite scales ≥ 1 and ≤ 100"),
+    (["--seed", 2 ** 63], "--seed: '9223372036854775808' must be a whole number in [0, 2^63)"),
     (["--prefix-image", "{d}/ref.png", "--prefix-tokens", 32], "--prefix-tokens 32: must lie in [1, 31]"),
     (["--out", "{tmp}/no/such/dir/g.png"], "does not exist"),
     (["--out", "{tmp}/g.gif"], "--out"),

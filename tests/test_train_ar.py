@@ -7,8 +7,10 @@ The two torchrun tests start 2 gloo processes each (a few seconds).
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import train_ar  # noqa: E402
 import trainer  # noqa: E402
 from data import center_crop_arr, from_uint8, make_dataset  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from test_data import hostile_images  # noqa: E402
 from tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
 
 V, N = 64, 32  # the tiny tokenizer's codebook and token count
@@ -154,6 +157,26 @@ def test_ten_crop_views_are_torchvision_tencrop_of_the_1_1x_centre_crop(tmp_path
     assert meta["views"] == 10 and meta["augmentation"] == "ten-crop" and codes.shape == (10 * n, N)
 
 
+def test_a_signal_stops_extraction_between_batches_and_a_rerun_finishes_it(tmp_path, signal_on_calls, monkeypatch):
+    make_tokenizer(tmp_path / "tok.pt")
+    imgs = make_images(tmp_path / "imgs", [(32, 32)] * 7)
+    argv = ["extract", "--tokenizer-ckpt", tmp_path / "tok.pt", "--data", imgs, "--views", "single", "--batch-size", 2,
+            "--chunk-size", 2, "--num-workers", 0, "--device", "cpu"]
+    run(*argv, "--out", tmp_path / "straight")
+    signal_on_calls(Tokenizer, "encode", {1})  # in the second batch, which completes chunk 1
+    with pytest.raises(SystemExit) as e:
+        run(*argv, "--out", tmp_path / "codes")
+    assert e.value.code == "train_ar.py extract: stopped by SIGTERM: 2 chunks are complete; the same command " \
+                          "finishes the others (the same codes)"
+    assert sorted(os.listdir(tmp_path / "codes" / "done")) == ["0", "1"]
+    with pytest.raises(ValueError, match="no complete extraction"):
+        train_ar.load_codes(tmp_path / "codes")
+    monkeypatch.undo()
+    run(*argv, "--out", tmp_path / "codes")
+    codes = train_ar.load_codes(tmp_path / "codes")[0]
+    np.testing.assert_array_equal(codes, np.load(tmp_path / "straight" / "codes.npy"))
+
+
 def fake_fashion_mnist(folder, n=3):
     folder.mkdir(parents=True, exist_ok=True)
     images = np.random.default_rng(0).integers(0, 256, (n, 28, 28), dtype=np.uint8)
@@ -197,6 +220,21 @@ def test_corrupt_image_is_named_skipped_and_never_trained_on(tmp_path, capsys):
     assert sorted(order.tolist()) == sorted(set(range(5)) - set(bad))
 
 
+def test_hostile_images_in_a_folder_are_named_skipped_and_counted(tmp_path, capsys):
+    make_tokenizer(tmp_path / "tok.pt")
+    imgs = make_images(tmp_path / "imgs", [(32, 32)] * 2)
+    bad = hostile_images(imgs / "a")  # not the format of their name, truncated, a bomb, a 1×40000 strip
+    out = tmp_path / "codes"
+    run("extract", "--tokenizer-ckpt", tmp_path / "tok.pt", "--data", imgs, "--out", out, "--views", "single",
+        "--num-workers", 0, "--device", "cpu")
+    printed = capsys.readouterr().out
+    for name in bad:
+        assert f"skipping {imgs / 'a' / name}: not a readable image" in printed
+    assert f"skipped {len(bad)} unreadable images" in printed
+    _, _, meta, images = train_ar.load_codes(out)
+    assert len(meta["skipped"]) == len(bad) and len(images) == 3  # 0.png, 1.png and good.png
+
+
 FAST = pytest.mark.parametrize("fast", [[], ["--data-on-device"]], ids=["loader", "on-device"])
 
 
@@ -228,12 +266,88 @@ def test_resume_is_exact(tmp_path, fast):
     a, b = load(tmp_path / "straight"), load(tmp_path / "resumed")
     assert a["step"] == b["step"] == 6
     assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["step"] == 6
+    assert_same_run(a, b)
+    with pytest.raises(SystemExit, match="flags give"):
+        run(*train_args(cdir, tmp_path / "resumed", *common, "--resume", "--reverse-order"))
+
+
+def assert_same_run(a, b):
+    """Two checkpoints hold the same step, weights, EMA and AdamW state, bit for bit."""
+    assert a["step"] == b["step"]
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
     for name, state in a["optimizer"]["state"].items():
         assert all(torch.equal(v, b["optimizer"]["state"][name][k]) for k, v in state.items())
-    with pytest.raises(SystemExit, match="flags give"):
-        run(*train_args(cdir, tmp_path / "resumed", *common, "--resume", "--reverse-order"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_after_the_step_and_resume_is_exact(tmp_path, signal_on_calls, monkeypatch, signum):
+    cdir = make_codes(tmp_path / "codes", *learnable_codes(24))
+    common = ["--global-batch-size", 8, "--grad-accum", 2, "--epochs", 2, "--decay-epochs", 1, "--ema",
+              "--ema-decay", 0.9, "--dropout", 0.1, "--ckpt-every", 100]  # 6 steps, one scheduled checkpoint: the last
+    run(*train_args(cdir, tmp_path / "straight", *common))
+    signal_on_calls(GPT, "forward", {4}, signum)  # the first micro-batch of step 3 (0-based forward call 4)
+    with pytest.raises(SystemExit) as e:
+        run(*train_args(cdir, tmp_path / "resumed", *common))
+    name = signal.Signals(signum).name
+    assert e.value.code == f"train_ar.py train: stopped by {name} after step 3/6: {tmp_path / 'resumed' / 'ckpt.pt'} " \
+                          f"holds it; the same command with --resume continues the run exactly"
+    assert load(tmp_path / "resumed")["step"] == 3 and not (tmp_path / "resumed" / "summary.json").exists()
+    assert signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler)  # handlers restored
+    monkeypatch.undo()
+    run(*train_args(cdir, tmp_path / "resumed", *common, "--resume"))
+    assert_same_run(load(tmp_path / "straight"), load(tmp_path / "resumed"))
+
+
+@pytest.mark.slow
+def test_a_second_trainer_on_the_folder_is_refused_and_sigterm_stops_the_first(tmp_path):
+    cdir = make_codes(tmp_path / "codes", *learnable_codes(8))
+    argv = train_args(cdir, tmp_path / "run", "--global-batch-size", 4, "--epochs", 10 ** 5, "--log-every", 20)
+    first = subprocess.Popen([sys.executable, str(ROOT / "train_ar.py"), *map(str, argv)], text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    next(line for line in first.stdout if line.startswith("step 20/"))
+    with pytest.raises(SystemExit) as e:
+        run(*argv, "--overwrite")
+    assert e.value.code.startswith(f"train_ar.py train: error: --out-dir {tmp_path / 'run'} is in use by pid "
+                                   f"{first.pid} on ") and "\n" not in e.value.code
+    first.send_signal(signal.SIGTERM)  # as a scheduler does before it preempts a job
+    _, err = first.communicate(timeout=60)
+    step = load(tmp_path / "run")["step"]
+    assert first.returncode == 1 and err.splitlines() == [
+        f"train_ar.py train: stopped by SIGTERM after step {step}/200000: {tmp_path / 'run' / 'ckpt.pt'} holds it; the "
+        f"same command with --resume continues the run exactly"]
+    run(*argv, "--resume", "--max-steps", step + 1)  # the lock went with the first run
+    assert load(tmp_path / "run")["step"] == step + 1
+
+
+@pytest.mark.slow
+def test_killed_without_warning_again_and_again_and_resumed_ends_bit_identical(tmp_path):
+    """SIGKILL (no handler runs) while starting up, mid-step and mid-checkpoint (one is written every step), then
+    --resume from whatever is on disk, five times; the run ends as the uninterrupted one."""
+    cdir = make_codes(tmp_path / "codes", *learnable_codes(16))
+    common = ["--global-batch-size", 4, "--grad-accum", 2, "--epochs", 10, "--decay-epochs", 2, "--ema", "--ema-decay",
+              0.9, "--dropout", 0.1, "--ckpt-every", 1, "--log-every", 1]  # 40 steps
+
+    def start(out, *extra):
+        return subprocess.Popen([sys.executable, str(ROOT / "train_ar.py"), *map(str, train_args(cdir, out, *common)),
+                                 *extra], text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert start(tmp_path / "straight").wait(120) == 0
+    rng, steps = np.random.default_rng(0), []
+    for kill in range(5):
+        ckpt = tmp_path / "killed" / "ckpt.pt"
+        proc = start(tmp_path / "killed", *["--resume"] * ckpt.exists())
+        if kill:  # the first dies while starting up, the others a few steps on, at any point of a step
+            target = f"step {(steps[-1] + rng.integers(1, 8))}/"
+            next(line for line in proc.stdout if line.startswith(target))
+            time.sleep(rng.uniform(0, 0.1))
+        proc.kill()
+        proc.wait()
+        steps.append(load(tmp_path / "killed")["step"] if ckpt.exists() else 0)
+    assert steps[0] == 0 and steps == sorted(steps) and steps[-1] < 40, steps  # each run went on from the last
+    assert start(tmp_path / "killed", "--resume").wait(120) == 0
+    assert_same_run(load(tmp_path / "straight"), load(tmp_path / "killed"))
+    assert not list((tmp_path / "killed").glob(".*.tmp"))  # what a killed checkpoint write left is cleared
 
 
 def test_refuses_to_start_over_a_checkpoint(tmp_path, capsys):
@@ -302,6 +416,10 @@ def test_non_finite_steps_stop_the_run_and_keep_the_checkpoint(tmp_path, monkeyp
     ("codes", r"codes\.npy: no such file"),
     ("incomplete", "no complete extraction"),
     ("tokens", r"tokens outside the vocabulary \[0, 64\)"),
+    ("archive", r"codes\.npy: an archive of arrays, not one \.npy array"),
+    ("objects", r"codes\.npy: not a readable \.npy file"),
+    ("truncated", r"codes\.npy: not a readable \.npy file \(mmap length is greater than file size\)"),
+    ("floats", r"codes\.npy holds float32 \(8, 32\), but meta\.json says \(8, 32\) integers"),
 ])
 def test_bad_code_folders_fail_in_one_line(tmp_path, bad, message):
     codes, labels = learnable_codes(8)
@@ -321,6 +439,15 @@ def test_bad_code_folders_fail_in_one_line(tmp_path, bad, message):
         os.remove(cdir / "codes.npy")
     if bad == "incomplete":
         (cdir / "meta.json").write_text(json.dumps({**meta, "complete": False}))
+    if bad == "archive":
+        np.savez(cdir / "codes.npz", codes=codes)
+        os.replace(cdir / "codes.npz", cdir / "codes.npy")
+    if bad == "objects":  # loading it would run code
+        np.save(cdir / "codes.npy", np.array([{}] * 8, dtype=object), allow_pickle=True)
+    if bad == "truncated":
+        (cdir / "codes.npy").write_bytes((cdir / "codes.npy").read_bytes()[:300])
+    if bad == "floats":
+        np.save(cdir / "codes.npy", codes.astype(np.float32))
     with pytest.raises(SystemExit, match=message) as e:
         run(*train_args(cdir, tmp_path / "run", "--global-batch-size", 4, "--epochs", 1))
     assert "\n" not in str(e.value.code) and not (tmp_path / "run" / "ckpt.pt").exists()
@@ -373,6 +500,55 @@ def test_torchrun_step_matches_one_process(tmp_path, flags):
     torch.manual_seed(0)  # the trainer's initial weights: the step must have moved them
     init = GPT(GPTConfig(**a["config"])).state_dict()
     assert any(not torch.equal(a["model"][k], init[k]) for k in init)
+
+
+def torchrun(script, *argv, logs):
+    """torchrun with 2 gloo processes on the CPU, each rank's stdout and stderr in logs/**/<rank>/ (a Popen)."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "--log-dir", str(logs), "--redirects", "3", str(ROOT / script), *map(str, argv)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_a_dead_rank_ends_the_others_in_one_line_and_the_checkpoint_is_whole(tmp_path, kill_rank):
+    cdir = make_codes(tmp_path / "codes", *learnable_codes(16))
+    proc = torchrun("train_ar.py", *train_args(cdir, tmp_path / "run", "--global-batch-size", 4, "--epochs", 10 ** 5,
+                                               "--ckpt-every", 20), logs=tmp_path / "logs")
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "ckpt.pt").exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    kill_rank(proc, 1)
+    start = time.time()
+    assert proc.wait(60) != 0 and time.time() - start < 30  # not hanging in a collective
+    err = next((tmp_path / "logs").rglob("0/stderr.log")).read_text().splitlines()
+    assert len(err) == 1 and err[0].startswith("train_ar.py train: error: rank 0: another process of this run "
+                                               "stopped (") and err[0].endswith("the files written so far are complete")
+    assert load(tmp_path / "run")["step"] % 20 == 0  # whole, at a scheduled step
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_after_one_step_and_resume_is_exact(tmp_path):
+    cdir = make_codes(tmp_path / "codes", *learnable_codes(16))
+    common = ["--global-batch-size", 4, "--epochs", 50, "--decay-epochs", 10, "--ema", "--log-every", 1, "--ckpt-every",
+              1000]
+    straight = torchrun("train_ar.py", *train_args(cdir, tmp_path / "straight", *common), logs=tmp_path / "l1")
+    assert straight.wait(300) == 0
+    proc = torchrun("train_ar.py", *train_args(cdir, tmp_path / "split", *common), logs=tmp_path / "l2")
+    deadline = time.time() + 120
+    while not any("step 5/" in f.read_text() for f in (tmp_path / "l2").rglob("0/stdout.log")):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to each rank at its own moment
+    assert proc.wait(60) != 0
+    step = load(tmp_path / "split")["step"]
+    err = [f.read_text() for f in sorted((tmp_path / "l2").rglob("*/stderr.log"))]
+    assert err == [f"train_ar.py train: stopped by SIGTERM after step {step}/200: {tmp_path / 'split' / 'ckpt.pt'} "
+                   f"holds it; the same command with --resume continues the run exactly\n", ""], err
+    assert torchrun("train_ar.py", *train_args(cdir, tmp_path / "split", *common, "--resume"),
+                    logs=tmp_path / "l3").wait(300) == 0
+    assert_same_run(load(tmp_path / "straight"), load(tmp_path / "split"))
 
 
 def test_data_on_device_draws_each_image_once_per_epoch_and_refuses_torchrun(tmp_path, monkeypatch):

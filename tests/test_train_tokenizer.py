@@ -1,6 +1,7 @@
 """Tests of train_tokenizer.py (tiny tokenizer, CPU): python -m pytest -q tests/test_train_tokenizer.py"""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,32 @@ def test_resume_continues_exactly(image_folder, tmp_path):
     assert (tmp_path / "full" / "recon_0000004.png").exists()
     summary = json.loads((tmp_path / "split" / "summary.json").read_text())
     assert summary["step"] == 4 and summary["loss"] > 0 and 0 < summary["codebook_used"] <= 100
+
+
+def train(*argv, **kwargs):
+    """train_tokenizer.py in its own process (and process group), one thread: a Popen with text pipes."""
+    return subprocess.Popen([sys.executable, "train_tokenizer.py", *argv], cwd=ROOT, text=True, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_loader_workers_stops_after_a_step_and_resume_is_exact(image_folder, tmp_path):
+    common = ["--max-steps", 12, "--num-workers", 1, "--ckpt-every", 100, "--show-every", 100]
+    assert train(*train_args(image_folder, tmp_path / "straight", *common)).wait(120) == 0
+    proc = train(*train_args(image_folder, tmp_path / "split", *common))
+    next(line for line in proc.stdout if line.startswith("step 2/"))
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole group: the trainer and its loader worker
+    _, err = proc.communicate(timeout=120)
+    step = states(tmp_path / "split" / "ckpt.pt")[3]
+    assert proc.returncode == 1 and err.splitlines() == [
+        f"train_tokenizer.py: stopped by SIGINT after step {step}/12: {tmp_path / 'split' / 'ckpt.pt'} holds it; "
+        f"the same command with --resume continues the run exactly"], err
+    assert 2 <= step < 12 and sorted(os.listdir(tmp_path / "split")) == [".lock", "ckpt.pt"]
+    assert train(*train_args(image_folder, tmp_path / "split", *common, "--resume")).wait(120) == 0
+    straight, split = states(tmp_path / "straight" / "ckpt.pt"), states(tmp_path / "split" / "ckpt.pt")
+    for a, b in zip(straight[:2], split[:2]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(straight[2][i]["exp_avg_sq"], split[2][i]["exp_avg_sq"]) for i in straight[2])
 
 
 def test_missing_data_and_weights_fail_clearly(tmp_path, monkeypatch):
