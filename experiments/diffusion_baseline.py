@@ -19,14 +19,13 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import (ArgumentParser, FashionMNIST, _number, atomic_save, check_writable, from_uint8,  # noqa: E402
-                  nonnegative_int, positive_float, positive_int, probability, setup_device, to_uint8)
+from data import (ArgumentParser, FashionMNIST, _number, atomic_save, check_writable, exit_on_error,  # noqa: E402
+                  from_uint8, nonnegative_int, positive_float, positive_int, probability, setup_device, to_uint8)
 from model import guide  # noqa: E402
 from tokenizer import (DiffusionNet, Tokenizer, TokenizerConfig, load_checkpoint, precision,  # noqa: E402
                        shift_time)
 from train_tokenizer import augment  # noqa: E402
-from trainer import (DRAWS, Order, Trainer, add_common_args, exit_on_error, generator, get_lr,  # noqa: E402
-                     setup)
+from trainer import DRAWS, Order, Trainer, add_common_args, generator, get_lr, setup  # noqa: E402
 
 
 class ClassDiffusion(nn.Module):
@@ -101,8 +100,7 @@ def train_main(args):
         run([(x, y, t, noise)], get_lr(s, args.lr, args.warmup_steps, decay_start, end))
         if run.step % args.log_every == 0 or run.step == end:
             run.log(end, args.global_batch_size, "img")
-        if run.step % args.ckpt_every == 0 or run.step == end:
-            run.save()
+        run.checkpoint(end)  # also on SIGTERM or Ctrl-C, then the run stops
     run.finish()
 
 
