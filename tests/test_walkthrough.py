@@ -29,6 +29,8 @@ TOLERANCE = 8  # uint8 levels a pixel of a figure may move: floating-point noise
 MAX_MOVED = 0.002  # the fraction of a figure's pixels that may move further
 RERUN = "re-execute the notebook: python3 tests/test_walkthrough.py"
 
+pytestmark = pytest.mark.slow
+
 
 def execute(nb):
     """Runs nb in place in a fresh python3 kernel whose working folder is docs/, as a reader's Jupyter would be."""
