@@ -414,6 +414,15 @@ def test_help_runs():
     assert out.returncode == 0 and "--prefix-image" in out.stdout
 
 
+def test_loading_imports_no_compiler(ckpts):
+    """The models are built for loading without nn.init and with a CPU rope table: PyTorch's meta-device normal_ and
+    arange import torch._dynamo and sympy, a second of `python sample.py`'s start on a CPU."""
+    code = (f"import sys, torch, sample; sample.load_models({str(ckpts / 'tok.pt')!r}, {str(ckpts / 'gpt.pt')!r}, "
+            f"None, torch.float32, torch.device('cpu')); print(sorted({{'torch._dynamo', 'sympy'}} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_tokens_equal_eager(ckpts):
     tok, gpt = sample.load_models(ckpts / "tok.pt", ckpts / "gpt.pt", None, torch.bfloat16, torch.device("cuda"))
