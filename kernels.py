@@ -16,11 +16,13 @@ import types
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the PyTorch paths below still work
-    triton = None
+triton = None
+if torch.cuda.is_available():  # the kernels run on CUDA only: a CPU run starts without importing Triton
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:  # the PyTorch paths below still work
+        pass
 
 
 def _use_triton(t):

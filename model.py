@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import decode_attention
-from tokenizer import apply_rope, check_finite, load_checkpoint
+from tokenizer import SkipInit, apply_rope, check_finite, load_checkpoint
 
 
 @dataclass
@@ -88,9 +88,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_table(seq_len, head_dim, base):
-    """(seq_len, head_dim/2, 2) cos/sin of position·f_k; position 0 (the class token) is the identity."""
-    freqs = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)  # (S, hd/2)
+    """(seq_len, head_dim/2, 2) cos/sin of position·f_k; position 0 (the class token) is the identity. On the CPU,
+    under a meta device too: a model built there for loading keeps a real table (and a meta arange imports dynamo)."""
+    freqs = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device="cpu"), freqs)  # (S, hd/2)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
@@ -277,13 +278,12 @@ class GPT(nn.Module):
             sd = {k.removeprefix("_orig_mod."): v for k, v in sd.items()}  # saved from a compiled model
             cfg = GPTConfig.from_name(name, **overrides)
         check_finite(sd, str(path))
-        with torch.device("meta"):
+        with torch.device("meta"), SkipInit():
             model = cls(cfg)
         try:
             model.load_state_dict(sd, strict=True, assign=True)
         except RuntimeError as e:  # PyTorch names the missing, unexpected and mis-shaped keys
             raise ValueError(f"{path} does not fit {cfg}: is it the right file and preset?\n{e}") from None
-        model.rope = rope_table(cfg.block_size + 1, cfg.head_dim, cfg.rope_base)
         return model.float().eval()
 
 

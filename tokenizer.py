@@ -59,6 +59,16 @@ def load_checkpoint(path, map_location="cpu"):
                          f"({type(e).__name__}: {first})") from None
 
 
+class SkipInit(torch.overrides.TorchFunctionMode):
+    """Modules built inside `with torch.device("meta"), SkipInit():` skip nn.init, for a load that assigns every weight:
+    a normal_ on the meta device imports torch._dynamo, most of the loading time of `python sample.py` on a CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return None
+        return func(*args, **(kwargs or {}))
+
+
 def check_finite(state_dict, source):
     """Refuses weights with NaN or infinity (e.g. saved by a run whose loss diverged)."""
     bad = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
@@ -621,7 +631,7 @@ class Tokenizer(nn.Module):
     @classmethod
     def from_state_dict(cls, cfg, state_dict, source):
         """Strict load; only the training-only keys (usage buffer, REPA projector) may be present or absent."""
-        with torch.device("meta"):
+        with torch.device("meta"), SkipInit():
             tok = cls(cfg)
         repa = tok.diff_decoder.net.repa_out
         state_dict = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}  # saved from a compiled model

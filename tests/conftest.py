@@ -1,4 +1,6 @@
-"""Shared fixtures of the test suite."""
+"""Shared fixtures of the test suite, and the `slow` marker: whole-capability tests of a minute or more (the shipped
+model's accuracy, the Figure 7 pipeline, the notebook, the evaluate command end to end, reconstruction quality,
+several processes against one, faults injected into whole runs) run only with `--slow` or `-m slow`."""
 import itertools
 import os
 import signal
@@ -10,15 +12,27 @@ import pytest
 import torch
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow")
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than a few seconds (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "slow: a whole-capability test of a minute or more (runs with --slow or -m slow)")
 
 
-@pytest.fixture(scope="module")
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow") or config.getoption("markexpr"):  # -m picks the tests itself
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow or -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """One torch thread for a module: its models are tiny, and on a busy 2-core machine several threads of tiny
-    matmuls spin-wait and run 10-100× slower. Modules that train or serve models use it with
-    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    """One torch thread: the models are tiny, and on a busy 2-core machine several threads of tiny matmuls spin-wait
+    and run 10-100× slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -16,9 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import ablations  # noqa: E402
 from data import fmnist_dir  # noqa: E402
 
-pytestmark = [pytest.mark.skipif(not (fmnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
-                                 reason="Fashion-MNIST is not installed"),
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.skipif(not (fmnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
+                                reason="Fashion-MNIST is not installed")
 
 # per study: rows, the metrics of our rows, the paper's columns, and whether there is a real-vs-real floor
 RECON, GEN = {"rFID", "PSNR", "Class kept"}, {"FID", "Precision", "Recall", "Class accuracy"}
@@ -49,7 +48,7 @@ def run(out_dir, *args):
     ablations.main([*args, "--recipe", "tiny", "--out-dir", str(out_dir), "--device", "cpu"])
 
 
-@pytest.mark.parametrize("table", list(EXPECTED))
+@pytest.mark.parametrize("table", [pytest.param(t, marks=pytest.mark.slow) if t == "figure7" else t for t in EXPECTED])
 def test_study_writes_json_and_markdown(out_dir, table):
     run(out_dir, table)
     n, ours, paper, floor = EXPECTED[table]
@@ -136,12 +135,16 @@ def test_verdicts_follow_the_numbers():
     assert "NOT" in ablations.verdict_table7({"FID": {**fid, "reversed 1.5": 2.0}})
 
 
-def test_codebook_use_and_ar_loss_are_the_trainers_final_figures(out_dir):
+def test_codebook_use_is_the_trainers_final_figure(out_dir):
     run(out_dir, "table6")
     rows = json.loads((out_dir / "results_table6.json").read_text())["rows"]
     for row, shift in zip(rows, (1, 2, 4)):
         summary = json.loads((out_dir / "models" / ablations.tokenizer_name(shift) / "summary.json").read_text())
         assert row["ours"]["Codebook use"] == pytest.approx(summary["codebook_used"] / 100)
+
+
+@pytest.mark.slow
+def test_ar_loss_is_the_trainers_final_figure(out_dir):
     run(out_dir, "figure7")
     rows = json.loads((out_dir / "results_figure7.json").read_text())["rows"]
     for row, groups in zip(rows, (1, 4, 8, 16)):

@@ -52,6 +52,7 @@ def accuracy(shipped):
     return dict(sequential=sequential, speculative=speculative)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["sequential", "speculative"])
 def test_generated_samples_are_recognised(accuracy, sampler):
     """These 100 samples (CPU, fp32): 100% either way; 1,000 of `python sample.py` on a GPU: 100%, 5,000: 99.6% (the
@@ -59,12 +60,14 @@ def test_generated_samples_are_recognised(accuracy, sampler):
     assert accuracy[sampler] >= 0.95, f"only {accuracy[sampler]:.0%} of the samples are classified as their label"
 
 
+@pytest.mark.slow
 def test_speculative_samples_are_recognised_as_often(accuracy):
     """Speculative decoding changes only the number of forwards: the accuracies agree within binomial noise."""
     p = (accuracy["sequential"] + accuracy["speculative"]) / 2
     assert abs(accuracy["sequential"] - accuracy["speculative"]) <= 3 * (2 * max(p * (1 - p), 0.01) / 100) ** 0.5
 
 
+@pytest.mark.slow
 def test_reconstruction_keeps_the_class(shipped):
     tok, _ = shipped
     if not (fmnist_dir() / "t10k-images-idx3-ubyte.gz").is_file():

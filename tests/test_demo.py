@@ -32,9 +32,6 @@ from data import fmnist_rgb32, from_uint8, load_fashion_mnist, open_image  # noq
 CHROMIUM = shutil.which("chromium")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # the server process gets OMP_NUM_THREADS=1
-
-
 @pytest.fixture(scope="module")
 def server():
     """A running `python demo/demo.py --port 0` on the CPU: (host, port, its log lines so far)."""

@@ -15,8 +15,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import diffusion_baseline as baseline  # noqa: E402
 from tokenizer import TokenizerConfig  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def fake_fashion_mnist(folder, n=32):
     """Both splits of a Fashion-MNIST folder in its idx .gz format, n random images each, classes in turn."""

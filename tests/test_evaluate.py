@@ -232,6 +232,7 @@ def test_missing_weights_and_data_say_what_to_do(tmp_path):
         evaluate.load_fmnist_classifier(str(tmp_path / "pickled_module.pt"))
 
 
+@pytest.mark.slow
 def test_command_line_end_to_end_with_random_weights(tmp_path, inputs):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))

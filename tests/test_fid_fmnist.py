@@ -20,8 +20,6 @@ from test_diffusion_baseline import fake_fashion_mnist  # noqa: E402
 from test_evaluate import TinyFeatures  # noqa: E402
 from tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def test_floor_reconstructions_and_samples(tmp_path, monkeypatch):
     monkeypatch.setenv("FASHION_MNIST_DIR", str(fake_fashion_mnist(tmp_path / "fmnist", n=20)))

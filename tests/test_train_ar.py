@@ -31,9 +31,6 @@ from tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
 V, N = 64, 32  # the tiny tokenizer's codebook and token count
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 def run(*argv):
     train_ar.main([str(a) for a in argv])
 
@@ -483,6 +480,7 @@ def test_reverse_order_flips_the_sequence(tmp_path, fast):
     assert GPT.from_checkpoint(tmp_path / "a" / "ckpt.pt").config.reverse_order  # samplers read it from here
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
 def test_torchrun_step_matches_one_process(tmp_path, flags):
     cdir = make_codes(tmp_path / "codes", *learnable_codes(16))

@@ -18,9 +18,6 @@ from tokenizer import Tokenizer, TokenizerConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.fixture
 def image_folder(tmp_path):
     """8 smooth random images of mixed sizes: 6 in two class folders, 2 at the top (both layouts at once)."""
@@ -169,6 +166,7 @@ def test_micro_batches_depend_only_on_the_step_and_their_place_in_it(image_folde
     assert not torch.equal(one[0][2], next(tt.batches(dataset, args, 2, 1, 0, cpu))[0][2])  # each step its own
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(image_folder, vgg_file, tmp_path):
     """torchrun with 2 gloo ranks x 1 micro-step vs. one process with 2 micro-steps of the same global batch, LPIPS
     (with its dropout) on. Not one micro-batch of 4: the masked VQ terms normalise per micro-batch."""

@@ -36,6 +36,8 @@ RERUN = "re-execute the notebook: python3 tests/test_walkthrough.py"
 CHANGE = re.compile(r"\*Change\* \((?:§(\d+)|the first code cell)\): `([^`]+)` → `([^`]+)`(?: \(or `([^`]+)`\))?"
                     r"(?:, then re-run §(\d+))?")
 
+pytestmark = pytest.mark.slow
+
 
 def sections(nb):
     """The section number of each cell: that of the last "## N." heading above it, 0 before the first."""
