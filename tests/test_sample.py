@@ -300,7 +300,6 @@ def test_interrupted_write_keeps_the_old_file(ckpts, tmp_path, monkeypatch):
     assert path.read_bytes() == b"the old archive" and os.listdir(tmp_path) == ["s.npz"]
 
 
-<<<<<<< HEAD
 def test_a_signal_writes_no_npz_and_a_rerun_makes_the_same_arrays(ckpts, tmp_path, signal_on_calls, monkeypatch):
     common = argv(ckpts, "--num-samples", 5, "--batch-size", 2, "--out", "")
     sample.main(sample.parse_args([*common, "--npz", str(tmp_path / "straight.npz")]))
@@ -341,9 +340,7 @@ def test_two_runs_writing_one_npz_leave_one_complete_result(ckpts, tmp_path):
     assert sum(expected) == 1  # the whole of one run, nothing mixed
 
 
-=======
 @pytest.mark.slow
->>>>>>> issue35
 def test_torchrun_npz_matches_one_process(ckpts, tmp_path):
     common = [*argv(ckpts), "--num-samples", "6", "--batch-size", "3", "--out", ""]
     sample.main(sample.parse_args([*common, "--npz", str(tmp_path / "one.npz")]))  # one thread, as each rank
