@@ -67,7 +67,6 @@ PRESETS = {
     "GPT-tiny": dict(n_layer=2, n_head=2, dim=128, vocab_size=64, block_size=32, num_classes=10,
                      multiple_of=64, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0),
     "GPT-fmnist": dict(n_layer=8, n_head=3, dim=192, vocab_size=512, block_size=64, num_classes=10, multiple_of=64),
-    "GPT-fmnist-M": dict(n_layer=8, n_head=4, dim=256, vocab_size=512, block_size=64, num_classes=10, multiple_of=64),
     # the AR model of the CPU recipe (tokenizer preset fmnist-cpu): few epochs, so no dropout
     "GPT-fmnist-cpu": dict(n_layer=4, n_head=2, dim=128, vocab_size=256, block_size=16, num_classes=10,
                            multiple_of=64, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0),
