@@ -3,7 +3,6 @@ refuses bad input in one line.
 
     python -m pytest -q tests/test_diffusion_baseline.py
 """
-import gzip
 import sys
 from pathlib import Path
 
@@ -12,24 +11,14 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import diffusion_baseline as baseline  # noqa: E402
+from test_evaluate import fake_fashion_mnist  # noqa: E402
 from tokenizer import TokenizerConfig  # noqa: E402
 
 
-def fake_fashion_mnist(folder, n=32):
-    """Both splits of a Fashion-MNIST folder in its idx .gz format, n random images each, classes in turn."""
-    rng = np.random.default_rng(0)
-    folder.mkdir()
-    for split in ("train", "t10k"):
-        with gzip.open(folder / f"{split}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(bytes(16) + rng.integers(0, 256, (n, 28, 28), dtype=np.uint8).tobytes())
-        with gzip.open(folder / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(bytes(8) + (np.arange(n) % 10).astype(np.uint8).tobytes())
-    return folder
-
-
 def test_trains_then_samples_a_labelled_npz(tmp_path):
-    data = fake_fashion_mnist(tmp_path / "fmnist")
+    data = fake_fashion_mnist(tmp_path / "fmnist", n=32)
     baseline.main(["train", "--preset", "tiny", "--data", str(data), "--out-dir", str(tmp_path / "run"),
                    "--data-on-device", "--device", "cpu", "--global-batch-size", "8", "--max-steps", "4",
                    "--warmup-steps", "1", "--decay-steps", "2", "--log-every", "2"])

@@ -16,8 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fid_fmnist  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from test_diffusion_baseline import fake_fashion_mnist  # noqa: E402
-from test_evaluate import TinyFeatures  # noqa: E402
+from test_evaluate import TinyFeatures, fake_fashion_mnist  # noqa: E402
 from tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
 
 
