@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate  # noqa: E402
 import sample  # noqa: E402
-from data import (CHECKPOINTS, ArgumentParser, fmnist_rgb32, from_uint8, load_fashion_mnist,  # noqa: E402
-                  positive_int, setup_device, write_json)
+from data import (CHECKPOINTS, ArgumentParser, check_writable, exit_on_error, fmnist_rgb32,  # noqa: E402
+                  from_uint8, load_fashion_mnist, positive_int, seed_int, setup_device, write_json)
 
 N = 10_000  # images a side
 
@@ -100,14 +100,22 @@ def main(argv=None):
     p.add_argument("--floor", action="store_true", help="10,000 training images against the test images")
     p.add_argument("--recon", action="store_true", help="the tokenizer's reconstructions of the test images")
     p.add_argument("--cfg", nargs="*", type=sample.cfg_scale_arg, default=[], help="guidance settings of samples")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--seeds", nargs="+", type=seed_int, default=[0], help="sampling seeds (and reconstruction noise)")
     p.add_argument("--solver", choices=["adams2", "euler"], default="adams2")
     p.add_argument("--steps", type=positive_int, default=None, help="solver steps (default: the tokenizer's)")
     p.add_argument("--out", default=None, help="JSON file of the rows")
     p.add_argument("--device", default=None)
-    args = p.parse_args(argv)
+    exit_on_error("fid_fmnist.py", run, p.parse_args(argv))
+
+
+def run(args):
     _, _, device = setup_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # sample.py's default
+    if args.out:
+        check_writable(args.out, (".json",))
+    if args.recon or args.cfg:  # a bad file ends the run before the Inception features of the test images
+        tok, gpt = sample.load_models(args.tokenizer_ckpt, args.gpt_ckpt, args.gpt_model, dtype, device)
+        tok.eval(), gpt.eval()
     judge = Judge(device)
     rows = []
 
@@ -121,9 +129,6 @@ def main(argv=None):
     if args.floor:
         t0 = time.time()
         row(f"floor: {N:,} training images", floor(judge), t0)
-    if args.recon or args.cfg:
-        tok, gpt = sample.load_models(args.tokenizer_ckpt, args.gpt_ckpt, args.gpt_model, dtype, device)
-        tok.eval(), gpt.eval()
     if args.recon:
         for seed in args.seeds:
             t0 = time.time()
@@ -132,7 +137,6 @@ def main(argv=None):
         for seed in args.seeds:
             t0 = time.time()
             row(f"samples, CFG {cfg}, seed {seed}", samples(judge, tok, gpt, cfg, seed, args.solver, args.steps), t0)
-    return rows
 
 
 if __name__ == "__main__":

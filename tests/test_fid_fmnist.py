@@ -48,3 +48,15 @@ def test_the_protocol_takes_10000_images():
     judge = object.__new__(fid_fmnist.Judge)
     with pytest.raises(ValueError, match="10000 images of 32 x 32 x 3"):
         judge(torch.zeros(5, 32, 32, 3).numpy())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--recon", "--gpt-ckpt", "missing.pt"], "fid_fmnist.py: error: checkpoint missing.pt does not exist"),
+    (["--floor", "--out", "no/such/folder/rows.json"], "fid_fmnist.py: error: no/such/folder/rows.json: the folder"),
+])
+def test_bad_input_ends_in_one_line_before_any_work(tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fid_fmnist, "Judge", None)  # never reached: the inputs are checked first
+    with pytest.raises(SystemExit) as e:
+        fid_fmnist.main([*argv, "--device", "cpu"])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
