@@ -34,7 +34,7 @@ FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal
                   "Ankle boot")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 READ_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")  # the only ones read (Pillow knows dozens, some via other programs)
-MAX_ASPECT = 32  # longest side over shortest: a 1×10⁶ strip would be resized to 32×32·10⁶ pixels before its crop
+MAX_SIDE_RATIO = 32  # longest side over shortest: a 1×10⁶ strip would be resized to 32×32·10⁶ pixels before its crop
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # what sample.py writes
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # larger images are refused (a decompression bomb would exhaust memory)
 
@@ -124,8 +124,8 @@ def open_image(path, max_pixels=None):
                 w, h = im.size
                 if w * h > (max_pixels or MAX_IMAGE_PIXELS):
                     raise ValueError(f"{w}×{h} pixels is more than {max_pixels or MAX_IMAGE_PIXELS} allowed")
-                if max(w, h) > MAX_ASPECT * min(w, h):
-                    raise ValueError(f"{w}×{h} pixels: the aspect ratio is over {MAX_ASPECT}:1")
+                if max(w, h) > MAX_SIDE_RATIO * min(w, h):
+                    raise ValueError(f"{w}×{h} pixels: the aspect ratio is over {MAX_SIDE_RATIO}:1")
                 return im.convert("RGB")
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
