@@ -101,7 +101,8 @@ def main(argv=None):
     p.add_argument("--recon", action="store_true", help="the tokenizer's reconstructions of the test images")
     p.add_argument("--cfg", nargs="*", type=sample.cfg_scale_arg, default=[], help="guidance settings of samples")
     p.add_argument("--seeds", nargs="+", type=seed_int, default=[0], help="sampling seeds (and reconstruction noise)")
-    p.add_argument("--solver", choices=["adams2", "euler"], default="adams2")
+    p.add_argument("--solver", nargs="+", choices=["adams2", "euler"], default=["adams2"],
+                   help="the pixel decoder's ODE solver; several: every set with each (labelled when not Adams-2)")
     p.add_argument("--steps", type=positive_int, default=None, help="solver steps (default: the tokenizer's)")
     p.add_argument("--out", default=None, help="JSON file of the rows")
     p.add_argument("--device", default=None)
@@ -129,14 +130,17 @@ def run(args):
     if args.floor:
         t0 = time.time()
         row(f"floor: {N:,} training images", floor(judge), t0)
-    if args.recon:
-        for seed in args.seeds:
-            t0 = time.time()
-            row(f"reconstructions, seed {seed}", reconstruction(judge, tok, seed, args.solver, args.steps), t0)
-    for cfg in args.cfg:
-        for seed in args.seeds:
-            t0 = time.time()
-            row(f"samples, CFG {cfg}, seed {seed}", samples(judge, tok, gpt, cfg, seed, args.solver, args.steps), t0)
+    for solver in args.solver:
+        tag = "" if solver == "adams2" else f", {solver}"
+        if args.recon:
+            for seed in args.seeds:
+                t0 = time.time()
+                row(f"reconstructions{tag}, seed {seed}", reconstruction(judge, tok, seed, solver, args.steps), t0)
+        for cfg in args.cfg:
+            for seed in args.seeds:
+                t0 = time.time()
+                row(f"samples{tag}, CFG {cfg}, seed {seed}", samples(judge, tok, gpt, cfg, seed, solver, args.steps),
+                    t0)
 
 
 if __name__ == "__main__":

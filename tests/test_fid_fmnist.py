@@ -42,6 +42,11 @@ def test_floor_reconstructions_and_samples(tmp_path, monkeypatch):
         assert 0 <= r["class accuracy"] <= 1
     assert all(0 < r["PSNR"] < 60 for r in rows[1:3])
     assert rows[3]["FID"] != rows[4]["FID"]  # two seeds of sampling, two sets of images
+    fid_fmnist.main(["--tokenizer-ckpt", str(tmp_path / "t.pt"), "--gpt-ckpt", str(tmp_path / "g.pt"), "--recon",
+                     "--cfg", "1", "--solver", "adams2", "euler", "--steps", "4", "--device", "cpu", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [r["what"] for r in rows] == ["reconstructions, seed 0", "samples, CFG 1, seed 0",
+                                         "reconstructions, euler, seed 0", "samples, euler, CFG 1, seed 0"]
 
 
 def test_the_protocol_takes_10000_images():
