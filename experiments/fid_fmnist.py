@@ -23,6 +23,7 @@ import evaluate  # noqa: E402
 import sample  # noqa: E402
 from data import (CHECKPOINTS, ArgumentParser, check_writable, exit_on_error, fmnist_rgb32,  # noqa: E402
                   from_uint8, load_fashion_mnist, positive_int, seed_int, setup_device, write_json)
+from tokenizer import Tokenizer  # noqa: E402
 
 N = 10_000  # images a side
 
@@ -114,9 +115,12 @@ def run(args):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # sample.py's default
     if args.out:
         check_writable(args.out, (".json",))
-    if args.recon or args.cfg:  # a bad file ends the run before the Inception features of the test images
+    # a bad file ends the run before the Inception features of the test images; reconstructions need no GPT
+    if args.cfg:
         tok, gpt = sample.load_models(args.tokenizer_ckpt, args.gpt_ckpt, args.gpt_model, dtype, device)
         tok.eval(), gpt.eval()
+    elif args.recon:
+        tok = Tokenizer.from_checkpoint(args.tokenizer_ckpt).to(device).eval()
     judge = Judge(device)
     rows = []
 

@@ -47,6 +47,9 @@ def test_floor_reconstructions_and_samples(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())
     assert [r["what"] for r in rows] == ["reconstructions, seed 0", "samples, CFG 1, seed 0",
                                          "reconstructions, euler, seed 0", "samples, euler, CFG 1, seed 0"]
+    fid_fmnist.main(["--tokenizer-ckpt", str(tmp_path / "t.pt"), "--gpt-ckpt", str(tmp_path / "missing.pt"),
+                     "--recon", "--steps", "4", "--device", "cpu", "--out", str(out)])  # no GPT read
+    assert [r["what"] for r in json.loads(out.read_text())] == ["reconstructions, seed 0"]
 
 
 def test_the_protocol_takes_10000_images():
