@@ -59,7 +59,8 @@ def test_the_protocol_takes_10000_images():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--recon", "--gpt-ckpt", "missing.pt"], "fid_fmnist.py: error: checkpoint missing.pt does not exist"),
+    (["--cfg", "1", "--gpt-ckpt", "missing.pt"], "fid_fmnist.py: error: checkpoint missing.pt does not exist"),
+    (["--recon", "--tokenizer-ckpt", "missing.pt"], "fid_fmnist.py: error: checkpoint missing.pt does not exist"),
     (["--floor", "--out", "no/such/folder/rows.json"], "fid_fmnist.py: error: no/such/folder/rows.json: the folder"),
 ])
 def test_bad_input_ends_in_one_line_before_any_work(tmp_path, monkeypatch, argv, message):
