@@ -52,7 +52,10 @@ def run(out_dir, *args, seeds=("0", "1")):
 VERDICTS = {"holds", "reversed", "within noise"}
 
 
-@pytest.mark.parametrize("table", [pytest.param(t, marks=pytest.mark.slow) if t == "figure7" else t for t in EXPECTED])
+SLOW = {"table6", "table7", "figure7"}  # more models per seed: the slow tier (`-m slow`) runs them
+
+
+@pytest.mark.parametrize("table", [pytest.param(t, marks=pytest.mark.slow) if t in SLOW else t for t in EXPECTED])
 def test_study_writes_json_and_markdown(out_dir, table):
     run(out_dir, table)
     n, ours, paper, floor = EXPECTED[table]
@@ -109,11 +112,11 @@ def test_seeds_retrain_what_the_study_varies(out_dir):
 
 
 def test_metrics_stage_reuses_the_sets(out_dir):
-    run(out_dir, "table6")
-    ckpt = out_dir / "models" / "tok-s1-k8-seed1" / "ckpt.pt"
-    before = (ckpt.stat().st_mtime_ns, json.loads((out_dir / "results_table6.json").read_text()))
-    run(out_dir, "table6", "--stage", "metrics")
-    assert (ckpt.stat().st_mtime_ns, json.loads((out_dir / "results_table6.json").read_text())) == before
+    run(out_dir, "table2")
+    ckpt = out_dir / "models" / "tok-s2-k8-seed1" / "ckpt.pt"
+    before = (ckpt.stat().st_mtime_ns, json.loads((out_dir / "results_table2.json").read_text()))
+    run(out_dir, "table2", "--stage", "metrics")
+    assert (ckpt.stat().st_mtime_ns, json.loads((out_dir / "results_table2.json").read_text())) == before
 
 
 def test_seeds_can_come_in_several_sessions(out_dir):
@@ -213,10 +216,10 @@ def test_the_claims_go_the_way_of_the_papers_numbers(table):
 
 
 def test_codebook_use_is_the_trainers_final_figure(out_dir):
-    run(out_dir, "table6")
+    run(out_dir, "table6", seeds=("0",))  # one seed: two more tokenizers, not four
     rows = json.loads((out_dir / "results_table6.json").read_text())["rows"]
     for row, shift in zip(rows, (1, 2, 4)):
-        for seed, value in zip((0, 1), row["per seed"]["Codebook use"]):
+        for seed, value in zip((0,), row["per seed"]["Codebook use"], strict=True):
             summary = json.loads((out_dir / "models" / ablations.tokenizer_name(shift, seed=seed) / "summary.json")
                                  .read_text())
             assert value == pytest.approx(summary["codebook_used"] / 100)
