@@ -123,9 +123,9 @@ def sample_main(args):
         g = torch.Generator(device).manual_seed(args.seed + start)  # a batch's noise from its first index
         with precision("tf32", device.type):
             images.append(to_uint8(model.sample(labels[start:start + args.batch_size].to(device), args.cfg_scale,
-                                                g)).cpu())
+                                                g, args.steps)).cpu())
     atomic_save(args.npz, lambda f: np.savez(f, arr_0=torch.cat(images).numpy(), arr_1=labels.numpy()))
-    print(f"{len(labels)} samples at CFG {args.cfg_scale} written to {args.npz}")
+    print(f"{len(labels)} samples at CFG {args.cfg_scale}, {model.check_steps(args.steps)} steps, written to {args.npz}")
 
 
 def get_args(argv=None):
@@ -149,6 +149,7 @@ def get_args(argv=None):
     p.add_argument("--cfg-scale", type=_number(float, lambda v: 1 <= v < float("inf"), "a finite number ≥ 1"),
                    default=1.0, help="guidance on the velocity (1: none)")
     p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--steps", type=positive_int, default=None, help="solver steps (default: the tokenizer's, 8)")
     p.add_argument("--device", default=None)
     return parser.parse_args(argv)
 

@@ -17,7 +17,7 @@ from test_evaluate import fake_fashion_mnist  # noqa: E402
 from tokenizer import TokenizerConfig  # noqa: E402
 
 
-def test_trains_then_samples_a_labelled_npz(tmp_path):
+def test_trains_then_samples_a_labelled_npz(tmp_path, monkeypatch):
     data = fake_fashion_mnist(tmp_path / "fmnist", n=32)
     baseline.main(["train", "--preset", "tiny", "--data", str(data), "--out-dir", str(tmp_path / "run"),
                    "--data-on-device", "--device", "cpu", "--global-batch-size", "8", "--max-steps", "4",
@@ -35,6 +35,11 @@ def test_trains_then_samples_a_labelled_npz(tmp_path):
     baseline.main(args)  # a batch's noise comes from the seed and its first index only
     with np.load(npz) as f:
         assert np.array_equal(f["arr_0"], first)
+    calls = []  # one velocity per solver step and batch: 3 batches of at most 5
+    velocity = baseline.ClassDiffusion.velocity
+    monkeypatch.setattr(baseline.ClassDiffusion, "velocity", lambda m, *a: calls.append(1) or velocity(m, *a))
+    baseline.main(args + ["--steps", "3"])  # more or fewer solver steps than the tokenizer's 8
+    assert len(calls) == 3 * 3
 
 
 def test_guidance_acts_on_the_velocity():
