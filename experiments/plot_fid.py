@@ -71,6 +71,10 @@ def read_spec(path):
     spec = json.loads(Path(path).read_text())
     if not isinstance(spec, dict) or not {"x", "y", "series"} <= set(spec) or not spec["series"]:
         raise ValueError(f"{path}: needs keys x, y and a non-empty series")
+    if not (isinstance(spec["x"], str) and isinstance(spec["y"], str) and isinstance(spec["series"], dict)):
+        raise ValueError(f"{path}: x and y must be axis labels (strings), series a dict of name: points")
+    if not isinstance(spec.get("floor", 0), (int, float)) or spec.get("floor", 0) < 0:
+        raise ValueError(f"{path}: floor must be a number >= 0")
     for name, series in spec["series"].items():
         if not series or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, (int, float)) and v >= 0
                                                                               for v in p) for p in series):

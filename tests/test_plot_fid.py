@@ -40,6 +40,9 @@ def test_ticks_reach_past_the_largest_value():
     ({"x": "c", "y": "f", "series": {}}, "f.svg", "non-empty series"),
     ({"x": "c", "y": "f", "series": {"a": [[1, "2"]]}}, "f.svg", "pairs of numbers"),
     (SPEC, "f.png", "must end in .svg"),
+    ({**SPEC, "floor": "2.38"}, "f.svg", "floor must be a number"),
+    ({**SPEC, "series": [[1, 2]]}, "f.svg", "series a dict"),
+    ([1, 2], "f.svg", "needs keys x, y"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, spec, out, message):
     (tmp_path / "p.json").write_text(json.dumps(spec))
