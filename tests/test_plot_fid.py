@@ -13,13 +13,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import plot_fid  # noqa: E402
 
-SPEC = {"x": "training compute (PFLOP)", "y": "FID-10k", "floor": 2.38,
+POINTS = {"x": "training compute (PFLOP)", "y": "FID-10k", "floor": 2.38,
         "series": {"D-AR": [[68, 8.19], [17, 12.3]], "plain diffusion": [[17, 17.4], [34, 13.3], [68, 9.19]]}}
 NS = "{http://www.w3.org/2000/svg}"
 
 
 def test_one_line_per_model_one_dot_per_point(tmp_path):
-    (tmp_path / "p.json").write_text(json.dumps(SPEC))
+    (tmp_path / "p.json").write_text(json.dumps(POINTS))
     plot_fid.main([str(tmp_path / "p.json"), str(tmp_path / "f.svg")])
     root = ET.parse(tmp_path / "f.svg").getroot()
     lines = root.findall(f"{NS}polyline")
@@ -39,9 +39,9 @@ def test_ticks_reach_past_the_largest_value():
 @pytest.mark.parametrize("spec, out, message", [
     ({"x": "c", "y": "f", "series": {}}, "f.svg", "non-empty series"),
     ({"x": "c", "y": "f", "series": {"a": [[1, "2"]]}}, "f.svg", "pairs of numbers"),
-    (SPEC, "f.png", "must end in .svg"),
-    ({**SPEC, "floor": "2.38"}, "f.svg", "floor must be a number"),
-    ({**SPEC, "series": [[1, 2]]}, "f.svg", "series a dict"),
+    (POINTS, "f.png", "must end in .svg"),
+    ({**POINTS, "floor": "2.38"}, "f.svg", "floor must be a number"),
+    ({**POINTS, "series": [[1, 2]]}, "f.svg", "series a dict"),
     ([1, 2], "f.svg", "needs keys x, y"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, spec, out, message):
