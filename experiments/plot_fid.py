@@ -27,9 +27,9 @@ def ticks(top, n=5):
     return [i * step for i in range(math.ceil(top / step) + 1)]
 
 
-def svg(spec):
-    """The figure of spec (the JSON's dict) as SVG text."""
-    points = [p for s in spec["series"].values() for p in s] + [[0, spec.get("floor", 0)]]
+def svg(figure):
+    """The figure (the JSON's dict) as SVG text."""
+    points = [p for s in figure["series"].values() for p in s] + [[0, figure.get("floor", 0)]]
     x_ticks, y_ticks = ticks(max(x for x, _ in points) or 1), ticks(max(y for _, y in points) or 1)
     x_top, y_top = x_ticks[-1] * 1.04, y_ticks[-1] * 1.04
 
@@ -48,15 +48,15 @@ def svg(spec):
                    f'<text x="{x - 7:.1f}" y="{y + 4:.1f}" text-anchor="end">{v:g}</text>')
     (x0, y0), (x1, y1) = at(0, 0), at(x_top, y_top)
     out.append(f'<path d="M{x0:.1f},{y1:.1f} V{y0:.1f} H{x1:.1f}" fill="none" stroke="black"/>'
-               f'<text x="{(x0 + x1) / 2:.1f}" y="{H - 12}" text-anchor="middle">{escape(spec["x"])}</text>'
+               f'<text x="{(x0 + x1) / 2:.1f}" y="{H - 12}" text-anchor="middle">{escape(figure["x"])}</text>'
                f'<text transform="translate(16,{(y0 + y1) / 2:.1f}) rotate(-90)" text-anchor="middle">'
-               f'{escape(spec["y"])}</text>')
-    if "floor" in spec:
-        _, y = at(0, spec["floor"])
+               f'{escape(figure["y"])}</text>')
+    if "floor" in figure:
+        _, y = at(0, figure["floor"])
         out.append(f'<line x1="{x0:.1f}" y1="{y:.1f}" x2="{x1:.1f}" y2="{y:.1f}" stroke="gray" stroke-dasharray="5,4"/>'
                    f'<text x="{x1 - 4:.1f}" y="{y - 5:.1f}" text-anchor="end" fill="gray">real vs real '
-                   f'{spec["floor"]:g}</text>')
-    for i, (name, series) in enumerate(spec["series"].items()):
+                   f'{figure["floor"]:g}</text>')
+    for i, (name, series) in enumerate(figure["series"].items()):
         color, xy = COLORS[i % len(COLORS)], [at(x, y) for x, y in sorted(series)]
         out.append(f'<polyline points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in xy)}" fill="none" '
                    f'stroke="{color}" stroke-width="2"/>')
@@ -66,25 +66,25 @@ def svg(spec):
     return "\n".join(out + ["</svg>", ""])
 
 
-def read_spec(path):
+def read_figure(path):
     """The JSON's dict, checked: a ValueError names what is wrong."""
-    spec = json.loads(Path(path).read_text())
-    if not isinstance(spec, dict) or not {"x", "y", "series"} <= set(spec) or not spec["series"]:
+    figure = json.loads(Path(path).read_text())
+    if not isinstance(figure, dict) or not {"x", "y", "series"} <= set(figure) or not figure["series"]:
         raise ValueError(f"{path}: needs keys x, y and a non-empty series")
-    if not (isinstance(spec["x"], str) and isinstance(spec["y"], str) and isinstance(spec["series"], dict)):
+    if not (isinstance(figure["x"], str) and isinstance(figure["y"], str) and isinstance(figure["series"], dict)):
         raise ValueError(f"{path}: x and y must be axis labels (strings), series a dict of name: points")
-    if not isinstance(spec.get("floor", 0), (int, float)) or spec.get("floor", 0) < 0:
+    if not isinstance(figure.get("floor", 0), (int, float)) or figure.get("floor", 0) < 0:
         raise ValueError(f"{path}: floor must be a number >= 0")
-    for name, series in spec["series"].items():
+    for name, series in figure["series"].items():
         if not series or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, (int, float)) and v >= 0
                                                                               for v in p) for p in series):
             raise ValueError(f"{path}: series {name!r} must be a list of [x, y] pairs of numbers >= 0")
-    return spec
+    return figure
 
 
 def plot(args):
     check_writable(args.out, {".svg"})
-    text = svg(read_spec(args.points))
+    text = svg(read_figure(args.points))
     atomic_save(args.out, lambda f: f.write(text.encode()))
     print(f"wrote {args.out}")
 
