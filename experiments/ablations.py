@@ -508,9 +508,8 @@ STUDIES = {
         f"of the solver steps, and the final image (paper: 64 / 128 / 192 / 256 tokens, D-AR-L)."),
     "table6": Study(
         "Time shift β of tokenizer training (paper Table 6)", "tokenizer", ("rFID", "Codebook use"), table6,
-        [Claim("β = 1 is worse than β = 2 and 4 in rFID", "rFID", [("β = 2", "β = 1"), ("β = 4", "β = 1")]),
-         Claim("β = 1 is worse than β = 2 and 4 in codebook use", "Codebook use",
-               [("β = 2", "β = 1"), ("β = 4", "β = 1")])],
+        [Claim(f"β = 1 is worse than β = 2 and 4 in {name}", metric, [("β = 2", "β = 1"), ("β = 4", "β = 1")])
+         for name, metric in (("rFID", "rFID"), ("codebook use", "Codebook use"))],
         "Tokenizers trained with β = 1, 2, 4 (train_tokenizer.py --time-shift), decoded with Adams-2 in 8 steps; "
         "codebook use as train_tokenizer.py reports it at the end of training."),
     "table7": Study(
