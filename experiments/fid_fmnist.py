@@ -6,7 +6,7 @@ Inception (ADM's features and resize); the floor is the first 10,000 training im
         --out experiments/results/fid_shipped.json
 
 --recon: the tokenizer's reconstructions of the 10,000 test images (rFID-10k, PSNR, class kept); --cfg: samples at
-each guidance setting (a scale, or a linear ramp `a,b` as in sample.py) for each --seed. Each row also gives sFID,
+each guidance setting (a scale, or a linear ramp `a,b` as in sample.py) for each --seed, --solver and --steps. Each row also gives sFID,
 precision / recall (k = 3) and the class accuracy of evaluate.py's classifier. The gap between the samples' FID and
 the reconstructions' says which stage holds a model back: the AR model cannot draw better tokens than the tokenizer
 decodes.
@@ -104,7 +104,8 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=seed_int, default=[0], help="sampling seeds (and reconstruction noise)")
     p.add_argument("--solver", nargs="+", choices=["adams2", "euler"], default=["adams2"],
                    help="the pixel decoder's ODE solver; several: every set with each (labelled when not Adams-2)")
-    p.add_argument("--steps", type=positive_int, default=None, help="solver steps (default: the tokenizer's)")
+    p.add_argument("--steps", nargs="+", type=positive_int, default=[None],
+                   help="solver steps (default: the tokenizer's); several: every set with each (labelled when given)")
     p.add_argument("--out", default=None, help="JSON file of the rows")
     p.add_argument("--device", default=None)
     exit_on_error("fid_fmnist.py", run, p.parse_args(argv))
@@ -135,17 +136,17 @@ def run(args):
         t0 = time.time()
         row(f"floor: {N:,} training images", floor(judge), t0)
     for solver in args.solver:
-        tag = "" if solver == "adams2" else f", {solver}"
-        if args.recon:
-            for seed in args.seeds:
-                t0 = time.time()
-                row(f"reconstructions{tag}, seed {seed}", reconstruction(judge, tok, seed, solver, args.steps), t0)
-        for cfg in args.cfg:
-            for seed in args.seeds:
-                t0 = time.time()
-                row(f"samples{tag}, CFG {cfg}, seed {seed}", samples(judge, tok, gpt, cfg, seed, solver, args.steps),
-                    t0)
-
+        for steps in args.steps:
+            tag = ("" if solver == "adams2" else f", {solver}") + ("" if steps is None else f", {steps} steps")
+            if args.recon:
+                for seed in args.seeds:
+                    t0 = time.time()
+                    row(f"reconstructions{tag}, seed {seed}", reconstruction(judge, tok, seed, solver, steps), t0)
+            for cfg in args.cfg:
+                for seed in args.seeds:
+                    t0 = time.time()
+                    row(f"samples{tag}, CFG {cfg}, seed {seed}", samples(judge, tok, gpt, cfg, seed, solver, steps),
+                        t0)
 
 if __name__ == "__main__":
     main()

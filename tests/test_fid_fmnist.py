@@ -35,21 +35,26 @@ def test_floor_reconstructions_and_samples(tmp_path, monkeypatch):
                      "--out", str(out)])
     rows = json.loads(out.read_text())
     assert [r["what"] for r in rows] == [
-        "floor: 20 training images", "reconstructions, seed 0", "reconstructions, seed 1",
-        "samples, CFG 1, seed 0", "samples, CFG 1, seed 1", "samples, CFG 1,3, seed 0", "samples, CFG 1,3, seed 1"]
+        "floor: 20 training images", "reconstructions, 4 steps, seed 0", "reconstructions, 4 steps, seed 1",
+        "samples, 4 steps, CFG 1, seed 0", "samples, 4 steps, CFG 1, seed 1", "samples, 4 steps, CFG 1,3, seed 0",
+        "samples, 4 steps, CFG 1,3, seed 1"]
     for r in rows:
         assert math.isfinite(r["FID"]) and r["FID"] >= -1e-6 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
         assert 0 <= r["class accuracy"] <= 1
     assert all(0 < r["PSNR"] < 60 for r in rows[1:3])
     assert rows[3]["FID"] != rows[4]["FID"]  # two seeds of sampling, two sets of images
     fid_fmnist.main(["--tokenizer-ckpt", str(tmp_path / "t.pt"), "--gpt-ckpt", str(tmp_path / "g.pt"), "--recon",
-                     "--cfg", "1", "--solver", "adams2", "euler", "--steps", "4", "--device", "cpu", "--out", str(out)])
+                     "--cfg", "1", "--solver", "adams2", "euler", "--steps", "4", "2", "--device", "cpu",
+                     "--out", str(out)])
     rows = json.loads(out.read_text())
-    assert [r["what"] for r in rows] == ["reconstructions, seed 0", "samples, CFG 1, seed 0",
-                                         "reconstructions, euler, seed 0", "samples, euler, CFG 1, seed 0"]
+    assert [r["what"] for r in rows] == [
+        "reconstructions, 4 steps, seed 0", "samples, 4 steps, CFG 1, seed 0", "reconstructions, 2 steps, seed 0",
+        "samples, 2 steps, CFG 1, seed 0", "reconstructions, euler, 4 steps, seed 0",
+        "samples, euler, 4 steps, CFG 1, seed 0", "reconstructions, euler, 2 steps, seed 0",
+        "samples, euler, 2 steps, CFG 1, seed 0"]
     fid_fmnist.main(["--tokenizer-ckpt", str(tmp_path / "t.pt"), "--gpt-ckpt", str(tmp_path / "missing.pt"),
                      "--recon", "--steps", "4", "--device", "cpu", "--out", str(out)])  # no GPT read
-    assert [r["what"] for r in json.loads(out.read_text())] == ["reconstructions, seed 0"]
+    assert [r["what"] for r in json.loads(out.read_text())] == ["reconstructions, 4 steps, seed 0"]
 
 
 def test_the_protocol_takes_10000_images():

@@ -261,6 +261,12 @@ def test_default_run_writes_preview_strips(ckpts, tmp_path):
     assert not list(tmp_path.rglob(".*.tmp"))
 
 
+def test_steps_flag_gives_each_group_several_solver_steps(ckpts, tmp_path):
+    out = tmp_path / "grid.png"
+    sample.main(sample.parse_args(argv(ckpts, "--labels", 3, "--steps", 16, "--out", out)))
+    assert Image.open(out).size == (16 * 34, 34)  # one sample's strip of 16 previews
+
+
 def test_npz_holds_the_samples_at_the_exact_path(ckpts, tmp_path):
     path = tmp_path / "s.npz"
     sample.main(sample.parse_args(argv(ckpts, "--num-samples", 5, "--batch-size", 2, "--npz", path, "--out", "")))
@@ -424,6 +430,7 @@ BAD_INPUTS = [  # (extra arguments, what the one-line message must say)
     (["--gpt-ckpt", "{d}/gpt_nonull.pt"], "has no null class"),
     (["--gpt-ckpt", "{d}/gpt_rev.pt", "--prefix-image", "{d}/ref.png"], "reverse_order"),
     (["--speculative", -2], "--speculative"),
+    (["--steps", 0], "--steps: '0' must be a whole number ≥ 1"),
     (["--speculative", 33], "--speculative 33: this model makes 32 tokens"),
 ]
 if not torch.cuda.is_available():
