@@ -6,11 +6,13 @@ Inception (ADM's features and resize); the floor is the first 10,000 training im
         --out experiments/results/fid_shipped.json
 
 --recon: the tokenizer's reconstructions of the 10,000 test images (rFID-10k, PSNR, class kept); --cfg: samples at
-each guidance setting (a scale, or a linear ramp `a,b` as in sample.py) for each --seed, --solver and --steps. Each row also gives sFID,
+each guidance setting (a scale, or a linear ramp `a,b` as in sample.py) for each --temperature, --seed, --solver and
+--steps. Each row also gives sFID,
 precision / recall (k = 3) and the class accuracy of evaluate.py's classifier. The gap between the samples' FID and
 the reconstructions' says which stage holds a model back: the AR model cannot draw better tokens than the tokenizer
 decodes.
 """
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate  # noqa: E402
 import sample  # noqa: E402
 from data import (CHECKPOINTS, ArgumentParser, check_writable, exit_on_error, fmnist_rgb32,  # noqa: E402
-                  from_uint8, load_fashion_mnist, positive_int, seed_int, setup_device, write_json)
+                  from_uint8, load_fashion_mnist, positive_float, positive_int, seed_int, setup_device, write_json)
 from tokenizer import Tokenizer  # noqa: E402
 
 N = 10_000  # images a side
@@ -83,12 +85,12 @@ def reconstruction(judge, tok, seed, solver, steps, batch_size=500):
     return {**judge(recon, y), "PSNR": psnr}
 
 
-def samples(judge, tok, gpt, cfg_scale, seed, solver, steps, batch_size=1000):
+def samples(judge, tok, gpt, cfg_scale, temperature, seed, solver, steps, batch_size=1000):
     """10,000 samples, 1,000 per class (class i at indices i, i + 10, ...), as sample.py --labels 0 1 ... 9."""
     labels = torch.arange(10).repeat(N // 10)
     images, _ = sample.sample_indices(gpt, tok, labels, torch.arange(N), seed=seed, batch_size=batch_size,
                                       graph=tok.quantize.embedding.weight.is_cuda, progress=False,
-                                      cfg_scale=cfg_scale, temperature=1.0, top_k=0, top_p=1.0, solver=solver,
+                                      cfg_scale=cfg_scale, temperature=temperature, top_k=0, top_p=1.0, solver=solver,
                                       steps=steps, prefix=None, keep_previews=False, decoder_precision="tf32")
     return judge(images, labels)
 
@@ -101,6 +103,8 @@ def main(argv=None):
     p.add_argument("--floor", action="store_true", help="10,000 training images against the test images")
     p.add_argument("--recon", action="store_true", help="the tokenizer's reconstructions of the test images")
     p.add_argument("--cfg", nargs="*", type=sample.cfg_scale_arg, default=[], help="guidance settings of samples")
+    p.add_argument("--temperature", nargs="+", type=positive_float, default=[1.0],
+                   help="softmax temperatures of the samples (labelled when not 1)")
     p.add_argument("--seeds", nargs="+", type=seed_int, default=[0], help="sampling seeds (and reconstruction noise)")
     p.add_argument("--solver", nargs="+", choices=["adams2", "euler"], default=["adams2"],
                    help="the pixel decoder's ODE solver; several: every set with each (labelled when not Adams-2)")
@@ -142,11 +146,10 @@ def run(args):
                 for seed in args.seeds:
                     t0 = time.time()
                     row(f"reconstructions{tag}, seed {seed}", reconstruction(judge, tok, seed, solver, steps), t0)
-            for cfg in args.cfg:
-                for seed in args.seeds:
-                    t0 = time.time()
-                    row(f"samples{tag}, CFG {cfg}, seed {seed}", samples(judge, tok, gpt, cfg, seed, solver, steps),
-                        t0)
+            for cfg, temperature, seed in itertools.product(args.cfg, args.temperature, args.seeds):
+                t0 = time.time()
+                what = f"samples{tag}, CFG {cfg}" + ("" if temperature == 1 else f", temperature {temperature:g}")
+                row(f"{what}, seed {seed}", samples(judge, tok, gpt, cfg, temperature, seed, solver, steps), t0)
 
 if __name__ == "__main__":
     main()

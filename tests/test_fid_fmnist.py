@@ -55,6 +55,11 @@ def test_floor_reconstructions_and_samples(tmp_path, monkeypatch):
     fid_fmnist.main(["--tokenizer-ckpt", str(tmp_path / "t.pt"), "--gpt-ckpt", str(tmp_path / "missing.pt"),
                      "--recon", "--steps", "4", "--device", "cpu", "--out", str(out)])  # no GPT read
     assert [r["what"] for r in json.loads(out.read_text())] == ["reconstructions, 4 steps, seed 0"]
+    fid_fmnist.main(["--tokenizer-ckpt", str(tmp_path / "t.pt"), "--gpt-ckpt", str(tmp_path / "g.pt"), "--cfg", "1",
+                     "--temperature", "1", "0.5", "--steps", "2", "--device", "cpu", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [r["what"] for r in rows] == ["samples, 2 steps, CFG 1, seed 0",
+                                         "samples, 2 steps, CFG 1, temperature 0.5, seed 0"]
 
 
 def test_the_protocol_takes_10000_images():
