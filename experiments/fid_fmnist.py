@@ -139,17 +139,17 @@ def run(args):
     if args.floor:
         t0 = time.time()
         row(f"floor: {N:,} training images", floor(judge), t0)
-    for solver in args.solver:
-        for steps in args.steps:
-            tag = ("" if solver == "adams2" else f", {solver}") + ("" if steps is None else f", {steps} steps")
-            if args.recon:
-                for seed in args.seeds:
-                    t0 = time.time()
-                    row(f"reconstructions{tag}, seed {seed}", reconstruction(judge, tok, seed, solver, steps), t0)
-            for cfg, temperature, seed in itertools.product(args.cfg, args.temperature, args.seeds):
+    for solver, steps in itertools.product(args.solver, args.steps):
+        tag = ("" if solver == "adams2" else f", {solver}") + ("" if steps is None else f", {steps} steps")
+        if args.recon:
+            for seed in args.seeds:
                 t0 = time.time()
-                what = f"samples{tag}, CFG {cfg}" + ("" if temperature == 1 else f", temperature {temperature:g}")
-                row(f"{what}, seed {seed}", samples(judge, tok, gpt, cfg, temperature, seed, solver, steps), t0)
+                row(f"reconstructions{tag}, seed {seed}", reconstruction(judge, tok, seed, solver, steps), t0)
+        for cfg, temperature, seed in itertools.product(args.cfg, args.temperature, args.seeds):
+            t0 = time.time()
+            what = f"samples{tag}, CFG {cfg}" + ("" if temperature == 1 else f", temperature {temperature:g}")
+            row(f"{what}, seed {seed}", samples(judge, tok, gpt, cfg, temperature, seed, solver, steps), t0)
+
 
 if __name__ == "__main__":
     main()
