@@ -558,8 +558,9 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=top_p_arg, default=1.0, help="nucleus sampling threshold in (0, 1] (1: off)")
     p.add_argument("--seed", type=seed_int, default=0, help="seeds the labels, the noise and the token draws")
     p.add_argument("--solver", choices=["adams2", "euler"], default="adams2", help="ODE solver of the pixel decoder")
-    p.add_argument("--steps", type=positive_int, default=None, help="solver steps of the pixel decoder (default: the "
-                   "tokenizer's, one per token group; 32 uses each of 8 groups 4 times: sharper, 4x the decoder time)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="solver steps of the pixel decoder (default: the tokenizer's, one per token group; 32 uses "
+                        "each of 8 groups 4 times, at 4x the pixel network's work)")
     p.add_argument("--previews", action=argparse.BooleanOptionalAction, default=True,
                    help="show each sample as a strip of the previews after every solver step (the last is the image)")
     p.add_argument("--prefix-image", default=None, help="layout control: reference image whose first codes are kept")

@@ -7,10 +7,9 @@ Inception (ADM's features and resize); the floor is the first 10,000 training im
 
 --recon: the tokenizer's reconstructions of the 10,000 test images (rFID-10k, PSNR, class kept); --cfg: samples at
 each guidance setting (a scale, or a linear ramp `a,b` as in sample.py) for each --temperature, --seed, --solver and
---steps. Each row also gives sFID,
-precision / recall (k = 3) and the class accuracy of evaluate.py's classifier. The gap between the samples' FID and
-the reconstructions' says which stage holds a model back: the AR model cannot draw better tokens than the tokenizer
-decodes.
+--steps. Each row also gives sFID, precision / recall (k = 3) and the class accuracy of evaluate.py's classifier.
+The gap between the samples' FID and the reconstructions' says which stage holds a model back: the AR model cannot
+draw better tokens than the tokenizer decodes.
 """
 import itertools
 import sys
