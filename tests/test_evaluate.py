@@ -58,6 +58,16 @@ def test_fid_matches_the_closed_form():
     assert fid == pytest.approx(expected, rel=0.02)
 
 
+def test_fid_equals_the_general_matrix_root():
+    """Covariances that do not commute: the eigendecomposition route gives scipy's sqrtm value (ADM's)."""
+    from scipy import linalg
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((500, 12)) @ rng.standard_normal((12, 12)), rng.standard_normal((500, 12)) * 2 + 1
+    (mu1, s1), (mu2, s2) = evaluate.statistics(x), evaluate.statistics(y)
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+
+
 def test_precision_recall():
     x = torch.randn(300, 32, generator=torch.Generator().manual_seed(0))
     assert evaluate.precision_recall(x, x.clone()) == (1.0, 1.0)
